@@ -1,0 +1,119 @@
+//! Content-defined chunking (FastCDC 2020). Boundaries depend only on nearby bytes, so an edit
+//! changes the chunks around it and the boundaries resynchronise after it.
+
+use std::io::Read;
+
+use fastcdc::v2020::FastCDC;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkParams {
+    /// 16/64/256 KiB: small enough that a page written into a large database re-uploads
+    /// about 64 KiB, large enough that 1 GiB is ~16,000 chunks.
+    fn default() -> Self {
+        ChunkParams {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        }
+    }
+}
+
+/// Read buffer: several maximal chunks, so reads are large.
+const BUF_CHUNKS: usize = 16;
+
+/// Splits everything `r` yields into chunks, calling `f` on each in order. Returns the total
+/// length read.
+pub fn chunk_reader<R: Read, E: From<std::io::Error>>(
+    mut r: R,
+    p: ChunkParams,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    let max = p.max as usize;
+    let mut buf = vec![0u8; max * BUF_CHUNKS];
+    let mut len = 0usize;
+    let mut total = 0u64;
+    let mut eof = false;
+    loop {
+        while !eof && len < buf.len() {
+            match r.read(&mut buf[len..]) {
+                Ok(0) => eof = true,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut pos = 0usize;
+        {
+            let cdc = FastCDC::new(&buf[..len], p.min as usize, p.avg as usize, max);
+            while pos < len && (eof || len - pos >= max) {
+                let (_, end) = cdc.cut(pos, len - pos);
+                assert!(end > pos && end <= len, "chunker made no progress");
+                f(&buf[pos..end])?;
+                total += (end - pos) as u64;
+                pos = end;
+            }
+        }
+        if eof && pos >= len {
+            return Ok(total);
+        }
+        buf.copy_within(pos..len, 0);
+        len -= pos;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(data: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        chunk_reader::<_, std::io::Error>(data, ChunkParams::default(), |c| {
+            out.push(c.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_cover_input_and_respect_bounds() {
+        let data = pseudo_random(5 << 20, 7);
+        let cs = chunks(&data);
+        assert_eq!(cs.concat(), data);
+        let p = ChunkParams::default();
+        for c in &cs[..cs.len() - 1] {
+            assert!(c.len() >= p.min as usize && c.len() <= p.max as usize);
+        }
+        assert!(chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_edit_changes_only_nearby_chunks() {
+        let data = pseudo_random(8 << 20, 9);
+        let mut edited = data.clone();
+        edited[4 << 20..(4 << 20) + 4096].fill(0xAB);
+        let a = chunks(&data);
+        let b = chunks(&edited);
+        let set: std::collections::HashSet<_> = a.iter().collect();
+        let changed = b.iter().filter(|c| !set.contains(c)).count();
+        assert!(changed <= 3, "a 4 KiB edit changed {changed} chunks");
+    }
+}

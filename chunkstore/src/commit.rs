@@ -1,0 +1,152 @@
+//! Turning written blobs into a published generation, and the operations that publish one:
+//! snapshot of a directory, fork, rollback.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gc;
+use crate::generation::{self, new_nonce, now_ms, GenRecord, GEN_FORMAT};
+use crate::hash::Hash;
+use crate::progress::Progress;
+use crate::repo::Repo;
+use crate::snapshot::{snapshot_dir, TreeStats};
+use crate::writer::WriteStats;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Committed {
+    pub generation: GenRecord,
+    pub tree: TreeStats,
+    pub write: WriteStats,
+    pub requests: crate::store::CounterSnapshot,
+}
+
+pub struct NewGen<'a> {
+    pub ws: &'a str,
+    pub parent: Option<&'a GenRecord>,
+    pub kind: &'a str,
+    pub origin: Option<String>,
+    pub root: Hash,
+    pub tree: TreeStats,
+    pub write: WriteStats,
+    pub epoch: u64,
+}
+
+pub fn record(g: NewGen) -> GenRecord {
+    GenRecord {
+        format: GEN_FORMAT,
+        workspace: g.ws.to_string(),
+        number: g.parent.map(|p| p.number + 1).unwrap_or(1),
+        parent: g.parent.map(|p| p.number),
+        origin: g.origin,
+        kind: g.kind.to_string(),
+        epoch: g.epoch,
+        created_ms: now_ms(),
+        root: g.root.to_hex(),
+        files: g.tree.files,
+        dirs: g.tree.dirs,
+        bytes: g.tree.bytes,
+        bytes_new: g.write.stored_bytes_new,
+        blobs_new: g.write.blobs_new,
+        sqlite: BTreeMap::new(),
+        nonce: new_nonce(),
+    }
+}
+
+/// Publishes after checking that gc is not about to delete a pack this commit relies on
+/// (see docs/decisions/gc-safety.md).
+pub fn publish_checked(repo: &Arc<Repo>, rec: &GenRecord, reused: &HashSet<Hash>) -> Result<()> {
+    gc::check_reused_not_condemned(repo, reused)?;
+    repo.block_on(generation::publish(&repo.store, rec))
+}
+
+/// `owfs snapshot DIR WS`: commits DIR as WS's next generation, reading only what changed
+/// since the latest one.
+pub fn snapshot(repo: &Arc<Repo>, dir: &Path, ws: &str, progress: &Progress) -> Result<Committed> {
+    generation::check_workspace_name(ws)?;
+    let before = repo.store.counters();
+    let parent = repo.block_on(generation::latest(&repo.store, ws))?;
+    let parent_root = parent.as_ref().map(|p| p.root_hash()).transpose()?;
+    // Trees of the parent are needed to skip unchanged files; gc keeps the latest.
+    let res = snapshot_dir(repo, dir, parent_root, progress)?;
+    let rec = record(NewGen {
+        ws,
+        parent: parent.as_ref(),
+        kind: "snapshot",
+        origin: None,
+        root: res.root,
+        tree: res.tree,
+        write: res.write,
+        epoch: parent.as_ref().map(|p| p.epoch).unwrap_or(0),
+    });
+    publish_checked(repo, &rec, &res.reused)?;
+    Ok(Committed {
+        generation: rec,
+        tree: res.tree,
+        write: res.write,
+        requests: delta(before, repo.store.counters()),
+    })
+}
+
+pub fn delta(
+    a: crate::store::CounterSnapshot,
+    b: crate::store::CounterSnapshot,
+) -> crate::store::CounterSnapshot {
+    crate::store::CounterSnapshot {
+        puts: b.puts - a.puts,
+        gets: b.gets - a.gets,
+        lists: b.lists - a.lists,
+        deletes: b.deletes - a.deletes,
+        bytes_put: b.bytes_put - a.bytes_put,
+        bytes_got: b.bytes_got - a.bytes_got,
+    }
+}
+
+/// `owfs fork WS[@N] NEW`: NEW's first generation shares the source's root; no data is copied.
+pub fn fork(repo: &Arc<Repo>, source: &GenRecord, new_ws: &str) -> Result<GenRecord> {
+    generation::check_workspace_name(new_ws)?;
+    if repo
+        .block_on(generation::latest_number(&repo.store, new_ws))?
+        .is_some()
+    {
+        return Err(Error::Conflict(format!(
+            "workspace {new_ws:?} already exists; choose a new name (or `owfs rollback` to move an existing workspace)"
+        )));
+    }
+    let rec = derived(source, new_ws, None, "fork");
+    repo.block_on(generation::publish(&repo.store, &rec))?;
+    Ok(rec)
+}
+
+/// `owfs rollback WS N`: a new generation whose content is that of N; history is kept.
+pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64) -> Result<GenRecord> {
+    let target = repo.block_on(generation::get_generation(&repo.store, ws, n))?;
+    let latest = repo
+        .block_on(generation::latest(&repo.store, ws))?
+        .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
+    let rec = derived(&target, ws, Some(&latest), "rollback");
+    repo.block_on(generation::publish(&repo.store, &rec))?;
+    Ok(rec)
+}
+
+fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &str) -> GenRecord {
+    GenRecord {
+        format: GEN_FORMAT,
+        workspace: ws.to_string(),
+        number: parent.map(|p| p.number + 1).unwrap_or(1),
+        parent: parent.map(|p| p.number),
+        origin: Some(source.spec()),
+        kind: kind.to_string(),
+        epoch: parent.map(|p| p.epoch).unwrap_or(0),
+        created_ms: now_ms(),
+        root: source.root.clone(),
+        files: source.files,
+        dirs: source.dirs,
+        bytes: source.bytes,
+        bytes_new: 0,
+        blobs_new: 0,
+        sqlite: source.sqlite.clone(),
+        nonce: new_nonce(),
+    }
+}

@@ -1,0 +1,260 @@
+//! A store wrapper that fails, delays or truncates requests: the fault injector of the tests.
+//!
+//! Configured by `OWFS_FAULTS` (testing only), a comma-separated list:
+//! `seed=N`, `delay_ms=N`, `put_fail=P` (fail before writing), `put_lost_ack=P` (write, then
+//! report an error: the ambiguous case), `get_fail=P`, `get_truncate=P` (return a short body),
+//! `list_fail=P`, `only=PREFIX` (fault only keys containing PREFIX), `down=1` (every request
+//! fails as unreachable). P is a probability in [0, 1].
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, Default)]
+pub struct FaultConfig {
+    pub seed: u64,
+    pub delay_ms: u64,
+    pub put_fail: f64,
+    pub put_lost_ack: f64,
+    pub get_fail: f64,
+    pub get_truncate: f64,
+    pub list_fail: f64,
+    pub only: Option<String>,
+    pub down: bool,
+}
+
+impl FaultConfig {
+    pub fn from_env() -> Option<FaultConfig> {
+        let spec = std::env::var("OWFS_FAULTS").ok()?;
+        if spec.trim().is_empty() {
+            return None;
+        }
+        Some(FaultConfig::parse(&spec))
+    }
+
+    pub fn parse(spec: &str) -> FaultConfig {
+        let mut c = FaultConfig::default();
+        for item in spec.split(',') {
+            let (k, v) = item.split_once('=').unwrap_or((item, "1"));
+            let p = || v.parse::<f64>().unwrap_or(0.0);
+            match k.trim() {
+                "seed" => c.seed = v.parse().unwrap_or(0),
+                "delay_ms" => c.delay_ms = v.parse().unwrap_or(0),
+                "put_fail" => c.put_fail = p(),
+                "put_lost_ack" => c.put_lost_ack = p(),
+                "get_fail" => c.get_fail = p(),
+                "get_truncate" => c.get_truncate = p(),
+                "list_fail" => c.list_fail = p(),
+                "only" => c.only = Some(v.to_string()),
+                "down" => c.down = v == "1" || v == "true",
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    cfg: FaultConfig,
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>, cfg: FaultConfig) -> FaultyStore {
+        let rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        FaultyStore {
+            inner,
+            cfg,
+            rng: Mutex::new(rng),
+        }
+    }
+
+    fn roll(&self, location: &Path, p: f64) -> bool {
+        if let Some(only) = &self.cfg.only {
+            if !location.as_ref().contains(only.as_str()) {
+                return false;
+            }
+        }
+        p > 0.0 && self.rng.lock().expect("fault rng").random::<f64>() < p
+    }
+
+    async fn before(&self, location: &Path) -> object_store::Result<()> {
+        if self.cfg.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.cfg.delay_ms)).await;
+        }
+        if self.cfg.down {
+            return Err(injected(
+                location,
+                "connection refused (injected: store down)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn injected(location: &Path, what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: format!("{location}: injected fault: {what}").into(),
+    }
+}
+
+impl fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({:?})", self.cfg)
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.before(location).await?;
+        if self.roll(location, self.cfg.put_fail) {
+            return Err(injected(location, "put failed"));
+        }
+        let res = self.inner.put_opts(location, payload, opts).await?;
+        if self.roll(location, self.cfg.put_lost_ack) {
+            return Err(injected(location, "put landed but its answer was lost"));
+        }
+        Ok(res)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.before(location).await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.before(location).await?;
+        if self.roll(location, self.cfg.get_fail) {
+            return Err(injected(location, "get failed"));
+        }
+        let res = self.inner.get_opts(location, options).await?;
+        if !self.roll(location, self.cfg.get_truncate) {
+            return Ok(res);
+        }
+        let GetResult {
+            payload,
+            meta,
+            range,
+            attributes,
+            extensions,
+        } = res;
+        let body: Bytes = match payload {
+            GetResultPayload::Stream(s) => {
+                let parts: Vec<Bytes> = s
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()?;
+                parts.concat().into()
+            }
+            GetResultPayload::File(..) => {
+                let r = GetResult {
+                    payload,
+                    meta: meta.clone(),
+                    range: range.clone(),
+                    attributes: attributes.clone(),
+                    extensions: extensions.clone(),
+                };
+                r.bytes().await?
+            }
+        };
+        let cut = body.slice(..body.len() / 2);
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(
+                futures::stream::once(async move { Ok(cut) }).boxed(),
+            ),
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let opts = GetOptions {
+                range: Some(r.clone().into()),
+                ..Default::default()
+            };
+            out.push(self.get_opts(location, opts).await?.bytes().await?);
+        }
+        Ok(out)
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let p = prefix.cloned().unwrap_or_default();
+        if self.cfg.down {
+            let e = injected(&p, "connection refused (injected: store down)");
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        if self.roll(&p, self.cfg.list_fail) {
+            let e = injected(&p, "list failed");
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let p = prefix.cloned().unwrap_or_default();
+        self.before(&p).await?;
+        if self.roll(&p, self.cfg.list_fail) {
+            return Err(injected(&p, "list failed"));
+        }
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.before(from).await?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}

@@ -1,0 +1,248 @@
+//! Generation records and their publication. A generation is published by creating
+//! `ws/<name>/gens/<N>` if absent: of two committers racing for N, exactly one wins. The
+//! `head` object is only a hint that lets readers skip most of the listing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::store::{Created, Store};
+
+pub const GEN_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenRecord {
+    pub format: u32,
+    pub workspace: String,
+    pub number: u64,
+    pub parent: Option<u64>,
+    /// `ws@N` this generation's content came from (fork, rollback).
+    pub origin: Option<String>,
+    /// snapshot, commit, fork, rollback, fence.
+    pub kind: String,
+    /// The lease epoch of the publisher (0 before the lease exists).
+    pub epoch: u64,
+    pub created_ms: u64,
+    pub root: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    /// Stored bytes this commit uploaded (after dedup and compression).
+    pub bytes_new: u64,
+    pub blobs_new: u64,
+    /// Per-database SQLite state, by path (filled by the SQLite awareness).
+    pub sqlite: BTreeMap<String, serde_json::Value>,
+    /// Random: tells our own write from another committer's after an ambiguous error.
+    pub nonce: String,
+}
+
+impl GenRecord {
+    pub fn root_hash(&self) -> Result<Hash> {
+        Hash::from_hex(&self.root).ok_or_else(|| {
+            Error::corrupt(format!(
+                "generation {}@{}: root {:?} is not a hash",
+                self.workspace, self.number, self.root
+            ))
+        })
+    }
+
+    pub fn spec(&self) -> String {
+        format!("{}@{}", self.workspace, self.number)
+    }
+}
+
+pub fn new_nonce() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Workspace names: what is safe as one key segment and one file name everywhere.
+pub fn check_workspace_name(ws: &str) -> Result<()> {
+    let ok = !ws.is_empty()
+        && ws.len() <= 128
+        && !ws.starts_with('.')
+        && ws
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName {
+            name: ws.to_string(),
+            reason: "a workspace name is 1-128 characters of A-Z a-z 0-9 . _ - and does not start with '.'".into(),
+        })
+    }
+}
+
+fn gen_key(ws: &str, n: u64) -> String {
+    format!("ws/{ws}/gens/{n:020}")
+}
+
+fn head_key(ws: &str) -> String {
+    format!("ws/{ws}/head")
+}
+
+fn parse_gen_key(key: &str) -> Option<u64> {
+    key.rsplit('/').next()?.parse().ok()
+}
+
+fn decode_record(bytes: &[u8], ws: &str, n: u64) -> Result<GenRecord> {
+    let rec: GenRecord = serde_json::from_slice(bytes).map_err(|e| {
+        Error::corrupt(format!(
+            "generation record {ws}@{n} is unreadable ({e}); truncated or damaged"
+        ))
+    })?;
+    if rec.format != GEN_FORMAT {
+        return Err(Error::Format {
+            what: format!(
+                "generation record {ws}@{n} has format {}, this owfs reads format {GEN_FORMAT}; use a matching owfs release",
+                rec.format
+            ),
+        });
+    }
+    if rec.number != n || rec.workspace != ws {
+        return Err(Error::corrupt(format!(
+            "generation record {ws}@{n} names itself {}@{}",
+            rec.workspace, rec.number
+        )));
+    }
+    rec.root_hash()?;
+    Ok(rec)
+}
+
+pub async fn list_workspaces(store: &Store) -> Result<Vec<String>> {
+    let mut names = store.list_dirs("ws").await?;
+    names.sort();
+    Ok(names)
+}
+
+/// Numbers of the generations of `ws` that exist, ascending.
+pub async fn list_generations(store: &Store, ws: &str) -> Result<Vec<u64>> {
+    let mut ns: Vec<u64> = store
+        .list(&format!("ws/{ws}/gens"))
+        .await?
+        .iter()
+        .filter_map(|l| parse_gen_key(&l.key))
+        .collect();
+    ns.sort_unstable();
+    Ok(ns)
+}
+
+pub async fn get_generation(store: &Store, ws: &str, n: u64) -> Result<GenRecord> {
+    match store.get_opt(&gen_key(ws, n)).await? {
+        Some(bytes) => decode_record(&bytes, ws, n),
+        None => {
+            if latest_number(store, ws).await?.is_none() {
+                Err(Error::UnknownWorkspace(ws.to_string()))
+            } else {
+                Err(Error::UnknownGeneration {
+                    ws: ws.to_string(),
+                    number: n,
+                })
+            }
+        }
+    }
+}
+
+/// The newest generation number: the hint, then a listing of anything after it.
+pub async fn latest_number(store: &Store, ws: &str) -> Result<Option<u64>> {
+    let hint = match store.get_opt(&head_key(ws)).await? {
+        Some(b) => std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok()),
+        None => None,
+    };
+    let prefix = format!("ws/{ws}/gens");
+    let listed = match hint {
+        Some(h) => store.list_after(&prefix, &gen_key(ws, h)).await?,
+        None => store.list(&prefix).await?,
+    };
+    let newest_listed = listed.iter().filter_map(|l| parse_gen_key(&l.key)).max();
+    Ok(match (hint, newest_listed) {
+        (_, Some(n)) => Some(n.max(hint.unwrap_or(0))),
+        (Some(h), None) => {
+            // Trust the hint only if the record exists (it always should).
+            if store.get_opt(&gen_key(ws, h)).await?.is_some() {
+                Some(h)
+            } else {
+                list_generations(store, ws).await?.last().copied()
+            }
+        }
+        (None, None) => None,
+    })
+}
+
+pub async fn latest(store: &Store, ws: &str) -> Result<Option<GenRecord>> {
+    match latest_number(store, ws).await? {
+        Some(n) => Ok(Some(get_generation(store, ws, n).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Publishes `rec` as generation `rec.number` of its workspace, or reports who beat us.
+pub async fn publish(store: &Store, rec: &GenRecord) -> Result<()> {
+    assert!(rec.number >= 1, "generation numbers start at 1");
+    assert_eq!(
+        rec.parent.map(|p| p + 1).unwrap_or(1),
+        rec.number,
+        "a generation follows its parent"
+    );
+    let key = gen_key(&rec.workspace, rec.number);
+    let body = serde_json::to_vec_pretty(rec).expect("serializing a generation record");
+    match store.put_if_absent(&key, body.into()).await? {
+        Created::Yes => {}
+        Created::AlreadyExists => {
+            // Maybe our own first attempt landed before an error: re-read before concluding.
+            let there = get_generation(store, &rec.workspace, rec.number).await?;
+            if there.nonce != rec.nonce {
+                return Err(Error::Conflict(format!(
+                    "workspace {}: generation {} was published by another writer ({}, epoch {}) while this commit ran; nothing was published, retry on the new latest",
+                    rec.workspace, rec.number, there.kind, there.epoch
+                )));
+            }
+        }
+    }
+    // The hint may fail or lag: readers list past it.
+    let _ = store
+        .put(&head_key(&rec.workspace), rec.number.to_string().into())
+        .await;
+    Ok(())
+}
+
+/// Deletes one generation record (retention); never the latest.
+pub async fn delete_generation(store: &Store, ws: &str, n: u64) -> Result<()> {
+    store.delete(&gen_key(ws, n)).await
+}
+
+/// `ws`, `ws@N`, `ws@latest` → (ws, Some(N) or None for the latest).
+pub fn parse_spec(spec: &str) -> Result<(String, Option<u64>)> {
+    let (ws, n) = match spec.split_once('@') {
+        None => (spec, None),
+        Some((ws, "latest")) => (ws, None),
+        Some((ws, n)) => {
+            let n: u64 = n.parse().map_err(|_| Error::BadName {
+                name: spec.to_string(),
+                reason: "expected WS or WS@N with N a generation number".into(),
+            })?;
+            (ws, Some(n))
+        }
+    };
+    check_workspace_name(ws)?;
+    Ok((ws.to_string(), n))
+}
+
+pub async fn resolve(store: &Store, spec: &str) -> Result<GenRecord> {
+    let (ws, n) = parse_spec(spec)?;
+    match n {
+        Some(n) => get_generation(store, &ws, n).await,
+        None => latest(store, &ws).await?.ok_or(Error::UnknownWorkspace(ws)),
+    }
+}

@@ -1,0 +1,160 @@
+//! Packs: many blobs (chunks, trees, segments) in one immutable object, so that a commit of
+//! 10,000 small files is a handful of PUTs. A pack ends with a trailer listing its blobs, so
+//! the index can always be rebuilt from the packs alone.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, ObjKind};
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+
+const PACK_MAGIC: &[u8; 4] = b"OWPK";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BlobKind {
+    Data,
+    Tree,
+    Segment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackEntry {
+    pub hash: Hash,
+    pub kind: BlobKind,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub compressed: bool,
+}
+
+pub fn pack_key(name: &Hash) -> String {
+    let hex = name.to_hex();
+    format!("packs/{}/{}", &hex[..2], hex)
+}
+
+/// Builds one pack in memory.
+#[derive(Default)]
+pub struct PackBuilder {
+    pub data: Vec<u8>,
+    pub entries: Vec<PackEntry>,
+    pub raw_bytes: u64,
+}
+
+impl PackBuilder {
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a blob, compressed with zstd when that saves at least 1/16 of it.
+    pub fn add(&mut self, hash: Hash, kind: BlobKind, raw: &[u8], zstd_level: i32) {
+        let offset = self.data.len();
+        assert!(offset < u32::MAX as usize / 2, "pack too large");
+        let mut compressed = false;
+        if zstd_level > 0 && raw.len() >= 64 {
+            if let Ok(c) = zstd::bulk::compress(raw, zstd_level) {
+                if c.len() < raw.len() - raw.len() / 16 {
+                    self.data.extend_from_slice(&c);
+                    compressed = true;
+                }
+            }
+        }
+        if !compressed {
+            self.data.extend_from_slice(raw);
+        }
+        self.entries.push(PackEntry {
+            hash,
+            kind,
+            offset: offset as u32,
+            stored_len: (self.data.len() - offset) as u32,
+            raw_len: raw.len() as u32,
+            compressed,
+        });
+        self.raw_bytes += raw.len() as u64;
+    }
+
+    /// Seals the pack: appends the trailer and returns (name, bytes, entries).
+    pub fn finish(mut self) -> (Hash, Vec<u8>, Vec<PackEntry>) {
+        let trailer = codec::encode(ObjKind::PackTrailer, &self.entries);
+        self.data.extend_from_slice(&trailer);
+        self.data
+            .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        self.data.extend_from_slice(PACK_MAGIC);
+        let name = Hash::of(&self.data);
+        (name, self.data, self.entries)
+    }
+}
+
+/// Reads the trailer of a whole pack (used by gc to re-index a pack).
+pub fn read_trailer(pack: &[u8], what: &str) -> Result<Vec<PackEntry>> {
+    let n = pack.len();
+    if n < 8 || &pack[n - 4..] != PACK_MAGIC {
+        return Err(Error::corrupt(format!(
+            "{what}: no pack trailer (truncated?)"
+        )));
+    }
+    let tlen = u32::from_le_bytes(pack[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
+    if tlen + 8 > n {
+        return Err(Error::corrupt(format!(
+            "{what}: pack trailer length out of range"
+        )));
+    }
+    codec::decode(ObjKind::PackTrailer, &pack[n - 8 - tlen..n - 8], what)
+}
+
+/// Turns a stored blob back into its raw bytes and verifies it against its hash.
+pub fn open_blob(entry: &PackEntry, stored: &[u8], what: &str) -> Result<Vec<u8>> {
+    if stored.len() != entry.stored_len as usize {
+        return Err(Error::corrupt(format!(
+            "{what}: blob {} truncated",
+            entry.hash.short()
+        )));
+    }
+    let raw = if entry.compressed {
+        zstd::bulk::decompress(stored, entry.raw_len as usize).map_err(|e| {
+            Error::corrupt(format!(
+                "{what}: blob {} does not decompress: {e}",
+                entry.hash.short()
+            ))
+        })?
+    } else {
+        stored.to_vec()
+    };
+    if raw.len() != entry.raw_len as usize || Hash::of(&raw) != entry.hash {
+        return Err(Error::corrupt(format!(
+            "{what}: blob {} fails its hash check (stored data damaged)",
+            entry.hash.short()
+        )));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_round_trip_and_damage() {
+        let mut b = PackBuilder::default();
+        let a = vec![7u8; 10_000];
+        let c = b"incompressible?".to_vec();
+        b.add(Hash::of(&a), BlobKind::Data, &a, 3);
+        b.add(Hash::of(&c), BlobKind::Tree, &c, 3);
+        let (name, mut bytes, entries) = b.finish();
+        assert_eq!(Hash::of(&bytes), name);
+        assert_eq!(read_trailer(&bytes, "p").unwrap(), entries);
+        assert!(entries[0].compressed);
+        let e = entries[0];
+        let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+        assert_eq!(open_blob(&e, stored, "p").unwrap(), a);
+        bytes[e.offset as usize + 3] ^= 0x40;
+        let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+        assert!(matches!(
+            open_blob(&e, stored, "p"),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,312 @@
+//! A store opened for owfs: its configuration, the blob index, and verified reads of blobs,
+//! trees and file contents. Every byte read back is checked against its hash.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::ChunkParams;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::index::{Index, IndexFile};
+use crate::pack::{open_blob, pack_key, BlobKind, PackEntry};
+use crate::store::{Created, Store};
+use crate::tree::{ChunkRef, Content, Segment, Tree};
+
+const CONFIG_KEY: &str = "config";
+pub const STORE_FORMAT: u32 = 1;
+/// Whole packs of trees and segments kept in memory, by total size.
+const PACK_CACHE_BYTES: usize = 64 << 20;
+/// Parallel index downloads.
+const INDEX_FETCH_PARALLEL: usize = 16;
+
+/// Fixed per store: chunk boundaries must agree for identical content to be stored once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoreConfig {
+    pub format: u32,
+    pub chunk_min: u32,
+    pub chunk_avg: u32,
+    pub chunk_max: u32,
+    pub zstd_level: i32,
+    pub created_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let p = ChunkParams::default();
+        StoreConfig {
+            format: STORE_FORMAT,
+            chunk_min: p.min,
+            chunk_avg: p.avg,
+            chunk_max: p.max,
+            zstd_level: 1,
+            created_ms: crate::generation::now_ms(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PackCache {
+    packs: HashMap<Hash, Bytes>,
+    order: VecDeque<Hash>,
+    bytes: usize,
+}
+
+impl PackCache {
+    fn get(&self, name: &Hash) -> Option<Bytes> {
+        self.packs.get(name).cloned()
+    }
+
+    fn insert(&mut self, name: Hash, data: Bytes) {
+        if self.packs.contains_key(&name) {
+            return;
+        }
+        self.bytes += data.len();
+        self.packs.insert(name, data);
+        self.order.push_back(name);
+        while self.bytes > PACK_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.packs.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+}
+
+pub struct Repo {
+    pub store: Store,
+    pub rt: tokio::runtime::Handle,
+    pub config: StoreConfig,
+    index: RwLock<Index>,
+    index_loaded: Mutex<bool>,
+    pack_cache: Mutex<PackCache>,
+}
+
+impl Repo {
+    /// Opens the store; with `create`, initialises an empty one. Without it, a store that was
+    /// never written reads as empty.
+    pub fn open(store: Store, rt: tokio::runtime::Handle, create: bool) -> Result<Arc<Repo>> {
+        let config = rt.block_on(async {
+            match store.get_opt(CONFIG_KEY).await? {
+                Some(b) => decode_config(&b, store.url()),
+                None if create => {
+                    let cfg = StoreConfig::default();
+                    let body = serde_json::to_vec_pretty(&cfg).expect("config json");
+                    match store.put_if_absent(CONFIG_KEY, body.into()).await? {
+                        Created::Yes => Ok(cfg),
+                        Created::AlreadyExists => {
+                            decode_config(&store.get(CONFIG_KEY).await?, store.url())
+                        }
+                    }
+                }
+                None => Ok(StoreConfig::default()),
+            }
+        })?;
+        Ok(Arc::new(Repo {
+            store,
+            rt,
+            config,
+            index: RwLock::default(),
+            index_loaded: Mutex::new(false),
+            pack_cache: Mutex::default(),
+        }))
+    }
+
+    pub fn chunk_params(&self) -> ChunkParams {
+        ChunkParams {
+            min: self.config.chunk_min,
+            avg: self.config.chunk_avg,
+            max: self.config.chunk_max,
+        }
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Fetches index objects not merged yet. Cheap when nothing is new: one LIST.
+    pub fn refresh_index(&self) -> Result<()> {
+        let known: std::collections::HashSet<String> = self
+            .index
+            .read()
+            .expect("index lock")
+            .files
+            .iter()
+            .cloned()
+            .collect();
+        let listed = self.block_on(self.store.list("index"))?;
+        let new: Vec<String> = listed
+            .into_iter()
+            .map(|l| l.key)
+            .filter(|k| !known.contains(k))
+            .collect();
+        let store = &self.store;
+        let fetched: Vec<Result<(String, IndexFile)>> = self.block_on(
+            futures::stream::iter(new.into_iter().map(|key| async move {
+                match store.get(&key).await {
+                    Ok(bytes) => IndexFile::decode(&bytes, &key).map(|f| (key, f)),
+                    // Replaced by gc since the listing: its successor is in the next listing.
+                    Err(Error::Missing { .. }) => Ok((key, IndexFile::default())),
+                    Err(e) => Err(e),
+                }
+            }))
+            .buffer_unordered(INDEX_FETCH_PARALLEL)
+            .collect(),
+        );
+        let mut index = self.index.write().expect("index lock");
+        for r in fetched {
+            let (key, file) = r?;
+            index.merge(&file);
+            index.files.push(key);
+        }
+        *self.index_loaded.lock().expect("index flag") = true;
+        Ok(())
+    }
+
+    pub fn ensure_index(&self) -> Result<()> {
+        if !*self.index_loaded.lock().expect("index flag") {
+            self.refresh_index()?;
+        }
+        Ok(())
+    }
+
+    pub fn with_index<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
+        f(&self.index.read().expect("index lock"))
+    }
+
+    pub fn add_to_index(&self, name: Hash, entries: &[PackEntry]) {
+        self.index
+            .write()
+            .expect("index lock")
+            .add_pack(name, entries);
+    }
+
+    /// Marks an index object as merged (we wrote it), so a refresh does not fetch it again.
+    pub fn note_index_file(&self, key: &str) {
+        self.index
+            .write()
+            .expect("index lock")
+            .files
+            .push(key.to_string());
+    }
+
+    /// Drops the in-memory index (after gc rewrote it).
+    pub fn reset_index(&self) {
+        *self.index.write().expect("index lock") = Index::default();
+        *self.index_loaded.lock().expect("index flag") = false;
+    }
+
+    /// Where a blob lives; reloads the index once before declaring it missing.
+    pub fn locate(&self, hash: &Hash, what: &str) -> Result<(Hash, PackEntry)> {
+        self.ensure_index()?;
+        if let Some(loc) = self.with_index(|i| i.get(hash)) {
+            return Ok(loc);
+        }
+        self.refresh_index()?;
+        self.with_index(|i| i.get(hash))
+            .ok_or_else(|| Error::Missing {
+                key: format!("blob {}", hash.short()),
+                what: format!("{what}; no pack holds it"),
+            })
+    }
+
+    async fn fetch_pack(&self, name: &Hash) -> Result<Bytes> {
+        if let Some(b) = self.pack_cache.lock().expect("pack cache").get(name) {
+            return Ok(b);
+        }
+        let bytes = self.store.get(&pack_key(name)).await?;
+        if Hash::of(&bytes) != *name {
+            return Err(Error::corrupt(format!(
+                "pack {} fails its hash check",
+                name.short()
+            )));
+        }
+        self.pack_cache
+            .lock()
+            .expect("pack cache")
+            .insert(*name, bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Reads and verifies one blob. Trees and segments come from whole (cached) packs; data
+    /// blobs with one range read.
+    pub fn read_blob(&self, hash: &Hash, what: &str) -> Result<Vec<u8>> {
+        let (pack, entry) = self.locate(hash, what)?;
+        let stored = self.block_on(async {
+            if entry.kind == BlobKind::Data {
+                let start = entry.offset as u64;
+                self.store
+                    .get_range(&pack_key(&pack), start..start + entry.stored_len as u64)
+                    .await
+            } else {
+                let whole = self.fetch_pack(&pack).await?;
+                let (s, e) = (
+                    entry.offset as usize,
+                    (entry.offset + entry.stored_len) as usize,
+                );
+                if e > whole.len() {
+                    return Err(Error::corrupt(format!(
+                        "pack {} is shorter than its index says",
+                        pack.short()
+                    )));
+                }
+                Ok(whole.slice(s..e))
+            }
+        });
+        let stored = stored.map_err(|e| match e {
+            Error::Missing { key, .. } => Error::Missing {
+                key,
+                what: what.to_string(),
+            },
+            other => other,
+        })?;
+        open_blob(&entry, &stored, what)
+    }
+
+    pub fn read_tree(&self, hash: &Hash, dir: &str) -> Result<Tree> {
+        let bytes = self.read_blob(hash, &format!("tree of {dir:?}"))?;
+        Tree::decode(&bytes, dir)
+    }
+
+    /// The full chunk list of a file's content (segments expanded).
+    pub fn chunk_list(&self, content: &Content, path: &str) -> Result<Vec<ChunkRef>> {
+        match content {
+            Content::Empty => Ok(Vec::new()),
+            Content::Chunks(c) => Ok(c.clone()),
+            Content::Segments(segs) => {
+                let mut out = Vec::new();
+                for s in segs {
+                    let what = format!("chunk list of {path:?}");
+                    let seg = Segment::decode(&self.read_blob(&s.hash, &what)?, &what)?;
+                    if seg.chunks.len() != s.chunks as usize {
+                        return Err(Error::corrupt(format!(
+                            "{what}: segment {} has a wrong length",
+                            s.hash.short()
+                        )));
+                    }
+                    out.extend(seg.chunks);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn decode_config(bytes: &[u8], url: &str) -> Result<StoreConfig> {
+    let cfg: StoreConfig = serde_json::from_slice(bytes)
+        .map_err(|e| Error::corrupt(format!("store configuration of {url} is unreadable: {e}")))?;
+    if cfg.format != STORE_FORMAT {
+        return Err(Error::Format {
+            what: format!(
+                "store {url} has format {}, this owfs reads format {STORE_FORMAT}; use a matching owfs release",
+                cfg.format
+            ),
+        });
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,203 @@
+//! Manifest nodes: one tree per directory, content-addressed, so an unchanged subtree is the
+//! same object in every generation and every fork that holds it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, ObjKind};
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    CharDev,
+    BlockDev,
+}
+
+/// One chunk of a file: its hash and raw length. Offsets are the running sum of lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: Hash,
+    pub len: u32,
+}
+
+/// A run of a large file's chunk list stored as its own object, so that changing a few pages
+/// of a huge file rewrites a few segments, not the whole list. Segment boundaries are chosen
+/// by chunk hash (content-defined), so they resynchronise after an insertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub hash: Hash,
+    pub bytes: u64,
+    pub chunks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Content {
+    #[default]
+    Empty,
+    Chunks(Vec<ChunkRef>),
+    Segments(Vec<SegmentRef>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Raw bytes of the name: any byte but `/` and NUL, as Linux allows.
+    pub name: Vec<u8>,
+    pub kind: Kind,
+    /// Permission bits, including setuid, setgid and sticky (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    /// Hard-link group inside one generation (0: not hard-linked).
+    pub link: u64,
+    /// Change-detection hints from the source (inode, ctime): never restored.
+    pub ino: u64,
+    pub ctime_ns: i64,
+    pub rdev: u64,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Symlink target.
+    pub target: Vec<u8>,
+    /// Directory: its tree.
+    pub subtree: Option<Hash>,
+    pub content: Content,
+}
+
+impl Entry {
+    pub fn name_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Tree {
+    /// Sorted by name, names unique.
+    pub entries: Vec<Entry>,
+}
+
+/// A chunk list stored as a segment object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Segment {
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Checks a name read from a manifest before anything is created from it: never `.`/`..`,
+/// never a `/` or NUL, never empty. This is what keeps a restore inside its target.
+pub fn check_name(name: &[u8], dir: &str) -> Result<()> {
+    let bad = |why: &str| Error::Unsafe {
+        what: format!(
+            "directory {dir:?} has an entry {:?}: {why}; refusing to write outside the target",
+            String::from_utf8_lossy(name)
+        ),
+    };
+    if name.is_empty() {
+        return Err(bad("empty name"));
+    }
+    if name == b"." || name == b".." {
+        return Err(bad("names . or .."));
+    }
+    if name.contains(&b'/') {
+        return Err(bad("contains '/' (a path, maybe absolute)"));
+    }
+    if name.contains(&0) {
+        return Err(bad("contains NUL"));
+    }
+    Ok(())
+}
+
+impl Tree {
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(ObjKind::Tree, self)
+    }
+
+    /// Decodes and validates a tree: safe names, sorted and unique, consistent kinds.
+    pub fn decode(bytes: &[u8], dir: &str) -> Result<Tree> {
+        let tree: Tree = codec::decode(ObjKind::Tree, bytes, &format!("tree of {dir:?}"))?;
+        for (i, e) in tree.entries.iter().enumerate() {
+            check_name(&e.name, dir)?;
+            if i > 0 && tree.entries[i - 1].name >= e.name {
+                return Err(Error::Unsafe {
+                    what: format!(
+                        "directory {dir:?}: entries unsorted or duplicated at {:?}",
+                        e.name_lossy()
+                    ),
+                });
+            }
+            if (e.kind == Kind::Dir) != e.subtree.is_some() {
+                return Err(Error::corrupt(format!(
+                    "directory {dir:?}: entry {:?} is inconsistent",
+                    e.name_lossy()
+                )));
+            }
+        }
+        Ok(tree)
+    }
+
+    pub fn find(&self, name: &[u8]) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+}
+
+impl Segment {
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(ObjKind::Segment, self)
+    }
+
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Segment> {
+        codec::decode(ObjKind::Segment, bytes, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &[u8]) -> Entry {
+        Entry {
+            name: name.to_vec(),
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: 0,
+            link: 0,
+            ino: 0,
+            ctime_ns: 0,
+            rdev: 0,
+            xattrs: vec![],
+            target: vec![],
+            subtree: None,
+            content: Content::Empty,
+        }
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        for bad in [&b".."[..], b".", b"/etc", b"a/b", b"a\0b", b""] {
+            let t = Tree {
+                entries: vec![entry(bad)],
+            };
+            let err = Tree::decode(&t.encode(), "x").unwrap_err();
+            assert!(matches!(err, Error::Unsafe { .. }), "{bad:?}: {err}");
+        }
+        let t = Tree {
+            entries: vec![entry(b"a"), entry(b"a")],
+        };
+        assert!(matches!(
+            Tree::decode(&t.encode(), "x"),
+            Err(Error::Unsafe { .. })
+        ));
+        let t = Tree {
+            entries: vec![entry(b"a"), entry(b"\xff\xfe odd")],
+        };
+        assert_eq!(Tree::decode(&t.encode(), "x").unwrap(), t);
+    }
+}

@@ -1,0 +1,1 @@
+//! The epoch-fenced lease: arrives with issue 5 (see docs/).

@@ -1,0 +1,136 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+const ABOUT: &str = "owfs: a durable local workspace for ephemeral compute.
+
+A workspace is a directory tree (typically app.db + files/) whose every committed state is an
+atomic, versioned generation in an object store: content-defined chunks, deduplicated across
+all workspaces of the store, verified by BLAKE3 on every read.
+
+Names: WS is a workspace (letters, digits, . _ -); WS@N is its generation N; WS alone is its
+latest generation.
+
+Stores: --store file:///abs/path or s3://bucket/prefix (or OWFS_STORE). Without either, the
+embedded default store on local disk: /var/lib/owfs/store for root, else
+$XDG_DATA_HOME/owfs/store. S3 uses the standard AWS_* variables; AWS_ENDPOINT_URL selects an
+S3-compatible service (plain http:// only when that URL says so).
+
+Exit status: 0 ok, 2 usage, 3 unknown workspace/generation/path, 4 store unreachable, 5 access
+denied, 6 object missing from the store, 7 corrupt data, 8 unsupported format, 9 unsafe
+manifest, 10 conflict (target not empty, name taken, lost a race), 12 drill found problems.";
+
+#[derive(Parser, Debug)]
+#[command(name = "owfs", version, about = ABOUT, long_about = ABOUT)]
+pub struct Cli {
+    /// Store URL: file:///abs/path or s3://bucket/prefix.
+    #[arg(long, global = true, env = "OWFS_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
+    /// Machine-readable output (one JSON document on stdout).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Commit a plain directory as WS's next generation (creating WS).
+    ///
+    /// Only what changed since WS's latest generation is read (size, mtime, inode and ctime
+    /// decide), and only chunks the store lacks are uploaded.
+    Snapshot {
+        /// Directory to commit.
+        dir: PathBuf,
+        /// Workspace.
+        ws: String,
+    },
+    /// List generations, newest first: number, time, files, bytes, bytes new.
+    Log {
+        /// Workspace.
+        ws: String,
+        /// Show at most this many.
+        #[arg(long, short = 'n')]
+        limit: Option<usize>,
+    },
+    /// List a directory of a generation.
+    Ls {
+        /// WS or WS@N.
+        spec: String,
+        /// Directory inside the workspace.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: type and mode, owner, size, mtime.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Write a file of a generation to stdout.
+    Cat {
+        /// WS or WS@N.
+        spec: String,
+        /// File inside the workspace.
+        path: String,
+    },
+    /// Restore a generation into DIR, bit-exact.
+    Restore {
+        /// WS or WS@N.
+        spec: String,
+        /// Target directory (created if missing; must be empty unless --force).
+        dir: PathBuf,
+        /// Restore into a non-empty DIR, replacing entries of the same names.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start workspace NEW at WS[@N]: O(1), no data copied.
+    Fork {
+        /// WS or WS@N.
+        spec: String,
+        /// Name of the new workspace.
+        new: String,
+    },
+    /// Publish a new generation of WS whose content equals generation N (history is kept).
+    Rollback {
+        /// Workspace.
+        ws: String,
+        /// Generation to return to.
+        n: u64,
+    },
+    /// Restore drill: verify every tree and chunk, restore into a scratch directory and run
+    /// `PRAGMA integrity_check` on every SQLite database. Exit 12 on any problem.
+    Drill {
+        /// WS or WS@N.
+        spec: String,
+        /// Scratch directory parent (default: $TMPDIR).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+    },
+    /// Delete what no kept generation of any workspace references.
+    ///
+    /// Without retention flags every generation is kept and only unreferenced data goes.
+    /// Safe while commits run: objects younger than --grace are never touched, and a pack is
+    /// deleted only by a later run, --grace after it was condemned.
+    Gc {
+        /// Report what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the newest N generations of each workspace.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Keep generations newer than this (e.g. 7d, 12h).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Grace period (default 1h).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1h")]
+        grace: std::time::Duration,
+    },
+    /// List the workspaces of the store.
+    Workspaces,
+}

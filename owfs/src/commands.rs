@@ -1,0 +1,437 @@
+//! One function per command.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chunkstore::commit;
+use chunkstore::gc::{self, GcOptions};
+use chunkstore::generation::{self, GenRecord};
+use chunkstore::progress::Progress;
+use chunkstore::read::{self, Found};
+use chunkstore::restore::{restore_tree, RestoreOptions};
+use chunkstore::tree::Kind;
+use chunkstore::{Error, Repo, Result, Store};
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+use crate::exit;
+use crate::ui::{self, Bar};
+
+/// The embedded default store: /var/lib/owfs/store for root, else under $XDG_DATA_HOME.
+pub fn default_store_url() -> String {
+    let dir: PathBuf = if rustix_is_root() {
+        PathBuf::from("/var/lib/owfs/store")
+    } else {
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        base.join("owfs/store")
+    };
+    format!("file://{}", dir.display())
+}
+
+fn rustix_is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn open(cli: &Cli, rt: &tokio::runtime::Handle, create: bool) -> Result<Arc<Repo>> {
+    let url = cli.store.clone().unwrap_or_else(default_store_url);
+    let store = Store::open(&url)?;
+    Repo::open(store, rt.clone(), create)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
+    let bars = !cli.json && !cli.quiet;
+    match &cli.command {
+        Command::Snapshot { dir, ws } => {
+            let repo = open(cli, &rt, true)?;
+            let progress = Arc::new(Progress::default());
+            let t0 = Instant::now();
+            let done = {
+                let _bar = Bar::start(progress.clone(), "snapshot:", bars);
+                commit::snapshot(&repo, dir, ws, &progress)?
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            if cli.json {
+                let mut v = serde_json::to_value(&done).expect("json");
+                v["seconds"] = json!(secs);
+                print_json(&v);
+            } else {
+                let g = &done.generation;
+                println!(
+                    "{}: {} files, {} dirs, {} ({} read, {} new in the store) in {:.2}s, {} PUTs",
+                    g.spec(),
+                    done.tree.files,
+                    done.tree.dirs,
+                    ui::size(done.tree.bytes),
+                    ui::size(done.tree.bytes_read),
+                    ui::size(done.write.stored_bytes_new),
+                    secs,
+                    done.requests.puts
+                );
+                if done.tree.skipped > 0 {
+                    eprintln!(
+                        "owfs: note: {} sockets were not stored (sockets cannot be persisted)",
+                        done.tree.skipped
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Log { ws, limit } => {
+            let repo = open(cli, &rt, false)?;
+            generation::check_workspace_name(ws)?;
+            let mut numbers = repo.block_on(generation::list_generations(&repo.store, ws))?;
+            if numbers.is_empty() {
+                return Err(Error::UnknownWorkspace(ws.clone()));
+            }
+            numbers.reverse();
+            if let Some(l) = limit {
+                numbers.truncate(*l);
+            }
+            let recs = fetch_records(&repo, ws, &numbers)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&recs).expect("json"));
+            } else {
+                println!(
+                    "{:>8}  {:<20}  {:>8}  {:>10}  {:>10}  KIND",
+                    "GEN", "TIME (UTC)", "FILES", "BYTES", "NEW"
+                );
+                for r in &recs {
+                    let kind = match &r.origin {
+                        Some(o) => format!("{} of {o}", r.kind),
+                        None => r.kind.clone(),
+                    };
+                    println!(
+                        "{:>8}  {:<20}  {:>8}  {:>10}  {:>10}  {}",
+                        r.number,
+                        ui::time(r.created_ms),
+                        r.files,
+                        ui::size(r.bytes),
+                        ui::size(r.bytes_new),
+                        kind
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Ls { spec, path, long } => {
+            let repo = open(cli, &rt, false)?;
+            let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+            let entries = match read::lookup(&repo, rec.root_hash()?, path, &rec.spec())? {
+                Found::Dir(t) => t.entries,
+                Found::Entry(e) => vec![e],
+            };
+            if cli.json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "name": e.name_lossy(), "kind": format!("{:?}", e.kind).to_lowercase(),
+                            "mode": format!("{:o}", e.mode), "uid": e.uid, "gid": e.gid, "size": e.size,
+                            "mtime_ns": e.mtime_ns,
+                            "target": if e.kind == Kind::Symlink { Some(String::from_utf8_lossy(&e.target).into_owned()) } else { None },
+                        })
+                    })
+                    .collect();
+                print_json(&json!({ "generation": rec.spec(), "path": path, "entries": v }));
+            } else {
+                let mut out = std::io::stdout().lock();
+                for e in &entries {
+                    let name = e.name_lossy();
+                    let line = if *long {
+                        let t = match e.kind {
+                            Kind::Dir => 'd',
+                            Kind::Symlink => 'l',
+                            Kind::Fifo => 'p',
+                            Kind::CharDev => 'c',
+                            Kind::BlockDev => 'b',
+                            Kind::File => '-',
+                        };
+                        let target = if e.kind == Kind::Symlink {
+                            format!(" -> {}", String::from_utf8_lossy(&e.target))
+                        } else {
+                            String::new()
+                        };
+                        format!(
+                            "{t}{:04o} {:>5} {:>5} {:>12} {} {name}{target}",
+                            e.mode,
+                            e.uid,
+                            e.gid,
+                            e.size,
+                            ui::time((e.mtime_ns.max(0) / 1_000_000) as u64)
+                        )
+                    } else if e.kind == Kind::Dir {
+                        format!("{name}/")
+                    } else {
+                        name
+                    };
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Cat { spec, path } => {
+            let repo = open(cli, &rt, false)?;
+            let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+            match read::lookup(&repo, rec.root_hash()?, path, &rec.spec())? {
+                Found::Entry(e) if e.kind == Kind::File => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    read::write_file(&repo, &e, path, &mut out)?;
+                    out.flush().map_err(|e| Error::io("<stdout>", e))?;
+                    Ok(0)
+                }
+                _ => Err(Error::UnknownPath {
+                    at: rec.spec(),
+                    path: format!("{path} (not a regular file)"),
+                }),
+            }
+        }
+        Command::Restore { spec, dir, force } => {
+            let repo = open(cli, &rt, false)?;
+            let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+            if !force && !is_empty_dir(dir)? {
+                return Err(Error::Conflict(format!(
+                    "{} is not empty; restore into an empty directory, or pass --force to replace entries of the same names",
+                    dir.display()
+                )));
+            }
+            let progress = Arc::new(Progress::default());
+            progress
+                .total_bytes
+                .store(rec.bytes, std::sync::atomic::Ordering::Relaxed);
+            let t0 = Instant::now();
+            let report = {
+                let _bar = Bar::start(progress.clone(), "restore:", bars);
+                restore_tree(
+                    &repo,
+                    rec.root_hash()?,
+                    dir,
+                    RestoreOptions {
+                        keep_going: false,
+                        progress: &progress,
+                    },
+                )?
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            if cli.json {
+                print_json(
+                    &json!({ "generation": rec.spec(), "target": dir, "files": report.files,
+                    "dirs": report.dirs, "bytes": report.bytes, "seconds": secs, "requests": repo.store.counters() }),
+                );
+            } else {
+                println!(
+                    "restored {} into {}: {} files, {} dirs, {} in {:.2}s",
+                    rec.spec(),
+                    dir.display(),
+                    report.files,
+                    report.dirs,
+                    ui::size(report.bytes),
+                    secs
+                );
+            }
+            Ok(0)
+        }
+        Command::Fork { spec, new } => {
+            let repo = open(cli, &rt, false)?;
+            let src = repo.block_on(generation::resolve(&repo.store, spec))?;
+            let rec = commit::fork(&repo, &src, new)?;
+            report_gen(cli, &rec, &format!("forked {} as", src.spec()));
+            Ok(0)
+        }
+        Command::Rollback { ws, n } => {
+            let repo = open(cli, &rt, false)?;
+            generation::check_workspace_name(ws)?;
+            let rec = commit::rollback(&repo, ws, *n)?;
+            report_gen(cli, &rec, &format!("rolled back {ws} to generation {n} as"));
+            Ok(0)
+        }
+        Command::Drill { spec, scratch } => drill(cli, &rt, spec, scratch.as_deref()),
+        Command::Gc {
+            dry_run,
+            keep_last,
+            keep_within,
+            grace,
+        } => {
+            let repo = open(cli, &rt, false)?;
+            let opts = GcOptions {
+                dry_run: *dry_run,
+                keep_last: *keep_last,
+                keep_within: *keep_within,
+                grace: *grace,
+            };
+            let r = gc::gc(&repo, &opts)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r).expect("json"));
+            } else {
+                let verb = if r.dry_run { "would delete" } else { "deleted" };
+                println!(
+                    "gc{}: {} workspaces, {} generations kept, {verb} {} generations; {} packs: {verb} {} ({}), condemned {} (deleted by a run at least --grace later), {} resurrected; {} unreferenced inside live packs",
+                    if r.dry_run { " (dry run)" } else { "" },
+                    r.workspaces,
+                    r.generations_kept,
+                    r.generations_deleted.len(),
+                    r.packs_total,
+                    r.packs_deleted,
+                    ui::size(r.bytes_deleted),
+                    r.packs_condemned,
+                    r.packs_resurrected,
+                    ui::size(r.bytes_dead_in_live_packs),
+                );
+            }
+            Ok(0)
+        }
+        Command::Workspaces => {
+            let repo = open(cli, &rt, false)?;
+            let names = repo.block_on(generation::list_workspaces(&repo.store))?;
+            if cli.json {
+                print_json(&json!(names));
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn report_gen(cli: &Cli, rec: &GenRecord, what: &str) {
+    if cli.json {
+        print_json(&serde_json::to_value(rec).expect("json"));
+    } else {
+        println!("{what} {}", rec.spec());
+    }
+}
+
+fn fetch_records(repo: &Arc<Repo>, ws: &str, numbers: &[u64]) -> Result<Vec<GenRecord>> {
+    use futures::StreamExt;
+    let store = &repo.store;
+    let recs: Vec<Result<GenRecord>> = repo.block_on(
+        futures::stream::iter(
+            numbers
+                .iter()
+                .map(|&n| generation::get_generation(store, ws, n)),
+        )
+        .buffered(16)
+        .collect(),
+    );
+    recs.into_iter().collect()
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Databases found under `dir` (by header), as paths relative to it.
+fn find_databases(dir: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let r = format!("{rel}/{}", e.file_name().to_string_lossy());
+        match e.file_type() {
+            Ok(t) if t.is_dir() => find_databases(&p, &r, out),
+            Ok(t) if t.is_file() && vfs::is_database(&p) => out.push((p, r)),
+            _ => {}
+        }
+    }
+}
+
+fn drill(
+    cli: &Cli,
+    rt: &tokio::runtime::Handle,
+    spec: &str,
+    scratch: Option<&Path>,
+) -> Result<i32> {
+    let repo = open(cli, rt, false)?;
+    let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+    let t0 = Instant::now();
+    let parent = scratch
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = parent.join(format!(
+        "owfs-drill-{}-{}",
+        rec.spec().replace('@', "-"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let progress = Arc::new(Progress::default());
+    progress
+        .total_bytes
+        .store(rec.bytes, std::sync::atomic::Ordering::Relaxed);
+    let result = {
+        let _bar = Bar::start(progress.clone(), "drill:", !cli.json && !cli.quiet);
+        restore_tree(
+            &repo,
+            rec.root_hash()?,
+            &dir,
+            RestoreOptions {
+                keep_going: true,
+                progress: &progress,
+            },
+        )
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let mut databases = Vec::new();
+    let report = match result {
+        Ok(r) => {
+            problems.extend(r.errors.iter().cloned());
+            find_databases(&dir, "", &mut databases);
+            for (p, rel) in &databases {
+                match vfs::integrity_check(p) {
+                    Ok(v) if v.is_empty() => {}
+                    Ok(v) => problems.push(format!("{rel}: integrity_check: {}", v.join("; "))),
+                    Err(e) => problems.push(format!("{rel}: {e}")),
+                }
+            }
+            r
+        }
+        Err(e) => {
+            problems.push(e.to_string());
+            Default::default()
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let secs = t0.elapsed().as_secs_f64();
+    let ok = problems.is_empty();
+    let verdict = json!({
+        "generation": rec.spec(), "ok": ok, "files": report.files, "bytes": report.bytes,
+        "databases": databases.len(), "problems": problems, "seconds": secs, "time_ms": generation::now_ms(),
+    });
+    // The last drill is visible to `owfs status` and to anyone reading the store.
+    let key = format!("ws/{}/drill", rec.workspace);
+    let _ = repo.block_on(repo.store.put(
+        &key,
+        serde_json::to_vec_pretty(&verdict).expect("json").into(),
+    ));
+    if cli.json {
+        print_json(&verdict);
+    } else if ok {
+        println!(
+            "drill {}: OK: {} files, {} verified, {} SQLite databases pass integrity_check, in {secs:.2}s",
+            rec.spec(),
+            report.files,
+            ui::size(report.bytes),
+            databases.len()
+        );
+    } else {
+        println!("drill {}: FAILED: {} problems", rec.spec(), problems.len());
+        for p in &problems {
+            println!("  {p}");
+        }
+    }
+    Ok(if ok { 0 } else { exit::DRILL_FAILED })
+}

@@ -1,0 +1,29 @@
+//! owfs: the command-line edge. Parses arguments, opens the store, runs one command, and turns
+//! errors into one clear line, a hint and a distinct exit status.
+
+mod cli;
+mod commands;
+mod exit;
+mod ui;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("owfs-io")
+        .build()
+        .expect("starting the async runtime");
+    let code = match commands::run(&cli, rt.handle().clone()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("owfs: error: {e}");
+            eprintln!("  hint: {}", exit::hint(&e));
+            exit::code(&e)
+        }
+    };
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    std::process::exit(code);
+}
