@@ -1,0 +1,349 @@
+//! Test harness: stores to run against (file:// and the S3 server named by
+//! `OWFS_TEST_S3_ENDPOINT`, or one started here), the `owfs` binary, and tree comparison.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+
+use chunkstore::{Repo, Store};
+
+/// A store for one test: a fresh `file://` directory or a fresh S3 bucket.
+pub struct Case {
+    pub name: &'static str,
+    pub url: String,
+    pub scratch: tempfile::TempDir,
+    _moto: Option<Arc<Moto>>,
+}
+
+pub struct Moto {
+    pub endpoint: String,
+    child: Option<Child>,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_ok(endpoint: &str) -> bool {
+    Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", endpoint])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+static MOTO: OnceLock<Arc<Moto>> = OnceLock::new();
+
+/// The S3 server: the one the test script started, else one of our own (slow to start).
+pub fn moto() -> Arc<Moto> {
+    MOTO.get_or_init(|| {
+        if let Ok(ep) = std::env::var("OWFS_TEST_S3_ENDPOINT") {
+            return Arc::new(Moto {
+                endpoint: ep,
+                child: None,
+            });
+        }
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_else(|_| {
+                Command::new("python3")
+                    .args([
+                        "-m",
+                        "moto.server",
+                        "-p",
+                        &port.to_string(),
+                        "-H",
+                        "127.0.0.1",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .expect("moto_server (pip install 'moto[server]') is needed for the S3 tests");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        for _ in 0..300 {
+            if http_ok(&endpoint) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Arc::new(Moto {
+            endpoint,
+            child: Some(child),
+        })
+    })
+    .clone()
+}
+
+pub fn set_s3_env(endpoint: &str) {
+    // Tests of one process share one endpoint, so setting these once is consistent.
+    std::env::set_var("AWS_ENDPOINT_URL", endpoint);
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    std::env::remove_var("OWFS_FAULTS");
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+impl Case {
+    pub fn file() -> Case {
+        let scratch = tempfile::Builder::new()
+            .prefix("owfs-test")
+            .tempdir_in(scratch_root())
+            .unwrap();
+        let url = format!("file://{}/store", scratch.path().display());
+        Case {
+            name: "file",
+            url,
+            scratch,
+            _moto: None,
+        }
+    }
+
+    pub fn s3() -> Case {
+        let m = moto();
+        set_s3_env(&m.endpoint);
+        let bucket = unique("owfs").to_lowercase();
+        let ok = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", m.endpoint)])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "creating bucket {bucket} at {}", m.endpoint);
+        let scratch = tempfile::Builder::new()
+            .prefix("owfs-test")
+            .tempdir_in(scratch_root())
+            .unwrap();
+        Case {
+            name: "s3",
+            url: format!("s3://{bucket}/pfx"),
+            scratch,
+            _moto: Some(m),
+        }
+    }
+
+    /// Both kinds of store: every integration test runs on each.
+    pub fn all() -> Vec<Case> {
+        vec![Case::file(), Case::s3()]
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+
+    pub fn owfs(&self, args: &[&str]) -> Output {
+        self.owfs_env(args, &[])
+    }
+
+    pub fn owfs_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(owfs_bin());
+        if !args.contains(&"--store") {
+            c.arg("--store").arg(&self.url);
+        }
+        c.args(args);
+        if let Some(m) = &self._moto {
+            c.env("AWS_ENDPOINT_URL", &m.endpoint)
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1");
+        }
+        c.env_remove("OWFS_FAULTS");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("running owfs")
+    }
+
+    /// Runs owfs and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.owfs(args);
+        assert!(
+            out.status.success(),
+            "[{}] owfs {args:?} failed ({:?}):\n{}{}",
+            self.name,
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("owfs --json prints JSON")
+    }
+
+    pub fn store(&self) -> Store {
+        if self._moto.is_some() {
+            set_s3_env(&self._moto.as_ref().unwrap().endpoint);
+        }
+        Store::open(&self.url).unwrap()
+    }
+
+    pub fn repo(&self, rt: &tokio::runtime::Runtime) -> Arc<Repo> {
+        Repo::open(self.store(), rt.handle().clone(), true).unwrap()
+    }
+}
+
+pub fn scratch_root() -> PathBuf {
+    let p = std::env::var_os("OWFS_TEST_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The `owfs` binary next to the test executable (target/<profile>/owfs).
+pub fn owfs_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("OWFS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("owfs");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Everything a restore must reproduce about one entry.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct Seen {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub content: Vec<u8>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub rdev: u64,
+}
+
+/// Walks `root` (not following symlinks): entries by relative path, plus hard-link groups.
+pub fn scan(root: &Path) -> (BTreeMap<Vec<u8>, Seen>, Vec<Vec<Vec<u8>>>) {
+    let mut out = BTreeMap::new();
+    let mut links: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    fn walk(
+        dir: &Path,
+        rel: &[u8],
+        out: &mut BTreeMap<Vec<u8>, Seen>,
+        links: &mut BTreeMap<u64, Vec<Vec<u8>>>,
+    ) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let mut r = rel.to_vec();
+            r.push(b'/');
+            r.extend_from_slice(e.file_name().as_bytes());
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let (kind, content) = if ft.is_dir() {
+                ("dir", Vec::new())
+            } else if ft.is_symlink() {
+                (
+                    "symlink",
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                )
+            } else if ft.is_file() {
+                ("file", std::fs::read(&p).unwrap())
+            } else {
+                ("special", Vec::new())
+            };
+            if ft.is_file() && m.nlink() > 1 {
+                links.entry(m.ino()).or_default().push(r.clone());
+            }
+            let seen = Seen {
+                kind,
+                mode: if ft.is_symlink() {
+                    0
+                } else {
+                    m.mode() & 0o7777
+                },
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                content,
+                xattrs: chunkstore::snapshot::read_user_xattrs(&p),
+                rdev: m.rdev(),
+            };
+            if ft.is_dir() {
+                walk(&p, &r, out, links);
+            }
+            out.insert(r, seen);
+        }
+    }
+    walk(root, b"", &mut out, &mut links);
+    let mut groups: Vec<Vec<Vec<u8>>> = links
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    groups.sort();
+    (out, groups)
+}
+
+/// Asserts that two trees are the same in everything a restore must keep.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, la) = scan(a);
+    let (sb, lb) = scan(b);
+    let ka: Vec<_> = sa
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    let kb: Vec<_> = sb
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(ka, kb, "different entries");
+    for (k, va) in &sa {
+        let vb = &sb[k];
+        assert_eq!(va, vb, "entry {:?} differs", String::from_utf8_lossy(k));
+    }
+    assert_eq!(la, lb, "hard-link groups differ");
+}
