@@ -203,8 +203,8 @@ impl Case {
     }
 
     pub fn store(&self) -> Store {
-        if self._moto.is_some() {
-            set_s3_env(&self._moto.as_ref().unwrap().endpoint);
+        if let Some(m) = &self._moto {
+            set_s3_env(&m.endpoint);
         }
         Store::open(&self.url).unwrap()
     }
@@ -260,7 +260,10 @@ pub struct Seen {
 }
 
 /// Walks `root` (not following symlinks): entries by relative path, plus hard-link groups.
-pub fn scan(root: &Path) -> (BTreeMap<Vec<u8>, Seen>, Vec<Vec<Vec<u8>>>) {
+/// Entries by relative path, and the hard-link groups (sorted lists of paths).
+pub type Scan = (BTreeMap<Vec<u8>, Seen>, Vec<Vec<Vec<u8>>>);
+
+pub fn scan(root: &Path) -> Scan {
     let mut out = BTreeMap::new();
     let mut links: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
     fn walk(
