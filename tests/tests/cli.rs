@@ -372,7 +372,7 @@ fn gc_deletes_only_what_nothing_references() {
         // Keep only the latest: gen 1 goes; its packs are condemned, then deleted by a later run.
         let r = c.json(&["gc", "--keep-last", "1", "--grace", "0s", "--dry-run"]);
         assert_eq!(r["generations_deleted"], serde_json::json!(["ws@1"]));
-        assert_eq!(c.ok(&["cat", "ws@1", "keep"]).len() > 0, true);
+        assert!(!c.ok(&["cat", "ws@1", "keep"]).is_empty());
         let r = c.json(&["gc", "--keep-last", "1", "--grace", "0s"]);
         assert_eq!(
             r["generations_deleted"],
