@@ -200,6 +200,20 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
             keep_in_index.push((name, entries));
             continue;
         }
+        if let Some(&since) = marked.get(&name).filter(|&&since| p.modified_ms > since) {
+            // Written again (same content, same name) after it was condemned: a commit
+            // uploaded it anew. It is not condemned any more.
+            let _ = since;
+            report.packs_resurrected += 1;
+            changed = true;
+            if !opts.dry_run {
+                repo.block_on(store.delete(&condemned_key(&name)))?;
+            }
+            if let Some(es) = entries {
+                keep_in_index.push((name, es));
+            }
+            continue;
+        }
         if let Some(&since) = marked.get(&name) {
             // Condemned earlier; is it referenced by something published since? Only the
             // pack's own trailer knows its blobs if the index dropped it.
@@ -210,7 +224,15 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
                     read_trailer(&bytes, &format!("pack {}", name.short()))?
                 }
             };
-            if es.iter().any(|e| live.contains(&e.hash)) {
+            // Needed only for live blobs that no other (uncondemned) pack holds.
+            let elsewhere = |h: &Hash| {
+                repo.with_index(|i| i.get(h))
+                    .is_some_and(|(p, _)| p != name && !marked.contains_key(&p))
+            };
+            if es
+                .iter()
+                .any(|e| live.contains(&e.hash) && !elsewhere(&e.hash))
+            {
                 report.packs_resurrected += 1;
                 changed = true;
                 if !opts.dry_run {

@@ -414,7 +414,8 @@ fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
                     store,
                     detail: "the bucket does not exist".into(),
                 }
-            } else if all.contains("403")
+            } else if all.contains("status 403")
+                || all.contains("403 forbidden")
                 || all.contains("forbidden")
                 || all.contains("accessdenied")
                 || all.contains("invalidaccesskeyid")
