@@ -190,6 +190,17 @@ impl Store {
         }
     }
 
+    fn listed(&self, metas: Vec<object_store::ObjectMeta>) -> Vec<Listed> {
+        metas
+            .into_iter()
+            .map(|m| Listed {
+                key: self.rel(&m.location),
+                size: m.size,
+                modified_ms: m.last_modified.timestamp_millis(),
+            })
+            .collect()
+    }
+
     fn map_err(&self, key: &str, e: object_store::Error) -> Error {
         map_store_error(&self.url, key, e)
     }
@@ -325,16 +336,7 @@ impl Store {
             self.inner.list(Some(&path)).try_collect::<Vec<_>>().await
         })
         .await
-        .map(|metas| {
-            metas
-                .into_iter()
-                .map(|m| Listed {
-                    key: self.rel(&m.location),
-                    size: m.size,
-                    modified_ms: m.last_modified.timestamp_millis(),
-                })
-                .collect()
-        })
+        .map(|metas| self.listed(metas))
     }
 
     /// Objects under `prefix` whose key sorts after `after` (S3 pushes this down as StartAfter).
@@ -349,16 +351,7 @@ impl Store {
                 .await
         })
         .await
-        .map(|metas| {
-            metas
-                .into_iter()
-                .map(|m| Listed {
-                    key: self.rel(&m.location),
-                    size: m.size,
-                    modified_ms: m.last_modified.timestamp_millis(),
-                })
-                .collect()
-        })
+        .map(|metas| self.listed(metas))
     }
 
     /// Names of the immediate "directories" under `prefix`.

@@ -350,3 +350,16 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     }
     assert_eq!(la, lb, "hard-link groups differ");
 }
+
+/// Deterministic pseudo-random bytes (xorshift): incompressible test data.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

@@ -11,19 +11,7 @@ use chunkstore::restore::{restore_tree, RestoreOptions};
 use chunkstore::tree::{Content, Entry, Kind, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{commit, Error, Hash, Repo, Store};
-use owfs_tests::{assert_same_tree, runtime, Case};
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use owfs_tests::{assert_same_tree, noise, runtime, Case};
 
 fn sample_tree(dir: &std::path::Path, seed: u64) {
     for i in 0..30 {
@@ -34,35 +22,8 @@ fn sample_tree(dir: &std::path::Path, seed: u64) {
     std::fs::write(dir.join("big"), noise(2 << 20, seed)).unwrap();
 }
 
-fn faulty_repo(
-    case: &Case,
-    rt: &tokio::runtime::Runtime,
-    spec: &str,
-) -> chunkstore::Result<Arc<Repo>> {
-    let inner = case.store();
-    let url = inner.url().to_string();
-    let os: Arc<dyn object_store::ObjectStore> = match url.strip_prefix("file://") {
-        Some(p) => Arc::new(object_store::local::LocalFileSystem::new_with_prefix(p).unwrap()),
-        None => {
-            let bucket = url.trim_start_matches("s3://").split('/').next().unwrap();
-            Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_allow_http(true)
-                    .build()
-                    .unwrap(),
-            )
-        }
-    };
-    // The faulty store sits on the bucket root; keep the same layout for file:// and S3.
-    let store = Store::from_object_store(
-        Arc::new(FaultyStore::new(os, FaultConfig::parse(spec))),
-        &url,
-    );
-    Repo::open(store, rt.handle().clone(), true)
-}
-
-fn clean_repo(case: &Case, rt: &tokio::runtime::Runtime) -> Arc<Repo> {
+/// The case's store as a bare `ObjectStore` (bucket root), to wrap in the fault injector.
+fn raw_store(case: &Case) -> (Arc<dyn object_store::ObjectStore>, String) {
     let url = case.store().url().to_string();
     let os: Arc<dyn object_store::ObjectStore> = match url.strip_prefix("file://") {
         Some(p) => Arc::new(object_store::local::LocalFileSystem::new_with_prefix(p).unwrap()),
@@ -77,6 +38,24 @@ fn clean_repo(case: &Case, rt: &tokio::runtime::Runtime) -> Arc<Repo> {
             )
         }
     };
+    (os, url)
+}
+
+fn faulty_repo(
+    case: &Case,
+    rt: &tokio::runtime::Runtime,
+    spec: &str,
+) -> chunkstore::Result<Arc<Repo>> {
+    let (os, url) = raw_store(case);
+    let store = Store::from_object_store(
+        Arc::new(FaultyStore::new(os, FaultConfig::parse(spec))),
+        &url,
+    );
+    Repo::open(store, rt.handle().clone(), true)
+}
+
+fn clean_repo(case: &Case, rt: &tokio::runtime::Runtime) -> Arc<Repo> {
+    let (os, url) = raw_store(case);
     Repo::open(
         Store::from_object_store(os, &url),
         rt.handle().clone(),

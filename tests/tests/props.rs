@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use chunkstore::commit;
 use chunkstore::progress::Progress;
 use chunkstore::restore::{restore_tree, RestoreOptions};
-use owfs_tests::{assert_same_tree, runtime, Case};
+use owfs_tests::{assert_same_tree, noise, runtime, Case};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -58,18 +58,6 @@ fn tree() -> impl Strategy<Value = Node> {
             Node::Dir(v)
         })
     })
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn build(path: &Path, node: &Node, first_file: &mut Option<PathBuf>) {
