@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Installs what building, demonstrating and testing owfs needs, and only what is missing:
+#   - Debian packages: fuse3 sqlite3 curl attr restic time libacl1-dev (apt-get, as root or
+#     through sudo);
+#   - the Rust toolchain's rustfmt and clippy components, and cargo-nextest;
+#   - moto's S3 server (PyPI `moto[server]`), the S3 the tests run against.
+# Used by scripts/demo.sh and .ci/run. Safe to run again: it changes nothing that is present.
+#
+# Usage: scripts/install-deps.sh [--no-test-tools]
+#   --no-test-tools   skip cargo-nextest, rustfmt/clippy and moto (what scripts/demo.sh needs)
+set -euo pipefail
+
+test_tools=1
+for arg in "$@"; do
+    case "$arg" in
+    --no-test-tools) test_tools=0 ;;
+    -h | --help)
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "install-deps: unknown argument $arg (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+say() { echo "install-deps: $*"; }
+die() {
+    echo "install-deps: error: $*" >&2
+    exit 1
+}
+
+# --- Debian packages -------------------------------------------------------------------------
+APT_PACKAGES=(fuse3 sqlite3 curl attr restic time libacl1-dev)
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+missing=()
+if command -v dpkg-query >/dev/null; then
+    for p in "${APT_PACKAGES[@]}"; do
+        installed "$p" || missing+=("$p")
+    done
+else
+    say "not a Debian-like system (no dpkg-query): install ${APT_PACKAGES[*]} yourself"
+fi
+
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        sudo=()
+    elif command -v sudo >/dev/null; then
+        sudo=(sudo)
+    else
+        die "missing packages ${missing[*]}, and neither root nor sudo is available to install them"
+    fi
+    say "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    log=$(mktemp)
+    if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "apt-get could not install ${missing[*]}"
+    fi
+    rm -f "$log"
+else
+    say "Debian packages present"
+fi
+
+# --- Rust ------------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null; then
+    say "no Rust toolchain: installing one with rustup (https://rustup.rs)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y -q --profile minimal --component rustfmt,clippy ||
+        die "could not install Rust; install it from https://rustup.rs and run this again"
+    export PATH="$HOME/.cargo/bin:$PATH"
+    say "Rust installed in ~/.cargo/bin; add it to your PATH (e.g. source ~/.cargo/env)"
+fi
+
+if ((test_tools)); then
+    for comp in rustfmt clippy; do
+        sub=${comp/rustfmt/fmt}
+        if ! cargo "$sub" --version >/dev/null 2>&1; then
+            command -v rustup >/dev/null || die "cargo $sub is missing and there is no rustup to add it"
+            say "rustup component add $comp"
+            rustup component add "$comp" >/dev/null
+        fi
+    done
+    if ! cargo nextest --version >/dev/null 2>&1; then
+        say "cargo install cargo-nextest (a few minutes)"
+        cargo install --locked --quiet cargo-nextest
+    fi
+fi
+
+# --- moto (S3 server for the tests) ----------------------------------------------------------
+moto_works() {
+    # Under pyenv a freshly installed console script needs its shim first.
+    if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
+    if command -v moto_server >/dev/null && moto_server --help >/dev/null 2>&1; then
+        return 0
+    fi
+    python3 -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1
+}
+
+if ((test_tools)); then
+    if moto_works; then
+        say "moto server present"
+    else
+        command -v python3 >/dev/null || die "python3 is needed for moto's S3 server"
+        pip=(python3 -m pip)
+        "${pip[@]}" --version >/dev/null 2>&1 || die "pip is missing (apt-get install python3-pip)"
+        say "pip install 'moto[server]'"
+        # Debian's own python3 refuses system-wide installs (PEP 668); pyenv's accepts them.
+        if ! out=$("${pip[@]}" install --quiet --disable-pip-version-check 'moto[server]' 2>&1); then
+            if grep -q externally-managed <<<"$out"; then
+                "${pip[@]}" install --quiet --disable-pip-version-check \
+                    --break-system-packages 'moto[server]'
+            else
+                echo "$out" >&2
+                die "pip install 'moto[server]' failed"
+            fi
+        fi
+        moto_works || die "moto installed, but neither moto_server nor python3 -m moto.server runs"
+    fi
+fi
+
+say "done"

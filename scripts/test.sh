@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The project's test command: format and lint checks (fail fast), a build of every target,
+# then the whole test suite with cargo-nextest against a real S3 server (moto) started here on
+# a free loopback port and stopped on exit. Exits with nextest's status.
+#
+# Usage: scripts/test.sh [extra arguments for cargo nextest run]
+# Needs: cargo with rustfmt and clippy, cargo-nextest, curl, and moto's server
+# (scripts/install-deps.sh installs all of them).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+step() { echo "[$(date -u +%H:%M:%S)] test.sh: $*"; }
+die() {
+    echo "test.sh: error: $*" >&2
+    exit 1
+}
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets --quiet
+
+# --- the S3 server ---------------------------------------------------------------------------
+if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
+if command -v moto_server >/dev/null && moto_server --help >/dev/null 2>&1; then
+    moto=(moto_server)
+elif python3 -c 'import moto.server' >/dev/null 2>&1; then
+    moto=(python3 -m moto.server)
+else
+    die "moto's S3 server is missing: run scripts/install-deps.sh (or pip install 'moto[server]')"
+fi
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+moto_pid=
+moto_log="$root/target/moto-server.log"
+stop_moto() {
+    if [[ -n $moto_pid ]] && kill -0 "$moto_pid" 2>/dev/null; then
+        kill "$moto_pid" 2>/dev/null || true
+        wait "$moto_pid" 2>/dev/null || true
+    fi
+    moto_pid=
+}
+trap stop_moto EXIT
+trap 'stop_moto; exit 130' INT
+trap 'stop_moto; exit 143' TERM
+
+mkdir -p "$root/target"
+endpoint=
+for attempt in 1 2 3; do
+    port=$(free_port)
+    "${moto[@]}" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
+    moto_pid=$!
+    # Up to 30 s for the server to answer (a cold Python start can be slow).
+    for _ in $(seq 300); do
+        if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
+            endpoint="http://127.0.0.1:$port"
+            break
+        fi
+        kill -0 "$moto_pid" 2>/dev/null || break # it died (port taken?): try another port
+        sleep 0.1
+    done
+    [[ -n $endpoint ]] && break
+    step "moto did not answer on port $port (attempt $attempt); its log:"
+    tail -n 20 "$moto_log" >&2 || true
+    stop_moto
+done
+[[ -n $endpoint ]] || die "could not start moto's S3 server (${moto[*]}); see $moto_log"
+step "moto S3 server at $endpoint (pid $moto_pid, log $moto_log)"
+export OWFS_TEST_S3_ENDPOINT="$endpoint"
+
+# --- the tests -------------------------------------------------------------------------------
+step "cargo nextest run --workspace --no-fail-fast $*"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+step "nextest exited with status $status"
+exit "$status"
