@@ -115,7 +115,7 @@ pub fn fork(repo: &Arc<Repo>, source: &GenRecord, new_ws: &str) -> Result<GenRec
         )));
     }
     let rec = derived(source, new_ws, None, "fork");
-    repo.block_on(generation::publish(&repo.store, &rec))?;
+    publish_checked(repo, &rec, &HashSet::from([source.root_hash()?]))?;
     Ok(rec)
 }
 
@@ -126,7 +126,7 @@ pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64) -> Result<GenRecord> {
         .block_on(generation::latest(&repo.store, ws))?
         .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
     let rec = derived(&target, ws, Some(&latest), "rollback");
-    repo.block_on(generation::publish(&repo.store, &rec))?;
+    publish_checked(repo, &rec, &HashSet::from([target.root_hash()?]))?;
     Ok(rec)
 }
 

@@ -124,6 +124,7 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
 
     // 1. Retention: which generations stay. The latest of each workspace always does.
     let mut roots = Vec::new();
+    let mut doomed = Vec::new();
     for ws in repo.block_on(generation::list_workspaces(store))? {
         report.workspaces += 1;
         let numbers = repo.block_on(generation::list_generations(store, &ws))?;
@@ -146,9 +147,7 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
                 roots.push(rec.root_hash()?);
             } else {
                 report.generations_deleted.push(rec.spec());
-                if !opts.dry_run {
-                    repo.block_on(generation::delete_generation(store, &ws, n))?;
-                }
+                doomed.push((ws.clone(), n));
             }
         }
     }
@@ -161,6 +160,12 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
         mark(repo, root, &mut live)?;
     }
     report.live_blobs = live.len() as u64;
+    // Generation records go only once the mark is complete.
+    if !opts.dry_run {
+        for (ws, n) in &doomed {
+            repo.block_on(generation::delete_generation(store, ws, *n))?;
+        }
+    }
 
     // 3. Sweep, pack by pack.
     let index_files: Vec<String> = repo.with_index(|i| i.files.clone());
@@ -200,7 +205,7 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
             keep_in_index.push((name, entries));
             continue;
         }
-        if let Some(&since) = marked.get(&name).filter(|&&since| p.modified_ms > since) {
+        if let Some(&since) = marked.get(&name).filter(|&&since| p.modified_ms >= since) {
             // Written again (same content, same name) after it was condemned: a commit
             // uploaded it anew. It is not condemned any more.
             let _ = since;

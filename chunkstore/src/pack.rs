@@ -51,29 +51,31 @@ impl PackBuilder {
 
     /// Appends a blob, compressed with zstd when that saves at least 1/16 of it.
     pub fn add(&mut self, hash: Hash, kind: BlobKind, raw: &[u8], zstd_level: i32) {
+        let (stored, compressed) = compress(raw, zstd_level);
+        self.push(hash, kind, &stored, raw.len(), compressed);
+    }
+
+    /// Appends a blob already prepared by `compress` (so compression can run outside a lock).
+    pub fn push(
+        &mut self,
+        hash: Hash,
+        kind: BlobKind,
+        stored: &[u8],
+        raw_len: usize,
+        compressed: bool,
+    ) {
         let offset = self.data.len();
         assert!(offset < u32::MAX as usize / 2, "pack too large");
-        let mut compressed = false;
-        if zstd_level > 0 && raw.len() >= 64 {
-            if let Ok(c) = zstd::bulk::compress(raw, zstd_level) {
-                if c.len() < raw.len() - raw.len() / 16 {
-                    self.data.extend_from_slice(&c);
-                    compressed = true;
-                }
-            }
-        }
-        if !compressed {
-            self.data.extend_from_slice(raw);
-        }
+        self.data.extend_from_slice(stored);
         self.entries.push(PackEntry {
             hash,
             kind,
             offset: offset as u32,
-            stored_len: (self.data.len() - offset) as u32,
-            raw_len: raw.len() as u32,
+            stored_len: stored.len() as u32,
+            raw_len: raw_len as u32,
             compressed,
         });
-        self.raw_bytes += raw.len() as u64;
+        self.raw_bytes += raw_len as u64;
     }
 
     /// Seals the pack: appends the trailer and returns (name, bytes, entries).
@@ -86,6 +88,18 @@ impl PackBuilder {
         let name = Hash::of(&self.data);
         (name, self.data, self.entries)
     }
+}
+
+/// The stored form of a blob: zstd when that saves at least 1/16 of it, else the raw bytes.
+pub fn compress(raw: &[u8], zstd_level: i32) -> (std::borrow::Cow<'_, [u8]>, bool) {
+    if zstd_level > 0 && raw.len() >= 64 {
+        if let Ok(c) = zstd::bulk::compress(raw, zstd_level) {
+            if c.len() < raw.len() - raw.len() / 16 {
+                return (std::borrow::Cow::Owned(c), true);
+            }
+        }
+    }
+    (std::borrow::Cow::Borrowed(raw), false)
 }
 
 /// Reads the trailer of a whole pack (used by gc to re-index a pack).

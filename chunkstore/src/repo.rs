@@ -131,7 +131,7 @@ impl Repo {
 
     /// Fetches index objects not merged yet. Cheap when nothing is new: one LIST.
     pub fn refresh_index(&self) -> Result<()> {
-        let known: std::collections::HashSet<String> = self
+        let mut known: std::collections::HashSet<String> = self
             .index
             .read()
             .expect("index lock")
@@ -139,12 +139,19 @@ impl Repo {
             .iter()
             .cloned()
             .collect();
-        let listed = self.block_on(self.store.list("index"))?;
-        let new: Vec<String> = listed
+        let listed: Vec<String> = self
+            .block_on(self.store.list("index"))?
             .into_iter()
             .map(|l| l.key)
-            .filter(|k| !known.contains(k))
             .collect();
+        let listed_set: std::collections::HashSet<&String> = listed.iter().collect();
+        if known.iter().any(|k| !listed_set.contains(k)) {
+            // gc replaced index objects: packs may have been dropped, so forget everything
+            // rather than keep locations of blobs that may be gone.
+            *self.index.write().expect("index lock") = Index::default();
+            known.clear();
+        }
+        let new: Vec<String> = listed.into_iter().filter(|k| !known.contains(k)).collect();
         let store = &self.store;
         let fetched: Vec<Result<(String, IndexFile)>> = self.block_on(
             futures::stream::iter(new.into_iter().map(|key| async move {

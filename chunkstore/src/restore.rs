@@ -83,7 +83,11 @@ pub fn restore_tree(
     let mut r = Restorer {
         repo,
         opts,
-        report: RestoreReport::default(),
+        // The target itself is the root directory (counted as snapshot counts it).
+        report: RestoreReport {
+            dirs: 1,
+            ..Default::default()
+        },
         files: Vec::new(),
         jobs: Vec::new(),
         batch_bytes: 0,

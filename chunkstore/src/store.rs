@@ -90,6 +90,12 @@ impl Store {
     /// Opens `file:///abs/path` or `s3://bucket/prefix`. `OWFS_FAULTS` (testing only) wraps the
     /// store in a fault injector; see `faulty.rs`.
     pub fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, true)
+    }
+
+    /// With `create` false, a `file://` store that does not exist is not created (reads of
+    /// it find nothing).
+    pub fn open_with(url: &str, create: bool) -> Result<Store> {
         let bad = |reason: &str| Error::BadStoreUrl {
             url: url.to_string(),
             reason: reason.to_string(),
@@ -100,8 +106,22 @@ impl Store {
                 let dir = parsed.to_file_path().map_err(|_| {
                     bad("file:// needs an absolute path, e.g. file:///var/lib/owfs/store")
                 })?;
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(&e.to_string()))?;
+                if create {
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                } else if !dir.is_dir() {
+                    return Err(Error::Unreachable {
+                        store: url.to_string(),
+                        detail: format!(
+                            "there is no store at {} (nothing was ever committed there)",
+                            dir.display()
+                        ),
+                    });
+                }
+                // Durability: a published generation must survive a power cut (fsync of the
+                // file and its directory on every write).
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(&e.to_string()))?
+                    .with_fsync(true);
                 (Arc::new(fs), Path::default())
             }
             "s3" => {
@@ -117,7 +137,9 @@ impl Store {
                         retry_timeout: Duration::from_secs(30),
                     });
                 // Plain HTTP only when the endpoint URL itself says http://.
-                if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                let endpoint =
+                    std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
+                if let Ok(endpoint) = endpoint {
                     builder = builder
                         .with_endpoint(&endpoint)
                         .with_allow_http(endpoint.starts_with("http://"))
@@ -376,58 +398,57 @@ impl Store {
     }
 }
 
-/// Sorts an `object_store` error into our kinds, by variant and then by what the message says.
+/// Sorts an `object_store` error into our kinds: by variant, then by the HTTP or I/O error
+/// found in its source chain. Never by the message text, which contains keys and URLs.
 fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
     let store = store.to_string();
+    let detail = e.to_string();
     match e {
-        object_store::Error::NotFound { .. } => Error::Missing {
-            key: key.to_string(),
-            what: "not found".into(),
-        },
-        other => {
-            let detail = format!("{other}");
-            let lower = detail.to_ascii_lowercase();
-            let source_chain = {
-                let mut s = String::new();
-                let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(&other);
-                let mut depth = 0;
-                while let Some(c) = cur {
-                    s.push_str(&format!(" {c}"));
-                    cur = c.source();
-                    depth += 1;
-                    if depth > 8 {
-                        break;
-                    }
-                }
-                s.to_ascii_lowercase()
-            };
-            let all = format!("{lower}{source_chain}");
-            if all.contains("nosuchbucket") {
-                Error::Unreachable {
+        object_store::Error::NotFound { .. } => {
+            // S3 answers a missing bucket with 404 too; its body names the code.
+            if detail.contains("<Code>NoSuchBucket</Code>") {
+                return Error::Unreachable {
                     store,
                     detail: "the bucket does not exist".into(),
+                };
+            }
+            Error::Missing {
+                key: key.to_string(),
+                what: "not found".into(),
+            }
+        }
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => Error::AccessDenied { store, detail },
+        other => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> =
+                std::error::Error::source(&other);
+            for _ in 0..16 {
+                let Some(err) = cur else { break };
+                if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
+                    use object_store::client::HttpErrorKind as K;
+                    if matches!(
+                        h.kind(),
+                        K::Connect | K::Request | K::Timeout | K::Interrupted
+                    ) {
+                        return Error::Unreachable { store, detail };
+                    }
                 }
-            } else if all.contains("status 403")
-                || all.contains("403 forbidden")
-                || all.contains("forbidden")
-                || all.contains("accessdenied")
-                || all.contains("invalidaccesskeyid")
-                || all.contains("signaturedoesnotmatch")
-                || all.contains("permission denied")
-            {
-                Error::AccessDenied { store, detail }
-            } else if all.contains("connect")
-                || all.contains("dns")
-                || all.contains("timed out")
-                || all.contains("timeout")
-                || all.contains("connection")
-            {
-                Error::Unreachable { store, detail }
-            } else {
-                Error::Store {
+                if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                    if io.kind() == std::io::ErrorKind::PermissionDenied {
+                        return Error::AccessDenied { store, detail };
+                    }
+                }
+                cur = err.source();
+            }
+            if detail.contains("<Code>NoSuchBucket</Code>") {
+                return Error::Unreachable {
                     store,
-                    detail: format!("{key}: {detail}"),
-                }
+                    detail: "the bucket does not exist".into(),
+                };
+            }
+            Error::Store {
+                store,
+                detail: format!("{key}: {detail}"),
             }
         }
     }

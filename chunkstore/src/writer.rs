@@ -1,6 +1,7 @@
-//! The blob writer: deduplicates blobs against the index, compresses and packs them on worker
-//! threads, and uploads full packs with a bounded number in flight. Memory stays bounded: a
-//! bounded queue to the workers, one open pack per kind per worker, and a bounded upload window.
+//! The blob writer: deduplicates blobs against the index, compresses them on worker threads,
+//! appends them to one open pack per kind (so a small commit is one data pack and one tree
+//! pack), and uploads full packs with a bounded number in flight. Memory stays bounded: a
+//! bounded queue to the workers, two open packs, and a bounded upload window.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::generation::now_ms;
 use crate::hash::Hash;
 use crate::index::IndexFile;
-use crate::pack::{pack_key, BlobKind, PackBuilder, PackEntry};
+use crate::pack::{compress, pack_key, BlobKind, PackBuilder, PackEntry};
 use crate::repo::Repo;
 
 /// A data pack is sealed at this size; trees and segments use smaller packs (read whole).
@@ -48,6 +49,8 @@ struct Shared {
     stored_bytes: AtomicU64,
     raw_bytes: AtomicU64,
     level: i32,
+    /// The open data pack and the open tree/segment pack.
+    open: Mutex<(PackBuilder, PackBuilder)>,
 }
 
 pub struct BlobWriter {
@@ -72,6 +75,7 @@ impl BlobWriter {
             stored_bytes: AtomicU64::new(0),
             raw_bytes: AtomicU64::new(0),
             level,
+            open: Mutex::default(),
         });
         let (tx, rx) = sync_channel::<Job>(QUEUE_BLOBS);
         let rx = Arc::new(Mutex::new(rx));
@@ -153,6 +157,7 @@ impl BlobWriter {
                 detail: "a pack worker panicked".into(),
             })?;
         }
+        flush_open(&self.shared);
         let handles = std::mem::take(&mut *self.shared.uploads.lock().expect("uploads"));
         let mut first_err = None;
         for h in handles {
@@ -202,23 +207,31 @@ impl Drop for BlobWriter {
 }
 
 fn worker(shared: Arc<Shared>, rx: Arc<Mutex<Receiver<Job>>>) {
-    let mut data = PackBuilder::default();
-    let mut meta = PackBuilder::default();
     loop {
         let job = rx.lock().expect("job queue").recv();
         let Ok(job) = job else { break };
-        let (pack, limit) = match job.kind {
-            BlobKind::Data => (&mut data, DATA_PACK_BYTES),
-            BlobKind::Tree | BlobKind::Segment => (&mut meta, META_PACK_BYTES),
+        let (stored, compressed) = compress(&job.data, shared.level);
+        let full = {
+            let mut open = shared.open.lock().expect("open packs");
+            let (pack, limit) = match job.kind {
+                BlobKind::Data => (&mut open.0, DATA_PACK_BYTES),
+                BlobKind::Tree | BlobKind::Segment => (&mut open.1, META_PACK_BYTES),
+            };
+            pack.push(job.hash, job.kind, &stored, job.data.len(), compressed);
+            (pack.len() >= limit).then(|| std::mem::take(pack))
         };
-        pack.add(job.hash, job.kind, &job.data, shared.level);
-        if pack.len() >= limit {
-            upload(&shared, std::mem::take(pack));
+        if let Some(pack) = full {
+            upload(&shared, pack);
         }
     }
+}
+
+/// Seals and uploads the packs still open (after the workers have stopped).
+fn flush_open(shared: &Arc<Shared>) {
+    let (data, meta) = std::mem::take(&mut *shared.open.lock().expect("open packs"));
     for pack in [data, meta] {
         if !pack.is_empty() {
-            upload(&shared, pack);
+            upload(shared, pack);
         }
     }
 }

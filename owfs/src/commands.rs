@@ -39,7 +39,7 @@ fn rustix_is_root() -> bool {
 
 fn open(cli: &Cli, rt: &tokio::runtime::Handle, create: bool) -> Result<Arc<Repo>> {
     let url = cli.store.clone().unwrap_or_else(default_store_url);
-    let store = Store::open(&url)?;
+    let store = Store::open_with(&url, create)?;
     Repo::open(store, rt.clone(), create)
 }
 

@@ -9,6 +9,12 @@ mod ui;
 use clap::Parser;
 
 fn main() {
+    // Like other command-line tools, end quietly when a reader closes the pipe
+    // (`owfs cat WS f | head`) instead of failing on the write.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = cli::Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

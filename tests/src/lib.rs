@@ -60,25 +60,18 @@ pub fn moto() -> Arc<Moto> {
             });
         }
         let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
+        // A watchdog shell stops the server when this test process ends: statics are never
+        // dropped, so nothing else would.
+        let script = format!(
+            "(moto_server -p {port} -H 127.0.0.1 || python3 -m moto.server -p {port} -H 127.0.0.1) >/dev/null 2>&1 & m=$!; \\
+             while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $m; sleep 1; pkill -f 'moto.* -p {port} ' ; true",
+            parent = std::process::id()
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .or_else(|_| {
-                Command::new("python3")
-                    .args([
-                        "-m",
-                        "moto.server",
-                        "-p",
-                        &port.to_string(),
-                        "-H",
-                        "127.0.0.1",
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-            })
             .expect("moto_server (pip install 'moto[server]') is needed for the S3 tests");
         let endpoint = format!("http://127.0.0.1:{port}");
         for _ in 0..300 {
