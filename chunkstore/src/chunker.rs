@@ -27,44 +27,70 @@ impl Default for ChunkParams {
 /// Read buffer: several maximal chunks, so reads are large.
 const BUF_CHUNKS: usize = 16;
 
-/// Splits everything `r` yields into chunks, calling `f` on each in order. Returns the total
-/// length read.
-pub fn chunk_reader<R: Read, E: From<std::io::Error>>(
-    mut r: R,
+/// A chunker with its read buffer, reused from file to file (allocating and zeroing a
+/// multi-MiB buffer per file dominated the cost of committing many small files).
+pub struct Chunker {
     p: ChunkParams,
-    mut f: impl FnMut(&[u8]) -> Result<(), E>,
-) -> Result<u64, E> {
-    let max = p.max as usize;
-    let mut buf = vec![0u8; max * BUF_CHUNKS];
-    let mut len = 0usize;
-    let mut total = 0u64;
-    let mut eof = false;
-    loop {
-        while !eof && len < buf.len() {
-            match r.read(&mut buf[len..]) {
-                Ok(0) => eof = true,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let mut pos = 0usize;
-        {
-            let cdc = FastCDC::new(&buf[..len], p.min as usize, p.avg as usize, max);
-            while pos < len && (eof || len - pos >= max) {
-                let (_, end) = cdc.cut(pos, len - pos);
-                assert!(end > pos && end <= len, "chunker made no progress");
-                f(&buf[pos..end])?;
-                total += (end - pos) as u64;
-                pos = end;
-            }
-        }
-        if eof && pos >= len {
-            return Ok(total);
-        }
-        buf.copy_within(pos..len, 0);
-        len -= pos;
+    buf: Vec<u8>,
+}
+
+impl Chunker {
+    pub fn new(p: ChunkParams) -> Chunker {
+        Chunker { p, buf: Vec::new() }
     }
+
+    /// Splits everything `r` yields into chunks, calling `f` on each in order. Returns the
+    /// total length read.
+    pub fn chunk<R: Read, E: From<std::io::Error>>(
+        &mut self,
+        mut r: R,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let p = self.p;
+        let max = p.max as usize;
+        if self.buf.len() != max * BUF_CHUNKS {
+            self.buf = vec![0u8; max * BUF_CHUNKS];
+        }
+        let buf = &mut self.buf;
+        let mut len = 0usize;
+        let mut total = 0u64;
+        let mut eof = false;
+        loop {
+            while !eof && len < buf.len() {
+                match r.read(&mut buf[len..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => len += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut pos = 0usize;
+            {
+                let cdc = FastCDC::new(&buf[..len], p.min as usize, p.avg as usize, max);
+                while pos < len && (eof || len - pos >= max) {
+                    let (_, end) = cdc.cut(pos, len - pos);
+                    assert!(end > pos && end <= len, "chunker made no progress");
+                    f(&buf[pos..end])?;
+                    total += (end - pos) as u64;
+                    pos = end;
+                }
+            }
+            if eof && pos >= len {
+                return Ok(total);
+            }
+            buf.copy_within(pos..len, 0);
+            len -= pos;
+        }
+    }
+}
+
+/// One-off form of [`Chunker::chunk`].
+pub fn chunk_reader<R: Read, E: From<std::io::Error>>(
+    r: R,
+    p: ChunkParams,
+    f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    Chunker::new(p).chunk(r, f)
 }
 
 #[cfg(test)]

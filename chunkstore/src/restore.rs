@@ -27,8 +27,9 @@ const BATCH_BYTES: u64 = 64 << 20;
 const BATCH_FILES: usize = 256;
 /// Two blobs of one pack are fetched with one request when the gap between them is small.
 const COALESCE_GAP_BYTES: u64 = 1 << 20;
-const RANGE_MAX_BYTES: u64 = 32 << 20;
-const FETCHES_IN_FLIGHT: usize = 8;
+/// At most RANGE_MAX_BYTES x FETCHES_IN_FLIGHT of fetched data is buffered.
+const RANGE_MAX_BYTES: u64 = 8 << 20;
+const FETCHES_IN_FLIGHT: usize = 4;
 const MAX_REPORTED_ERRORS: usize = 1000;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chunker::chunk_reader;
+use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::pack::BlobKind;
@@ -55,6 +55,7 @@ struct Walker<'a> {
     /// (dev, ino) of hard-linked files already seen → their content.
     links: HashMap<(u64, u64), Content>,
     progress: &'a Progress,
+    chunker: Chunker,
 }
 
 /// Commits `dir` (its contents; the directory's own metadata becomes the root's). With
@@ -81,6 +82,7 @@ pub fn snapshot_dir(
                     stats: TreeStats::default(),
                     links: HashMap::new(),
                     progress,
+                    chunker: Chunker::new(repo.chunk_params()),
                 };
                 let parent_tree = match parent {
                     Some(h) => Some(repo.read_tree(&h, "/")?),
@@ -289,18 +291,20 @@ impl Walker<'_> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut chunks: Vec<ChunkRef> = Vec::new();
         let writer = &mut self.writer;
-        let size = chunk_reader(f, self.repo.chunk_params(), |data| -> Result<()> {
-            let hash = Hash::of(data);
-            chunks.push(ChunkRef {
-                hash,
-                len: data.len() as u32,
-            });
-            writer.add(hash, BlobKind::Data, data.to_vec())
-        })
-        .map_err(|e| match e {
-            Error::Io { source, .. } => Error::io(path, source),
-            other => other.at_path(rel),
-        })?;
+        let size = self
+            .chunker
+            .chunk(f, |data| -> Result<()> {
+                let hash = Hash::of(data);
+                chunks.push(ChunkRef {
+                    hash,
+                    len: data.len() as u32,
+                });
+                writer.add(hash, BlobKind::Data, data.to_vec())
+            })
+            .map_err(|e| match e {
+                Error::Io { source, .. } => Error::io(path, source),
+                other => other.at_path(rel),
+            })?;
         Ok((encode_content(writer, chunks)?, size))
     }
 }
