@@ -133,4 +133,27 @@ pub enum Command {
     },
     /// List the workspaces of the store.
     Workspaces,
+    /// Mount a generation as a directory.
+    ///
+    /// With `-o ro` (time travel): a read-only view of WS@N (or WS's latest) served straight
+    /// from the store, nothing restored first; every chunk is verified as it is read. The
+    /// read-write workspace mount is not implemented yet: without `-o ro` the command says so.
+    /// Returns once the mount is ready (the daemon goes on in the background) unless -f.
+    Mount {
+        /// WS or WS@N.
+        spec: String,
+        /// Directory to mount on (must exist).
+        mountpoint: PathBuf,
+        /// Mount options, comma-separated: ro.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Option<String>,
+        /// Stay in the foreground (the daemon runs in this process).
+        #[arg(short, long)]
+        foreground: bool,
+    },
+    /// Unmount an owfs mount.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
 }

@@ -288,6 +288,27 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Mount {
+            spec,
+            mountpoint,
+            options,
+            foreground,
+        } => {
+            let opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            if *foreground {
+                let repo = open(cli, &rt, false)?;
+                let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+                crate::mount::run_read_only(repo, rec, mountpoint, &opts)
+            } else {
+                crate::mount::spawn_and_wait(
+                    cli.store.as_deref(),
+                    spec,
+                    mountpoint,
+                    options.as_deref(),
+                )
+            }
+        }
+        Command::Umount { mountpoint } => crate::mount::umount(mountpoint),
         Command::Workspaces => {
             let repo = open(cli, &rt, false)?;
             let names = repo.block_on(generation::list_workspaces(&repo.store))?;

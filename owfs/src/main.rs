@@ -4,6 +4,8 @@
 mod cli;
 mod commands;
 mod exit;
+mod mount;
+mod timetravel;
 mod ui;
 
 use clap::Parser;

@@ -356,3 +356,14 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
+}

@@ -1,0 +1,162 @@
+//! `owfs mount` and `owfs umount`: options, the daemon in the foreground, and the background
+//! start that returns once the kernel shows the mount.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore::generation::GenRecord;
+use chunkstore::{Error, Repo, Result};
+
+use crate::timetravel::TimeTravel;
+
+/// How long the background start waits for the kernel to show the mount.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+pub struct MountOpts {
+    pub read_only: bool,
+}
+
+impl MountOpts {
+    pub fn parse(s: Option<&str>) -> Result<MountOpts> {
+        let mut o = MountOpts::default();
+        for opt in s.unwrap_or("").split(',').filter(|x| !x.is_empty()) {
+            match opt {
+                "ro" => o.read_only = true,
+                "rw" => o.read_only = false,
+                other => {
+                    return Err(Error::BadName {
+                        name: other.to_string(),
+                        reason: "unknown mount option (known: ro)".into(),
+                    })
+                }
+            }
+        }
+        if !o.read_only {
+            return Err(Error::BadName {
+                name: format!("-o {}", s.unwrap_or("")),
+                reason: "the read-write workspace mount is not implemented yet; `-o ro` mounts a generation read-only (time travel)".into(),
+            });
+        }
+        Ok(o)
+    }
+}
+
+fn mount_err(mountpoint: &Path, e: std::io::Error) -> Error {
+    Error::io(mountpoint, e)
+}
+
+/// Is `path` a mount point of an owfs filesystem (per /proc/self/mountinfo)?
+pub fn is_owfs_mount(path: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-");
+        f.len() > 4
+            && Path::new(f[4]) == canon
+            && sep.is_some_and(|i| {
+                f.get(i + 1).is_some_and(|t| t.starts_with("fuse"))
+                    && f.get(i + 2).is_some_and(|s| s.starts_with("owfs"))
+            })
+    })
+}
+
+/// Serves `rec` read-only on `mountpoint` until it is unmounted.
+pub fn run_read_only(
+    repo: Arc<Repo>,
+    rec: GenRecord,
+    mountpoint: &Path,
+    _opts: &MountOpts,
+) -> Result<i32> {
+    let spec = rec.spec();
+    let fs = TimeTravel::new(repo, rec)?;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName(format!("owfs:{spec}")),
+        fuser::MountOption::Subtype("owfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(2);
+    eprintln!("owfs: serving {spec} read-only on {}", mountpoint.display());
+    fuser::mount(fs, mountpoint, &config).map_err(|e| mount_err(mountpoint, e))?;
+    Ok(0)
+}
+
+/// Starts `owfs mount -f` as a detached daemon and returns once the mount is visible.
+pub fn spawn_and_wait(
+    store: Option<&str>,
+    spec: &str,
+    mountpoint: &Path,
+    options: Option<&str>,
+) -> Result<i32> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
+    let log: PathBuf = std::env::temp_dir().join(format!("owfs-mount-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
+    let mut cmd = Command::new(exe);
+    if let Some(s) = store {
+        cmd.arg("--store").arg(s);
+    }
+    cmd.args(["mount", "-f", spec]).arg(mountpoint);
+    if let Some(o) = options {
+        cmd.args(["-o", o]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
+        .stderr(log_file);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            rustix::process::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::io("owfs mount -f", e))?;
+    let t0 = Instant::now();
+    loop {
+        if is_owfs_mount(mountpoint) {
+            println!(
+                "mounted {spec} on {} (log: {})",
+                mountpoint.display(),
+                log.display()
+            );
+            return Ok(0);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            eprint!("{text}");
+            return Ok(status.code().unwrap_or(1).max(1));
+        }
+        if t0.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            return Err(Error::io(
+                mountpoint,
+                std::io::Error::other("the mount did not become ready in 60 s"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn umount(mountpoint: &Path) -> Result<i32> {
+    if !is_owfs_mount(mountpoint) {
+        return Err(Error::io(
+            mountpoint,
+            std::io::Error::other("not an owfs mount point"),
+        ));
+    }
+    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty())
+        .map_err(|e| mount_err(mountpoint, e.into()))?;
+    println!("unmounted {}", mountpoint.display());
+    Ok(0)
+}

@@ -1,0 +1,429 @@
+//! Time travel: a read-only FUSE view of one generation, served straight from the store.
+//! Nothing is restored first: trees are read as directories are visited, file content chunk by
+//! chunk as it is read, every chunk verified against its hash. A generation never changes, so
+//! the kernel may cache entries, attributes and pages for as long as it likes.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chunkstore::generation::GenRecord;
+use chunkstore::tree::{ChunkRef, Entry, Kind};
+use chunkstore::{Hash, Repo};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
+};
+
+/// Immutable content: let the kernel keep what it learns.
+const TTL: Duration = Duration::from_secs(3600);
+/// Decoded chunks kept in memory, by total size.
+const CHUNK_CACHE_BYTES: usize = 64 << 20;
+const ROOT: u64 = 1;
+
+struct Node {
+    entry: Entry,
+    /// Children by name → inode, once the directory was listed.
+    children: Option<Vec<(Vec<u8>, u64)>>,
+    /// Chunk list and start offsets, once the file was opened.
+    chunks: Option<Arc<(Vec<ChunkRef>, Vec<u64>)>>,
+}
+
+struct State {
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+    /// Hard-link group → inode, so every name of a file has one inode.
+    links: HashMap<u64, u64>,
+    chunk_cache: HashMap<Hash, Arc<Vec<u8>>>,
+    cache_order: std::collections::VecDeque<Hash>,
+    cache_bytes: usize,
+}
+
+pub struct TimeTravel {
+    repo: Arc<Repo>,
+    rec: GenRecord,
+    state: Mutex<State>,
+}
+
+fn root_entry(rec: &GenRecord, root: Hash) -> Entry {
+    Entry {
+        name: Vec::new(),
+        kind: Kind::Dir,
+        mode: 0o555,
+        uid: 0,
+        gid: 0,
+        mtime_ns: rec.created_ms as i64 * 1_000_000,
+        size: 0,
+        link: 0,
+        ino: 0,
+        ctime_ns: 0,
+        rdev: 0,
+        xattrs: Vec::new(),
+        target: Vec::new(),
+        subtree: Some(root),
+        content: Default::default(),
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn attr(ino: u64, e: &Entry) -> FileAttr {
+    let t = time(e.mtime_ns);
+    FileAttr {
+        ino: INodeNo(ino),
+        size: e.size,
+        blocks: e.size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(e.kind),
+        perm: (e.mode & 0o7777) as u16,
+        // The group's size is not recorded; 2 tells tools the file has other names.
+        nlink: if e.link != 0 { 2 } else { 1 },
+        uid: e.uid,
+        gid: e.gid,
+        rdev: e.rdev as u32,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+impl TimeTravel {
+    pub fn new(repo: Arc<Repo>, rec: GenRecord) -> chunkstore::Result<TimeTravel> {
+        let root = rec.root_hash()?;
+        // Fail at mount time, not on first access, if the root is unreadable.
+        repo.read_tree(&root, "/")?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node {
+                entry: root_entry(&rec, root),
+                children: None,
+                chunks: None,
+            },
+        );
+        Ok(TimeTravel {
+            repo,
+            rec,
+            state: Mutex::new(State {
+                nodes,
+                next_ino: ROOT + 1,
+                links: HashMap::new(),
+                chunk_cache: HashMap::new(),
+                cache_order: Default::default(),
+                cache_bytes: 0,
+            }),
+        })
+    }
+
+    fn fail(&self, what: &str, e: chunkstore::Error) -> Errno {
+        eprintln!("owfs: {}: {what}: {e}", self.rec.spec());
+        Errno::EIO
+    }
+
+    /// Lists a directory node once, giving each child an inode.
+    fn children(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64)>, Errno> {
+        let subtree = {
+            let st = self.state.lock().expect("state");
+            let node = st.nodes.get(&ino).ok_or(Errno::ENOENT)?;
+            if let Some(c) = &node.children {
+                return Ok(c.clone());
+            }
+            node.entry.subtree.ok_or(Errno::ENOTDIR)?
+        };
+        let tree = self
+            .repo
+            .read_tree(&subtree, &format!("inode {ino}"))
+            .map_err(|e| self.fail("reading a directory", e))?;
+        let mut st = self.state.lock().expect("state");
+        if let Some(c) = &st.nodes.get(&ino).and_then(|n| n.children.clone()) {
+            return Ok(c.clone());
+        }
+        let mut list = Vec::with_capacity(tree.entries.len());
+        for e in tree.entries {
+            let existing = (e.link != 0)
+                .then(|| st.links.get(&e.link).copied())
+                .flatten();
+            let child = match existing {
+                Some(i) => i,
+                None => {
+                    let i = st.next_ino;
+                    st.next_ino += 1;
+                    if e.link != 0 {
+                        st.links.insert(e.link, i);
+                    }
+                    st.nodes.insert(
+                        i,
+                        Node {
+                            entry: e.clone(),
+                            children: None,
+                            chunks: None,
+                        },
+                    );
+                    i
+                }
+            };
+            list.push((e.name, child));
+        }
+        if let Some(n) = st.nodes.get_mut(&ino) {
+            n.children = Some(list.clone());
+        }
+        Ok(list)
+    }
+
+    fn entry_of(&self, ino: u64) -> Result<Entry, Errno> {
+        let st = self.state.lock().expect("state");
+        st.nodes
+            .get(&ino)
+            .map(|n| n.entry.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, Errno> {
+        if let Some(d) = self.state.lock().expect("state").chunk_cache.get(&c.hash) {
+            return Ok(d.clone());
+        }
+        let data = Arc::new(
+            self.repo
+                .read_blob(&c.hash, "file content")
+                .map_err(|e| self.fail("reading file content", e))?,
+        );
+        let mut st = self.state.lock().expect("state");
+        st.cache_bytes += data.len();
+        st.chunk_cache.insert(c.hash, data.clone());
+        st.cache_order.push_back(c.hash);
+        while st.cache_bytes > CHUNK_CACHE_BYTES {
+            let Some(old) = st.cache_order.pop_front() else {
+                break;
+            };
+            if let Some(d) = st.chunk_cache.remove(&old) {
+                st.cache_bytes -= d.len();
+            }
+        }
+        Ok(data)
+    }
+}
+
+impl fuser::Filesystem for TimeTravel {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = self.children(parent.0).and_then(|list| {
+            list.iter()
+                .find(|(n, _)| n.as_slice() == name.as_bytes())
+                .map(|(_, i)| *i)
+                .ok_or(Errno::ENOENT)
+        });
+        match found.and_then(|i| self.entry_of(i).map(|e| (i, e))) {
+            Ok((i, e)) => reply.entry(&TTL, &attr(i, &e), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.entry_of(ino.0) {
+            Ok(e) => reply.attr(&TTL, &attr(ino.0, &e)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.entry_of(ino.0) {
+            Ok(e) if e.kind == Kind::Symlink => reply.data(&e.target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let e = match self.entry_of(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let chunks = match self.repo.chunk_list(&e.content, &e.name_lossy()) {
+            Ok(c) => c,
+            Err(err) => return reply.error(self.fail("reading a chunk list", err)),
+        };
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut off = 0u64;
+        for c in &chunks {
+            starts.push(off);
+            off += c.len as u64;
+        }
+        if let Some(n) = self.state.lock().expect("state").nodes.get_mut(&ino.0) {
+            n.chunks = Some(Arc::new((chunks, starts)));
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (list, file_size) = {
+            let st = self.state.lock().expect("state");
+            match st.nodes.get(&ino.0) {
+                Some(n) => (n.chunks.clone(), n.entry.size),
+                None => return reply.error(Errno::ENOENT),
+            }
+        };
+        let Some(list) = list else {
+            return reply.error(Errno::EBADF);
+        };
+        let (chunks, starts) = (&list.0, &list.1);
+        let end = (offset + size as u64).min(file_size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut i = starts.partition_point(|s| *s <= offset).saturating_sub(1);
+        let mut pos = offset;
+        while pos < end && i < chunks.len() {
+            let data = match self.chunk(&chunks[i]) {
+                Ok(d) => d,
+                Err(e) => return reply.error(e),
+            };
+            let from = (pos - starts[i]) as usize;
+            let to = ((end - starts[i]) as usize).min(data.len());
+            out.extend_from_slice(&data[from..to]);
+            pos = starts[i] + to as u64;
+            i += 1;
+        }
+        reply.data(&out);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let list = match self.children(ino.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let st = self.state.lock().expect("state");
+        for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
+            let kind = st
+                .nodes
+                .get(child)
+                .map(|n| file_type(n.entry.kind))
+                .unwrap_or(FileType::RegularFile);
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let list = match self.children(ino.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let st = self.state.lock().expect("state");
+        for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
+            let Some(n) = st.nodes.get(child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr(*child, &n.entry),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.rec.bytes.div_ceil(4096);
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.rec.files + self.rec.dirs,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let e = match self.entry_of(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        match e
+            .xattrs
+            .iter()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+        {
+            None => reply.error(Errno::NO_XATTR),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let e = match self.entry_of(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (n, _) in &e.xattrs {
+            names.extend_from_slice(n);
+            names.push(0);
+        }
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if names.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+}
