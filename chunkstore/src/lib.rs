@@ -14,6 +14,7 @@ pub mod index;
 pub mod pack;
 pub mod progress;
 pub mod read;
+pub mod rechunk;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;

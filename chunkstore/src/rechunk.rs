@@ -1,0 +1,236 @@
+//! Re-chunking only what changed. A file written through the mount changes in place (writes
+//! never shift bytes; only the end moves), and content-defined boundaries depend only on the
+//! bytes just before them. So after writes to a few ranges, the new chunk list is the old one
+//! except around those ranges: chunking restarts one chunk before each changed range and stops
+//! at the first old boundary past it whose following `max` bytes are unchanged. The result is
+//! exactly what chunking the whole new file would give, while reading only bytes near the
+//! changes: a 4 KiB page written into a 10 GiB database costs a few chunks, not 10 GiB.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use fastcdc::v2020::FastCDC;
+
+use crate::chunker::ChunkParams;
+use crate::hash::Hash;
+use crate::tree::ChunkRef;
+
+/// Read window when re-chunking a region: several maximal chunks.
+const WINDOW_CHUNKS: usize = 4;
+
+/// Sorted, merged ranges of bytes that may differ from the old content, in file offsets.
+fn normalize(mut dirty: Vec<Range<u64>>, old_size: u64, new_size: u64) -> Vec<Range<u64>> {
+    if old_size != new_size {
+        // The last chunk of the shorter version ends at a different place.
+        let from = old_size.min(new_size).saturating_sub(1);
+        dirty.push(from..new_size.max(old_size));
+    }
+    dirty.retain(|r| r.start < r.end);
+    dirty.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(dirty.len());
+    for r in dirty {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Whether any dirty byte lies in `[a, b)`.
+fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
+    let i = dirty.partition_point(|r| r.end <= a);
+    i < dirty.len() && dirty[i].start < b
+}
+
+/// Re-chunks `file` (now `new_size` bytes) given its `old` chunk list and the byte ranges
+/// written since. Calls `fresh` on each chunk that was produced anew (possibly identical to an
+/// old one; the store deduplicates). Returns the new chunk list and the bytes read.
+pub fn rechunk<E: From<std::io::Error>>(
+    file: &std::fs::File,
+    new_size: u64,
+    old: &[ChunkRef],
+    dirty: Vec<Range<u64>>,
+    p: ChunkParams,
+    mut fresh: impl FnMut(&[u8], Hash) -> Result<(), E>,
+) -> Result<(Vec<ChunkRef>, u64), E> {
+    let mut starts = Vec::with_capacity(old.len() + 1);
+    let mut off = 0u64;
+    for c in old {
+        starts.push(off);
+        off += c.len as u64;
+    }
+    let old_size = off;
+    let dirty = normalize(dirty, old_size, new_size);
+    let max = p.max as u64;
+    let mut out: Vec<ChunkRef> = Vec::with_capacity(old.len() + 4);
+    let mut bytes_read = 0u64;
+    let mut pos = 0u64; // new-file offset covered so far by `out`
+    let mut buf: Vec<u8> = Vec::new();
+    let mut d = 0usize; // next dirty range
+    while pos < new_size {
+        // Copy old chunks while the chunk and the bytes that decided its end are unchanged.
+        if d >= dirty.len() || pos < dirty[d].start {
+            let i = starts.partition_point(|s| *s < pos);
+            if i < old.len() && starts[i] == pos {
+                let end = pos + old[i].len as u64;
+                let stop = dirty.get(d).map(|r| r.start).unwrap_or(u64::MAX);
+                // Keep the chunk before a change out too: its cut may read the next bytes.
+                if end + max <= stop.min(new_size)
+                    || (d >= dirty.len() && end <= new_size && end == old_size)
+                {
+                    out.push(old[i]);
+                    pos = end;
+                    continue;
+                }
+            }
+        }
+        // Re-chunk from `pos` until re-synchronised with an old boundary past the changes.
+        let window = (max as usize) * WINDOW_CHUNKS;
+        let want = window.min((new_size - pos) as usize);
+        buf.resize(want, 0);
+        file.read_exact_at(&mut buf, pos)?;
+        bytes_read += want as u64;
+        let eof = pos + want as u64 == new_size;
+        let cdc = FastCDC::new(&buf, p.min as usize, p.avg as usize, max as usize);
+        let mut at = 0usize;
+        while at < want && (eof || want - at >= max as usize) {
+            let (_, end) = cdc.cut(at, want - at);
+            assert!(end > at && end <= want, "chunker made no progress");
+            let data = &buf[at..end];
+            let hash = Hash::of(data);
+            fresh(data, hash)?;
+            out.push(ChunkRef {
+                hash,
+                len: data.len() as u32,
+            });
+            at = end;
+            let b = pos + end as u64;
+            while d < dirty.len() && dirty[d].end <= b {
+                d += 1;
+            }
+            let is_old_boundary = starts.binary_search(&b).is_ok() && b < old_size;
+            if is_old_boundary && !touches(&dirty, b, b + max) && b + max <= new_size {
+                break;
+            }
+        }
+        assert!(at > 0, "a window of {want} bytes produced no chunk");
+        pos += at as u64;
+    }
+    assert_eq!(
+        out.iter().map(|c| c.len as u64).sum::<u64>(),
+        new_size,
+        "re-chunked list must cover the file"
+    );
+    Ok((out, bytes_read))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::chunk_reader;
+    use proptest::prelude::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn full(data: &[u8]) -> Vec<ChunkRef> {
+        let mut out = Vec::new();
+        chunk_reader::<_, std::io::Error>(data, ChunkParams::default(), |c| {
+            out.push(ChunkRef {
+                hash: Hash::of(c),
+                len: c.len() as u32,
+            });
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn check(old: &[u8], writes: &[(u64, Vec<u8>)], new_len: u64) -> u64 {
+        let mut new = old.to_vec();
+        new.resize(new_len as usize, 0);
+        let mut dirty = Vec::new();
+        for (off, data) in writes {
+            let end = (*off as usize + data.len()).min(new.len());
+            if (*off as usize) < end {
+                new[*off as usize..end].copy_from_slice(&data[..end - *off as usize]);
+                dirty.push(*off..end as u64);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &new).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let old_list = full(old);
+        let (got, read) = rechunk::<std::io::Error>(
+            &f,
+            new.len() as u64,
+            &old_list,
+            dirty,
+            ChunkParams::default(),
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            full(&new),
+            "re-chunked list differs from chunking the whole file"
+        );
+        read
+    }
+
+    #[test]
+    fn a_page_written_into_a_large_file_reads_only_nearby_bytes() {
+        let old = noise(64 << 20, 1);
+        let read = check(&old, &[(40 << 20, vec![0xAB; 4096])], old.len() as u64);
+        assert!(
+            read <= 2 << 20,
+            "read {read} bytes to re-chunk a 4 KiB write into 64 MiB"
+        );
+        // Writes close together: re-synchronising between them must check the bytes after.
+        for gap in [1u64 << 10, 70 << 10, 200 << 10, 300 << 10, 600 << 10] {
+            check(
+                &old,
+                &[(10 << 20, vec![1; 4096]), ((10 << 20) + gap, vec![2; 4096])],
+                old.len() as u64,
+            );
+        }
+        // A write starting exactly on a chunk boundary, and one ending on one.
+        let b: u64 = full(&old).iter().take(100).map(|c| c.len as u64).sum();
+        check(&old, &[(b, vec![3; 5000])], old.len() as u64);
+        check(&old, &[(b - 5000, vec![4; 5000])], old.len() as u64);
+        // Appending and truncating.
+        check(
+            &old,
+            &[((64 << 20) - 10, vec![7; 100_000])],
+            (64 << 20) + 99_990,
+        );
+        check(&old, &[], 30 << 20);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+        #[test]
+        fn equals_chunking_the_whole_file(
+            len in 0usize..(3 << 20),
+            seed in any::<u64>(),
+            writes in proptest::collection::vec((0u64..(3 << 20), 1usize..200_000, any::<u8>()), 0..6),
+            new_len in proptest::option::of(0u64..(4 << 20)),
+        ) {
+            let old = noise(len, seed);
+            let ws: Vec<(u64, Vec<u8>)> = writes.into_iter().map(|(o, l, b)| (o, vec![b; l])).collect();
+            let new_len = new_len.unwrap_or(len as u64);
+            check(&old, &ws, new_len);
+        }
+    }
+}
