@@ -64,17 +64,8 @@ impl Chunker {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let mut pos = 0usize;
-            {
-                let cdc = FastCDC::new(&buf[..len], p.min as usize, p.avg as usize, max);
-                while pos < len && (eof || len - pos >= max) {
-                    let (_, end) = cdc.cut(pos, len - pos);
-                    assert!(end > pos && end <= len, "chunker made no progress");
-                    f(&buf[pos..end])?;
-                    total += (end - pos) as u64;
-                    pos = end;
-                }
-            }
+            let pos = cut_chunks(&buf[..len], eof, p, |c, _| f(c).map(|()| false))?;
+            total += pos as u64;
             if eof && pos >= len {
                 return Ok(total);
             }
@@ -82,6 +73,31 @@ impl Chunker {
             len -= pos;
         }
     }
+}
+
+/// Cuts `buf` into chunks from its start, calling `f(chunk, end)` on each; `f` returns
+/// whether to stop there. Unless `eof`, stops while less than a maximal chunk is left (those
+/// bytes are not decided yet). Returns how many bytes were consumed. Shared by whole-file
+/// chunking and by re-chunking around changes, so both cut exactly alike.
+pub fn cut_chunks<E>(
+    buf: &[u8],
+    eof: bool,
+    p: ChunkParams,
+    mut f: impl FnMut(&[u8], usize) -> Result<bool, E>,
+) -> Result<usize, E> {
+    let (len, max) = (buf.len(), p.max as usize);
+    let cdc = FastCDC::new(buf, p.min as usize, p.avg as usize, max);
+    let mut pos = 0usize;
+    while pos < len && (eof || len - pos >= max) {
+        let (_, end) = cdc.cut(pos, len - pos);
+        assert!(end > pos && end <= len, "chunker made no progress");
+        let stop = f(&buf[pos..end], end)?;
+        pos = end;
+        if stop {
+            break;
+        }
+    }
+    Ok(pos)
 }
 
 /// One-off form of [`Chunker::chunk`].
@@ -107,21 +123,9 @@ mod tests {
         out
     }
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn chunks_cover_input_and_respect_bounds() {
-        let data = pseudo_random(5 << 20, 7);
+        let data = crate::testdata::noise(5 << 20, 7);
         let cs = chunks(&data);
         assert_eq!(cs.concat(), data);
         let p = ChunkParams::default();
@@ -133,7 +137,7 @@ mod tests {
 
     #[test]
     fn an_edit_changes_only_nearby_chunks() {
-        let data = pseudo_random(8 << 20, 9);
+        let data = crate::testdata::noise(8 << 20, 9);
         let mut edited = data.clone();
         edited[4 << 20..(4 << 20) + 4096].fill(0xAB);
         let a = chunks(&data);

@@ -205,10 +205,12 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
             keep_in_index.push((name, entries));
             continue;
         }
-        if let Some(&since) = marked.get(&name).filter(|&&since| p.modified_ms >= since) {
+        if marked
+            .get(&name)
+            .is_some_and(|&since| p.modified_ms >= since)
+        {
             // Written again (same content, same name) after it was condemned: a commit
             // uploaded it anew. It is not condemned any more.
-            let _ = since;
             report.packs_resurrected += 1;
             changed = true;
             if !opts.dry_run {

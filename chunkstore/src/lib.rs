@@ -19,6 +19,7 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
+pub mod testdata;
 pub mod tree;
 pub mod writer;
 

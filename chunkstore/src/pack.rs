@@ -49,12 +49,6 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// Appends a blob, compressed with zstd when that saves at least 1/16 of it.
-    pub fn add(&mut self, hash: Hash, kind: BlobKind, raw: &[u8], zstd_level: i32) {
-        let (stored, compressed) = compress(raw, zstd_level);
-        self.push(hash, kind, &stored, raw.len(), compressed);
-    }
-
     /// Appends a blob already prepared by `compress` (so compression can run outside a lock).
     pub fn push(
         &mut self,
@@ -186,8 +180,10 @@ mod tests {
         let mut b = PackBuilder::default();
         let a = vec![7u8; 10_000];
         let c = b"incompressible?".to_vec();
-        b.add(Hash::of(&a), BlobKind::Data, &a, 3);
-        b.add(Hash::of(&c), BlobKind::Tree, &c, 3);
+        for (raw, kind) in [(&a, BlobKind::Data), (&c, BlobKind::Tree)] {
+            let (stored, compressed) = compress(raw, 3);
+            b.push(Hash::of(raw), kind, &stored, raw.len(), compressed);
+        }
         let (name, mut bytes, entries) = b.finish();
         assert_eq!(Hash::of(&bytes), name);
         assert_eq!(read_trailer(&bytes, "p").unwrap(), entries);

@@ -9,11 +9,9 @@
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
-use fastcdc::v2020::FastCDC;
-
-use crate::chunker::ChunkParams;
+use crate::chunker::{cut_chunks, ChunkParams};
 use crate::hash::Hash;
-use crate::tree::ChunkRef;
+use crate::tree::{chunk_starts, ChunkRef};
 
 /// Read window when re-chunking a region: several maximal chunks.
 const WINDOW_CHUNKS: usize = 4;
@@ -54,13 +52,7 @@ pub fn rechunk<E: From<std::io::Error>>(
     p: ChunkParams,
     mut fresh: impl FnMut(&[u8], Hash) -> Result<(), E>,
 ) -> Result<(Vec<ChunkRef>, u64), E> {
-    let mut starts = Vec::with_capacity(old.len() + 1);
-    let mut off = 0u64;
-    for c in old {
-        starts.push(off);
-        off += c.len as u64;
-    }
-    let old_size = off;
+    let (starts, old_size) = chunk_starts(old);
     let dirty = normalize(dirty, old_size, new_size);
     let max = p.max as u64;
     let mut out: Vec<ChunkRef> = Vec::with_capacity(old.len() + 4);
@@ -92,28 +84,21 @@ pub fn rechunk<E: From<std::io::Error>>(
         file.read_exact_at(&mut buf, pos)?;
         bytes_read += want as u64;
         let eof = pos + want as u64 == new_size;
-        let cdc = FastCDC::new(&buf, p.min as usize, p.avg as usize, max as usize);
-        let mut at = 0usize;
-        while at < want && (eof || want - at >= max as usize) {
-            let (_, end) = cdc.cut(at, want - at);
-            assert!(end > at && end <= want, "chunker made no progress");
-            let data = &buf[at..end];
+        let at = cut_chunks(&buf, eof, p, |data, end| -> Result<bool, E> {
             let hash = Hash::of(data);
             fresh(data, hash)?;
             out.push(ChunkRef {
                 hash,
                 len: data.len() as u32,
             });
-            at = end;
+            // Re-synchronised at an old boundary whose deciding bytes are unchanged?
             let b = pos + end as u64;
             while d < dirty.len() && dirty[d].end <= b {
                 d += 1;
             }
-            let is_old_boundary = starts.binary_search(&b).is_ok() && b < old_size;
-            if is_old_boundary && !touches(&dirty, b, b + max) && b + max <= new_size {
-                break;
-            }
-        }
+            let old_boundary = b < old_size && starts.binary_search(&b).is_ok();
+            Ok(old_boundary && !touches(&dirty, b, b + max) && b + max <= new_size)
+        })?;
         assert!(at > 0, "a window of {want} bytes produced no chunk");
         pos += at as u64;
     }
@@ -129,19 +114,8 @@ pub fn rechunk<E: From<std::io::Error>>(
 mod tests {
     use super::*;
     use crate::chunker::chunk_reader;
+    use crate::testdata::noise;
     use proptest::prelude::*;
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
 
     fn full(data: &[u8]) -> Vec<ChunkRef> {
         let mut out = Vec::new();

@@ -403,20 +403,18 @@ impl Store {
 fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
     let store = store.to_string();
     let detail = e.to_string();
+    // A missing bucket has no variant of its own (S3 answers 404 or 400); its body names it.
+    if detail.contains("<Code>NoSuchBucket</Code>") {
+        return Error::Unreachable {
+            store,
+            detail: "the bucket does not exist".into(),
+        };
+    }
     match e {
-        object_store::Error::NotFound { .. } => {
-            // S3 answers a missing bucket with 404 too; its body names the code.
-            if detail.contains("<Code>NoSuchBucket</Code>") {
-                return Error::Unreachable {
-                    store,
-                    detail: "the bucket does not exist".into(),
-                };
-            }
-            Error::Missing {
-                key: key.to_string(),
-                what: "not found".into(),
-            }
-        }
+        object_store::Error::NotFound { .. } => Error::Missing {
+            key: key.to_string(),
+            what: "not found".into(),
+        },
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => Error::AccessDenied { store, detail },
         other => {
@@ -439,12 +437,6 @@ fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
                     }
                 }
                 cur = err.source();
-            }
-            if detail.contains("<Code>NoSuchBucket</Code>") {
-                return Error::Unreachable {
-                    store,
-                    detail: "the bucket does not exist".into(),
-                };
             }
             Error::Store {
                 store,

@@ -34,6 +34,17 @@ pub struct SegmentRef {
     pub chunks: u32,
 }
 
+/// Start offset of each chunk of a chunk list, and the total length.
+pub fn chunk_starts(chunks: &[ChunkRef]) -> (Vec<u64>, u64) {
+    let mut starts = Vec::with_capacity(chunks.len());
+    let mut off = 0u64;
+    for c in chunks {
+        starts.push(off);
+        off += c.len as u64;
+    }
+    (starts, off)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Content {
     #[default]

@@ -294,11 +294,12 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             options,
             foreground,
         } => {
-            let opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            // Only read-only mounts exist yet: parsing refuses anything else.
+            crate::mount::MountOpts::parse(options.as_deref())?;
             if *foreground {
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-                crate::mount::run_read_only(repo, rec, mountpoint, &opts)
+                crate::mount::run_read_only(repo, rec, mountpoint)
             } else {
                 crate::mount::spawn_and_wait(
                     cli.store.as_deref(),

@@ -27,7 +27,13 @@ fn main() {
     let code = match commands::run(&cli, rt.handle().clone()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("owfs: error: {e}");
+            // One line, even when a store's answer (an XML body) spans several.
+            let line = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("owfs: error: {line}");
             eprintln!("  hint: {}", exit::hint(&e));
             exit::code(&e)
         }

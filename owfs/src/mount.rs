@@ -69,12 +69,7 @@ pub fn is_owfs_mount(path: &Path) -> bool {
 }
 
 /// Serves `rec` read-only on `mountpoint` until it is unmounted.
-pub fn run_read_only(
-    repo: Arc<Repo>,
-    rec: GenRecord,
-    mountpoint: &Path,
-    _opts: &MountOpts,
-) -> Result<i32> {
+pub fn run_read_only(repo: Arc<Repo>, rec: GenRecord, mountpoint: &Path) -> Result<i32> {
     let spec = rec.spec();
     let fs = TimeTravel::new(repo, rec)?;
     let mut config = fuser::Config::default();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chunkstore::generation::GenRecord;
-use chunkstore::tree::{ChunkRef, Entry, Kind};
+use chunkstore::tree::{chunk_starts, ChunkRef, Entry, Kind};
 use chunkstore::{Hash, Repo};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
@@ -29,8 +29,11 @@ struct Node {
     /// Children by name → inode, once the directory was listed.
     children: Option<Vec<(Vec<u8>, u64)>>,
     /// Chunk list and start offsets, once the file was opened.
-    chunks: Option<Arc<(Vec<ChunkRef>, Vec<u64>)>>,
+    chunks: Option<Arc<ChunkMap>>,
 }
+
+/// A file's chunks and the offset where each starts.
+type ChunkMap = (Vec<ChunkRef>, Vec<u64>);
 
 struct State {
     nodes: HashMap<u64, Node>,
@@ -142,13 +145,13 @@ impl TimeTravel {
         Errno::EIO
     }
 
-    /// Lists a directory node once, giving each child an inode.
-    fn children(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64)>, Errno> {
+    /// Lists a directory node once, giving each child an inode. Later calls cost one lock.
+    fn ensure_listed(&self, ino: u64) -> Result<(), Errno> {
         let subtree = {
             let st = self.state.lock().expect("state");
             let node = st.nodes.get(&ino).ok_or(Errno::ENOENT)?;
-            if let Some(c) = &node.children {
-                return Ok(c.clone());
+            if node.children.is_some() {
+                return Ok(());
             }
             node.entry.subtree.ok_or(Errno::ENOTDIR)?
         };
@@ -157,11 +160,13 @@ impl TimeTravel {
             .read_tree(&subtree, &format!("inode {ino}"))
             .map_err(|e| self.fail("reading a directory", e))?;
         let mut st = self.state.lock().expect("state");
-        if let Some(c) = &st.nodes.get(&ino).and_then(|n| n.children.clone()) {
-            return Ok(c.clone());
+        if st.nodes.get(&ino).is_some_and(|n| n.children.is_some()) {
+            return Ok(()); // another request listed it meanwhile
         }
+        // Tree entries are sorted by name, so the list is too: lookups binary-search it.
         let mut list = Vec::with_capacity(tree.entries.len());
-        for e in tree.entries {
+        for mut e in tree.entries {
+            let name = std::mem::take(&mut e.name);
             let existing = (e.link != 0)
                 .then(|| st.links.get(&e.link).copied())
                 .flatten();
@@ -176,7 +181,7 @@ impl TimeTravel {
                     st.nodes.insert(
                         i,
                         Node {
-                            entry: e.clone(),
+                            entry: e,
                             children: None,
                             chunks: None,
                         },
@@ -184,20 +189,40 @@ impl TimeTravel {
                     i
                 }
             };
-            list.push((e.name, child));
+            list.push((name, child));
         }
         if let Some(n) = st.nodes.get_mut(&ino) {
-            n.children = Some(list.clone());
+            n.children = Some(list);
         }
-        Ok(list)
+        Ok(())
     }
 
-    fn entry_of(&self, ino: u64) -> Result<Entry, Errno> {
+    /// Runs `f` on a node under the lock (nothing is cloned on the request path).
+    fn with_node<T>(&self, ino: u64, f: impl FnOnce(&Node) -> T) -> Result<T, Errno> {
         let st = self.state.lock().expect("state");
-        st.nodes
-            .get(&ino)
-            .map(|n| n.entry.clone())
-            .ok_or(Errno::ENOENT)
+        st.nodes.get(&ino).map(f).ok_or(Errno::ENOENT)
+    }
+
+    /// The chunk list of a file and its chunk offsets, read once per inode.
+    fn chunks_of(&self, ino: u64) -> Result<Arc<ChunkMap>, Errno> {
+        let content = self.with_node(ino, |n| {
+            n.chunks.clone().ok_or_else(|| n.entry.content.clone())
+        })?;
+        let content = match content {
+            Ok(list) => return Ok(list),
+            Err(content) => content,
+        };
+        let chunks = self
+            .repo
+            .chunk_list(&content, &format!("inode {ino}"))
+            .map_err(|e| self.fail("reading a chunk list", e))?;
+        let (starts, _) = chunk_starts(&chunks);
+        let list = Arc::new((chunks, starts));
+        let mut st = self.state.lock().expect("state");
+        if let Some(n) = st.nodes.get_mut(&ino) {
+            n.chunks = Some(list.clone());
+        }
+        Ok(list)
     }
 
     fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, Errno> {
@@ -227,52 +252,50 @@ impl TimeTravel {
 
 impl fuser::Filesystem for TimeTravel {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = self.children(parent.0).and_then(|list| {
-            list.iter()
-                .find(|(n, _)| n.as_slice() == name.as_bytes())
-                .map(|(_, i)| *i)
+        let found = self.ensure_listed(parent.0).and_then(|()| {
+            let st = self.state.lock().expect("state");
+            let list = st
+                .nodes
+                .get(&parent.0)
+                .and_then(|n| n.children.as_ref())
+                .ok_or(Errno::ENOENT)?;
+            let k = list
+                .binary_search_by(|(n, _)| n.as_slice().cmp(name.as_bytes()))
+                .map_err(|_| Errno::ENOENT)?;
+            let child = list[k].1;
+            st.nodes
+                .get(&child)
+                .map(|n| attr(child, &n.entry))
                 .ok_or(Errno::ENOENT)
         });
-        match found.and_then(|i| self.entry_of(i).map(|e| (i, e))) {
-            Ok((i, e)) => reply.entry(&TTL, &attr(i, &e), Generation(0)),
+        match found {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.entry_of(ino.0) {
-            Ok(e) => reply.attr(&TTL, &attr(ino.0, &e)),
+        match self.with_node(ino.0, |n| attr(ino.0, &n.entry)) {
+            Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.entry_of(ino.0) {
-            Ok(e) if e.kind == Kind::Symlink => reply.data(&e.target),
-            Ok(_) => reply.error(Errno::EINVAL),
+        match self.with_node(ino.0, |n| {
+            (n.entry.kind == Kind::Symlink).then(|| n.entry.target.clone())
+        }) {
+            Ok(Some(target)) => reply.data(&target),
+            Ok(None) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let e = match self.entry_of(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        let chunks = match self.repo.chunk_list(&e.content, &e.name_lossy()) {
-            Ok(c) => c,
-            Err(err) => return reply.error(self.fail("reading a chunk list", err)),
-        };
-        let mut starts = Vec::with_capacity(chunks.len());
-        let mut off = 0u64;
-        for c in &chunks {
-            starts.push(off);
-            off += c.len as u64;
+        match self.chunks_of(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
         }
-        if let Some(n) = self.state.lock().expect("state").nodes.get_mut(&ino.0) {
-            n.chunks = Some(Arc::new((chunks, starts)));
-        }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -286,15 +309,10 @@ impl fuser::Filesystem for TimeTravel {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let (list, file_size) = {
-            let st = self.state.lock().expect("state");
-            match st.nodes.get(&ino.0) {
-                Some(n) => (n.chunks.clone(), n.entry.size),
-                None => return reply.error(Errno::ENOENT),
-            }
-        };
-        let Some(list) = list else {
-            return reply.error(Errno::EBADF);
+        let (list, file_size) = match self.with_node(ino.0, |n| (n.chunks.clone(), n.entry.size)) {
+            Ok((Some(list), size)) => (list, size),
+            Ok((None, _)) => return reply.error(Errno::EBADF),
+            Err(e) => return reply.error(e),
         };
         let (chunks, starts) = (&list.0, &list.1);
         let end = (offset + size as u64).min(file_size);
@@ -323,11 +341,15 @@ impl fuser::Filesystem for TimeTravel {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self.children(ino.0) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
+        if let Err(e) = self.ensure_listed(ino.0) {
+            return reply.error(e);
+        }
         let st = self.state.lock().expect("state");
+        let list = st
+            .nodes
+            .get(&ino.0)
+            .and_then(|n| n.children.as_deref())
+            .unwrap_or_default();
         for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
             let kind = st
                 .nodes
@@ -354,11 +376,15 @@ impl fuser::Filesystem for TimeTravel {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let list = match self.children(ino.0) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
+        if let Err(e) = self.ensure_listed(ino.0) {
+            return reply.error(e);
+        }
         let st = self.state.lock().expect("state");
+        let list = st
+            .nodes
+            .get(&ino.0)
+            .and_then(|n| n.children.as_deref())
+            .unwrap_or_default();
         for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
             let Some(n) = st.nodes.get(child) else {
                 continue;
@@ -392,38 +418,43 @@ impl fuser::Filesystem for TimeTravel {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let e = match self.entry_of(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        match e
-            .xattrs
-            .iter()
-            .find(|(n, _)| n.as_slice() == name.as_bytes())
-        {
-            None => reply.error(Errno::NO_XATTR),
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Some((_, v)) => reply.data(v),
+        let value = self.with_node(ino.0, |n| {
+            n.entry
+                .xattrs
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v.clone())
+        });
+        match value {
+            Ok(Some(v)) => reply_xattr(reply, size, &v),
+            Ok(None) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let e = match self.entry_of(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        let mut names = Vec::new();
-        for (n, _) in &e.xattrs {
-            names.extend_from_slice(n);
-            names.push(0);
+        let names = self.with_node(ino.0, |n| {
+            let mut names = Vec::new();
+            for (k, _) in &n.entry.xattrs {
+                names.extend_from_slice(k);
+                names.push(0);
+            }
+            names
+        });
+        match names {
+            Ok(names) => reply_xattr(reply, size, &names),
+            Err(e) => reply.error(e),
         }
-        if size == 0 {
-            reply.size(names.len() as u32)
-        } else if names.len() > size as usize {
-            reply.error(Errno::ERANGE)
-        } else {
-            reply.data(&names)
-        }
+    }
+}
+
+/// The xattr reply protocol: size 0 asks for the length; a short buffer is ERANGE.
+fn reply_xattr(reply: ReplyXattr, size: u32, bytes: &[u8]) {
+    if size == 0 {
+        reply.size(bytes.len() as u32)
+    } else if bytes.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(bytes)
     }
 }

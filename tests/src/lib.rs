@@ -21,6 +21,7 @@ pub struct Case {
 pub struct Moto {
     pub endpoint: String,
     child: Option<Child>,
+    port: Option<u16>,
 }
 
 impl Drop for Moto {
@@ -28,6 +29,12 @@ impl Drop for Moto {
         if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // The server is the watchdog's child: stop it too.
+        if let Some(port) = self.port {
+            let _ = Command::new("pkill")
+                .args(["-f", &format!("moto.* -p {port} ")])
+                .status();
         }
     }
 }
@@ -40,11 +47,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn http_ok(endpoint: &str) -> bool {
+/// Whether an HTTP server answers at `endpoint` (any status: an authenticating server
+/// answers 403 to an anonymous request).
+fn http_answers(endpoint: &str) -> bool {
     Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", endpoint])
-        .status()
-        .map(|s| s.success())
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", endpoint])
+        .output()
+        .map(|o| o.status.success() && o.stdout != b"000")
         .unwrap_or(false)
 }
 
@@ -52,13 +61,20 @@ static MOTO: OnceLock<Arc<Moto>> = OnceLock::new();
 
 /// The S3 server: the one the test script started, else one of our own (slow to start).
 pub fn moto() -> Arc<Moto> {
-    MOTO.get_or_init(|| {
-        if let Ok(ep) = std::env::var("OWFS_TEST_S3_ENDPOINT") {
-            return Arc::new(Moto {
-                endpoint: ep,
-                child: None,
-            });
-        }
+    MOTO.get_or_init(|| match std::env::var("OWFS_TEST_S3_ENDPOINT") {
+        Ok(endpoint) => Arc::new(Moto {
+            endpoint,
+            child: None,
+            port: None,
+        }),
+        Err(_) => Arc::new(Moto::spawn(&[])),
+    })
+    .clone()
+}
+
+impl Moto {
+    /// Starts a moto server of our own with extra environment (e.g. to enforce credentials).
+    pub fn spawn(env: &[(&str, &str)]) -> Moto {
         let port = free_port();
         // A watchdog shell stops the server when this test process ends: statics are never
         // dropped, so nothing else would.
@@ -69,23 +85,24 @@ pub fn moto() -> Arc<Moto> {
         );
         let child = Command::new("sh")
             .args(["-c", &script])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server (pip install 'moto[server]') is needed for the S3 tests");
         let endpoint = format!("http://127.0.0.1:{port}");
         for _ in 0..300 {
-            if http_ok(&endpoint) {
+            if http_answers(&endpoint) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Arc::new(Moto {
+        Moto {
             endpoint,
             child: Some(child),
-        })
-    })
-    .clone()
+            port: Some(port),
+        }
+    }
 }
 
 pub fn set_s3_env(endpoint: &str) {
@@ -344,17 +361,20 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     assert_eq!(la, lb, "hard-link groups differ");
 }
 
-/// Deterministic pseudo-random bytes (xorshift): incompressible test data.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+pub use chunkstore::testdata::noise;
+
+/// Restores the tree `root` into `out`, stopping at the first problem.
+pub fn restore(
+    repo: &Arc<Repo>,
+    root: chunkstore::Hash,
+    out: &Path,
+) -> chunkstore::Result<chunkstore::restore::RestoreReport> {
+    let progress = chunkstore::progress::Progress::default();
+    let opts = chunkstore::restore::RestoreOptions {
+        keep_going: false,
+        progress: &progress,
+    };
+    chunkstore::restore::restore_tree(repo, root, out, opts)
 }
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).

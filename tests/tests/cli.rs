@@ -268,6 +268,29 @@ fn unreachable_store_is_reported_after_bounded_retries() {
     );
 }
 
+#[test]
+fn wrong_credentials_are_refused_with_their_own_status() {
+    // A server that checks credentials (moto enforces IAM auth from the first request).
+    let m = owfs_tests::Moto::spawn(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let c = Case::file();
+    let out = c.owfs_env(
+        &["--store", "s3://any-bucket/p", "log", "ws"],
+        &[
+            ("AWS_ENDPOINT_URL", &m.endpoint),
+            ("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 5, "{err}");
+    assert!(
+        err.contains("refused access") && err.contains("hint: check AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "one error line and one hint: {err}");
+}
+
 /// Flips one byte of every pack; restore and drill name the damaged path.
 #[test]
 fn corruption_is_reported_by_path() {

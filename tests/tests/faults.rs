@@ -7,11 +7,10 @@ use chunkstore::gc::{self, GcOptions};
 use chunkstore::generation::{self, GenRecord};
 use chunkstore::pack::BlobKind;
 use chunkstore::progress::Progress;
-use chunkstore::restore::{restore_tree, RestoreOptions};
 use chunkstore::tree::{Content, Entry, Kind, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{commit, Error, Hash, Repo, Store};
-use owfs_tests::{assert_same_tree, noise, runtime, Case};
+use owfs_tests::{assert_same_tree, noise, restore, runtime, Case};
 
 fn sample_tree(dir: &std::path::Path, seed: u64) {
     for i in 0..30 {
@@ -91,16 +90,7 @@ fn failed_commits_never_become_the_latest() {
                     assert_eq!(latest(&clean, "ws"), Some(done.generation.number));
                     let out = case.dir(&format!("ok{seed}"));
                     let root = done.generation.root_hash().unwrap();
-                    restore_tree(
-                        &clean,
-                        root,
-                        &out,
-                        RestoreOptions {
-                            keep_going: false,
-                            progress: &Progress::default(),
-                        },
-                    )
-                    .unwrap();
+                    restore(&clean, root, &out).unwrap();
                     assert_same_tree(&src, &out);
                 }
                 Err(e) => {
@@ -124,16 +114,7 @@ fn failed_commits_never_become_the_latest() {
                     .block_on(generation::get_generation(&clean.store, "ws", n))
                     .unwrap();
                 let out = case.dir(&format!("latest{seed}"));
-                restore_tree(
-                    &clean,
-                    rec.root_hash().unwrap(),
-                    &out,
-                    RestoreOptions {
-                        keep_going: false,
-                        progress: &Progress::default(),
-                    },
-                )
-                .unwrap();
+                restore(&clean, rec.root_hash().unwrap(), &out).unwrap();
             }
         }
         assert!(
@@ -163,17 +144,7 @@ fn restore_under_read_faults_is_exact_or_fails_cleanly() {
                 &rt,
                 &format!("seed={seed},get_fail=0.3,get_truncate=0.1"),
             )
-            .and_then(|repo| {
-                restore_tree(
-                    &repo,
-                    root,
-                    &out,
-                    RestoreOptions {
-                        keep_going: false,
-                        progress: &Progress::default(),
-                    },
-                )
-            });
+            .and_then(|repo| restore(&repo, root, &out));
             match res {
                 Ok(_) => {
                     assert_same_tree(&src, &out);
@@ -382,16 +353,7 @@ fn gc_and_a_concurrent_commit_never_lose_data() {
         );
         let out = case.dir("out");
         let check = clean_repo(&case, &rt);
-        restore_tree(
-            &check,
-            done.generation.root_hash().unwrap(),
-            &out,
-            RestoreOptions {
-                keep_going: false,
-                progress: &Progress::default(),
-            },
-        )
-        .unwrap();
+        restore(&check, done.generation.root_hash().unwrap(), &out).unwrap();
         assert_same_tree(&src, &out);
     }
 }

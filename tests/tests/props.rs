@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use chunkstore::commit;
 use chunkstore::progress::Progress;
-use chunkstore::restore::{restore_tree, RestoreOptions};
-use owfs_tests::{assert_same_tree, noise, runtime, Case};
+use owfs_tests::{assert_same_tree, noise, restore, runtime, Case};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -146,7 +145,7 @@ proptest! {
             let done = commit::snapshot(&repo, &src, "p", &progress).unwrap();
             let out = case.dir(&format!("out{round}"));
             let root = done.generation.root_hash().unwrap();
-            restore_tree(&repo, root, &out, RestoreOptions { keep_going: false, progress: &progress }).unwrap();
+            restore(&repo, root, &out).unwrap();
             assert_same_tree(&src, &out);
         }
     }
