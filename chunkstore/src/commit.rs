@@ -51,6 +51,7 @@ pub fn record(g: NewGen) -> GenRecord {
         blobs_new: g.write.blobs_new,
         sqlite: BTreeMap::new(),
         nonce: new_nonce(),
+        root_attr: None,
     }
 }
 
@@ -148,5 +149,6 @@ fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &str)
         blobs_new: 0,
         sqlite: source.sqlite.clone(),
         nonce: new_nonce(),
+        root_attr: source.root_attr,
     }
 }

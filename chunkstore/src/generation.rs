@@ -36,6 +36,18 @@ pub struct GenRecord {
     pub sqlite: BTreeMap<String, serde_json::Value>,
     /// Random: tells our own write from another committer's after an ambiguous error.
     pub nonce: String,
+    /// Owner, mode and mtime of the workspace's root directory (a tree has no entry for the
+    /// directory itself); absent in generations made by `owfs snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_attr: Option<RootAttr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootAttr {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
 }
 
 impl GenRecord {

@@ -9,6 +9,18 @@
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
+/// Where re-chunking reads the new content from: a file, or the committer's frozen view of a
+/// file that writers keep changing.
+pub trait ReadAt {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for std::fs::File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
 use crate::chunker::{cut_chunks, ChunkParams};
 use crate::hash::Hash;
 use crate::tree::{chunk_starts, ChunkRef};
@@ -44,8 +56,8 @@ fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
 /// Re-chunks `file` (now `new_size` bytes) given its `old` chunk list and the byte ranges
 /// written since. Calls `fresh` on each chunk that was produced anew (possibly identical to an
 /// old one; the store deduplicates). Returns the new chunk list and the bytes read.
-pub fn rechunk<E: From<std::io::Error>>(
-    file: &std::fs::File,
+pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
+    file: &R,
     new_size: u64,
     old: &[ChunkRef],
     dirty: Vec<Range<u64>>,
@@ -146,7 +158,7 @@ mod tests {
         std::fs::write(&path, &new).unwrap();
         let f = std::fs::File::open(&path).unwrap();
         let old_list = full(old);
-        let (got, read) = rechunk::<std::io::Error>(
+        let (got, read) = rechunk::<std::io::Error, _>(
             &f,
             new.len() as u64,
             &old_list,

@@ -133,26 +133,51 @@ pub enum Command {
     },
     /// List the workspaces of the store.
     Workspaces,
-    /// Mount a generation as a directory.
+    /// Mount a workspace read-write (or a generation read-only with -o ro).
+    ///
+    /// Read-write: WS is served from a working copy on local disk (--cache-dir); the workspace
+    /// is created if it does not exist. Contents are fetched from the store on first access and
+    /// prefetched in the background, so mounting does not wait for the whole workspace. Every
+    /// commit interval (1 s) a generation of what changed is committed; `owfs sync` or fsync of
+    /// the mount's root directory waits for one; `owfs umount` commits a final one.
     ///
     /// With `-o ro` (time travel): a read-only view of WS@N (or WS's latest) served straight
-    /// from the store, nothing restored first; every chunk is verified as it is read. The
-    /// read-write workspace mount is not implemented yet: without `-o ro` the command says so.
+    /// from the store, nothing restored first.
+    ///
+    /// Options (-o, comma-separated): ro; commit_interval_ms=N (default 1000);
+    /// max_backlog_mb=N (writers slow down when this much is not yet uploaded; default 512);
+    /// prefetch=0 (fetch only on access); threads=N (FUSE request threads, default 4).
+    ///
     /// Returns once the mount is ready (the daemon goes on in the background) unless -f.
     Mount {
-        /// WS or WS@N.
+        /// WS (read-write), or WS@N with -o ro.
         spec: String,
         /// Directory to mount on (must exist).
         mountpoint: PathBuf,
-        /// Mount options, comma-separated: ro.
+        /// Mount options, comma-separated (see above).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Option<String>,
         /// Stay in the foreground (the daemon runs in this process).
         #[arg(short, long)]
         foreground: bool,
+        /// Local working copy (default /var/lib/owfs/cache/WS for root, else
+        /// ~/.cache/owfs/WS). Emptied at mount: the store holds the truth.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
-    /// Unmount an owfs mount.
+    /// Commit a final generation and unmount; returns once that generation is durable.
     Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Commit now: returns once every write made before the call is in a durable generation,
+    /// and prints it (WS@N).
+    Sync {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// State of a read-write mount: generation and its age, bytes not yet uploaded, commits.
+    Status {
         /// The mount point.
         mountpoint: PathBuf,
     },

@@ -293,23 +293,82 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             mountpoint,
             options,
             foreground,
+            cache_dir,
         } => {
-            // Only read-only mounts exist yet: parsing refuses anything else.
-            crate::mount::MountOpts::parse(options.as_deref())?;
-            if *foreground {
-                let repo = open(cli, &rt, false)?;
-                let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-                crate::mount::run_read_only(repo, rec, mountpoint)
-            } else {
-                crate::mount::spawn_and_wait(
+            let opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            if !*foreground {
+                return crate::mount::spawn_and_wait(
                     cli.store.as_deref(),
                     spec,
                     mountpoint,
                     options.as_deref(),
-                )
+                    cache_dir.as_deref(),
+                );
             }
+            if opts.read_only {
+                let repo = open(cli, &rt, false)?;
+                let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
+                return crate::mount::run_read_only(repo, rec, mountpoint);
+            }
+            let (ws, n) = generation::parse_spec(spec)?;
+            if n.is_some() {
+                return Err(Error::BadName {
+                    name: spec.clone(),
+                    reason: format!(
+                        "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro, or `owfs fork {spec} NEW` and mount NEW"
+                    ),
+                });
+            }
+            // The store is created on first use, like the workspace.
+            let repo = open(cli, &rt, true)?;
+            crate::ws::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
         }
-        Command::Umount { mountpoint } => crate::mount::umount(mountpoint),
+        Command::Umount { mountpoint } => crate::mount::umount(mountpoint, cli.json),
+        Command::Sync { mountpoint } => {
+            let v = crate::ws::control::request(mountpoint, "sync")?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("{}", v["spec"].as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Command::Status { mountpoint } => {
+            let v = crate::ws::control::request(mountpoint, "status")?;
+            let st = &v["status"];
+            if cli.json {
+                print_json(st);
+            } else {
+                println!(
+                    "workspace   {}",
+                    st["workspace"].as_str().unwrap_or_default()
+                );
+                println!(
+                    "mountpoint  {}",
+                    st["mountpoint"].as_str().unwrap_or_default()
+                );
+                println!("store       {}", st["store"].as_str().unwrap_or_default());
+                println!(
+                    "generation  {} ({} ms ago)",
+                    st["generation"], st["generation_age_ms"]
+                );
+                println!(
+                    "pending     {} bytes not yet in a generation",
+                    st["pending_bytes"]
+                );
+                println!(
+                    "commits     {} ok, {} failed; barrier p99 {} us",
+                    st["commits"], st["commit_failures"], st["barrier_us"]["p99"]
+                );
+                if let Some(e) = st["last_error"].as_str() {
+                    println!("last error  {e}");
+                }
+                if st["failed"] == json!(true) {
+                    println!("state       FAILED: writes return EIO");
+                }
+            }
+            Ok(0)
+        }
         Command::Workspaces => {
             let repo = open(cli, &rt, false)?;
             let names = repo.block_on(generation::list_workspaces(&repo.store))?;

@@ -7,6 +7,7 @@ mod exit;
 mod mount;
 mod timetravel;
 mod ui;
+mod ws;
 
 use clap::Parser;
 

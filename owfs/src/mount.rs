@@ -17,28 +17,33 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct MountOpts {
     pub read_only: bool,
+    pub ws: crate::ws::WsOptions,
 }
 
 impl MountOpts {
     pub fn parse(s: Option<&str>) -> Result<MountOpts> {
         let mut o = MountOpts::default();
         for opt in s.unwrap_or("").split(',').filter(|x| !x.is_empty()) {
-            match opt {
-                "ro" => o.read_only = true,
-                "rw" => o.read_only = false,
-                other => {
-                    return Err(Error::BadName {
-                        name: other.to_string(),
-                        reason: "unknown mount option (known: ro)".into(),
-                    })
-                }
+            match opt.split_once('=') {
+                None if opt == "ro" => o.read_only = true,
+                None if opt == "rw" => o.read_only = false,
+                // Accepted for fstab and `mount -t owfs` compatibility; always in effect.
+                None if matches!(
+                    opt,
+                    "defaults"
+                        | "allow_other"
+                        | "default_permissions"
+                        | "dev"
+                        | "suid"
+                        | "exec"
+                        | "auto"
+                        | "noauto"
+                        | "nofail"
+                        | "_netdev"
+                ) => {}
+                Some((k, v)) => o.ws.set(k, v)?,
+                None => o.ws.set(opt, "")?,
             }
-        }
-        if !o.read_only {
-            return Err(Error::BadName {
-                name: format!("-o {}", s.unwrap_or("")),
-                reason: "the read-write workspace mount is not implemented yet; `-o ro` mounts a generation read-only (time travel)".into(),
-            });
         }
         Ok(o)
     }
@@ -93,6 +98,7 @@ pub fn spawn_and_wait(
     spec: &str,
     mountpoint: &Path,
     options: Option<&str>,
+    cache_dir: Option<&Path>,
 ) -> Result<i32> {
     let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
     let log: PathBuf = std::env::temp_dir().join(format!("owfs-mount-{}.log", std::process::id()));
@@ -104,6 +110,9 @@ pub fn spawn_and_wait(
     cmd.args(["mount", "-f", spec]).arg(mountpoint);
     if let Some(o) = options {
         cmd.args(["-o", o]);
+    }
+    if let Some(c) = cache_dir {
+        cmd.arg("--cache-dir").arg(c);
     }
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
@@ -143,12 +152,28 @@ pub fn spawn_and_wait(
     }
 }
 
-pub fn umount(mountpoint: &Path) -> Result<i32> {
+pub fn umount(mountpoint: &Path, json: bool) -> Result<i32> {
     if !is_owfs_mount(mountpoint) {
         return Err(Error::io(
             mountpoint,
             std::io::Error::other("not an owfs mount point"),
         ));
+    }
+    // A read-write mount: the daemon commits, unmounts, commits what came last, and answers
+    // once that generation is durable.
+    let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
+    if crate::ws::control::socket_path(&canon).exists() {
+        let v = crate::ws::control::request(mountpoint, "umount")?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            println!(
+                "unmounted {}; generation {} is durable",
+                mountpoint.display(),
+                v["generation"]
+            );
+        }
+        return Ok(0);
     }
     rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty())
         .map_err(|e| mount_err(mountpoint, e.into()))?;

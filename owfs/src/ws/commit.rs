@@ -1,0 +1,309 @@
+//! The committer: cuts a generation from the live state. The cut is a short barrier (no
+//! mutation runs while the changed part of the tree is frozen); chunking, hashing and
+//! uploading follow while writers continue, reading frozen files through their saved bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore::commit::{publish_checked, record, NewGen};
+use chunkstore::generation::RootAttr;
+use chunkstore::pack::BlobKind;
+use chunkstore::snapshot::{encode_content, TreeStats};
+use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
+use chunkstore::writer::BlobWriter;
+use chunkstore::{Error, GenRecord, Hash, Result};
+
+use super::state::{Body, FileData, FrozenView, Table, ROOT};
+use super::Shared;
+
+/// A frozen directory's entries, by name.
+type Items = Vec<(Vec<u8>, Item)>;
+
+/// One entry of a frozen directory.
+enum Item {
+    /// Unchanged since the last generation.
+    Clean(Arc<Entry>),
+    File {
+        ino: u64,
+        entry: Entry,
+    },
+    Dir {
+        ino: u64,
+        entry: Entry,
+        items: Vec<(Vec<u8>, Item)>,
+    },
+    Leaf {
+        ino: u64,
+        entry: Entry,
+    },
+}
+
+struct FrozenFile {
+    data: Arc<FileData>,
+    size: u64,
+    dirty: Vec<Range<u64>>,
+}
+
+pub struct Cut {
+    epoch: u64,
+    root: Option<(Entry, Items)>,
+    files: HashMap<u64, FrozenFile>,
+    root_attr: RootAttr,
+    pub barrier: Duration,
+    pending_at_cut: u64,
+    /// Files, directories and bytes in the workspace at the cut.
+    totals: (i64, i64, i64),
+}
+
+fn freeze_dir(t: &Table, ino: u64, files: &mut HashMap<u64, FrozenFile>) -> Items {
+    let n = t.get(ino).expect("frozen directory exists");
+    let Some(children) = n.children() else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(children.len());
+    for (name, &child) in children {
+        let Some(c) = t.get(child) else { continue };
+        if c.local_only || c.kind.to_tree().is_none() || super::state::node_local_name(name) {
+            continue;
+        }
+        if let Some(e) = &c.committed {
+            out.push((name.clone(), Item::Clean(e.clone())));
+            continue;
+        }
+        let entry = c.entry(child);
+        let item = match &c.body {
+            Body::Dir { .. } => Item::Dir {
+                ino: child,
+                entry,
+                items: freeze_dir(t, child, files),
+            },
+            Body::File(d) => {
+                files.entry(child).or_insert_with(|| {
+                    let (size, dirty) = d.freeze();
+                    FrozenFile {
+                        data: d.clone(),
+                        size,
+                        dirty,
+                    }
+                });
+                Item::File { ino: child, entry }
+            }
+            _ => Item::Leaf { ino: child, entry },
+        };
+        out.push((name.clone(), item));
+    }
+    out
+}
+
+impl Shared {
+    /// The barrier: freezes what changed. Returns `None` when nothing did.
+    pub(super) fn cut(&self) -> Option<Cut> {
+        let t0 = Instant::now();
+        let _gate = self.gate.write();
+        let pending_at_cut = self.pending.load(std::sync::atomic::Ordering::Relaxed);
+        let mut t = self.table.lock();
+        let root = t.get(ROOT).expect("root");
+        if root.committed.is_some() {
+            return None;
+        }
+        let root_attr = RootAttr {
+            mode: root.attr.perm,
+            uid: root.attr.uid,
+            gid: root.attr.gid,
+            mtime_ns: root.attr.mtime_ns,
+        };
+        let root_entry = root.entry(ROOT);
+        let mut files = HashMap::new();
+        let items = freeze_dir(&t, ROOT, &mut files);
+        let epoch = t.epoch;
+        t.epoch += 1;
+        let totals = (t.files, t.dirs, t.bytes);
+        drop(t);
+        Some(Cut {
+            epoch,
+            root: Some((root_entry, items)),
+            files,
+            root_attr,
+            barrier: t0.elapsed(),
+            pending_at_cut,
+            totals,
+        })
+    }
+
+    /// Uploads and publishes a cut; on failure every frozen change is dirty again.
+    pub(super) fn commit_cut(&self, mut cut: Cut, parent: &GenRecord) -> Result<GenRecord> {
+        let mut results: Vec<(u64, Entry)> = Vec::new();
+        let mut contents: HashMap<u64, (Content, Arc<Vec<ChunkRef>>)> = HashMap::new();
+        let outcome = self.upload(&mut cut, parent, &mut results, &mut contents);
+        // Thaw files: success gives them their new base.
+        for (ino, ff) in &cut.files {
+            let r = if outcome.is_ok() {
+                contents.get(ino).cloned()
+            } else {
+                None
+            };
+            ff.data.thaw(r, &ff.dirty);
+        }
+        let mut t = self.table.lock();
+        match &outcome {
+            Ok(_) => {
+                for (ino, e) in results {
+                    if let Some(n) = t.get_mut(ino) {
+                        if n.touched <= cut.epoch {
+                            n.committed = Some(Arc::new(e));
+                        }
+                    }
+                }
+                self.pending
+                    .fetch_sub(cut.pending_at_cut, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => {
+                // Everything frozen changes again in the next cut.
+                for (ino, _) in results {
+                    t.touch(ino);
+                }
+                for ino in cut.files.keys() {
+                    t.touch(*ino);
+                }
+                t.touch(ROOT);
+            }
+        }
+        drop(t);
+        self.backpressure.notify_all();
+        outcome
+    }
+
+    fn upload(
+        &self,
+        cut: &mut Cut,
+        parent: &GenRecord,
+        results: &mut Vec<(u64, Entry)>,
+        contents: &mut HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+    ) -> Result<GenRecord> {
+        let repo = &self.repo;
+        let mut writer = BlobWriter::new(repo.clone())?;
+        let params = repo.chunk_params();
+        for (ino, ff) in &cut.files {
+            let old = ff
+                .data
+                .base_chunks(repo)
+                .map_err(|e| Error::io(&ff.data.path, e))?;
+            let view = FrozenView {
+                data: &ff.data,
+                repo,
+            };
+            let (chunks, _read) = chunkstore::rechunk::rechunk::<Error, _>(
+                &view,
+                ff.size,
+                &old,
+                ff.dirty.clone(),
+                params,
+                |data, hash| writer.add(hash, BlobKind::Data, data.to_vec()),
+            )
+            .map_err(|e| match e {
+                Error::Io { source, .. } => Error::io(&ff.data.path, source),
+                other => other,
+            })?;
+            let new_old: HashSet<Hash> = old.iter().map(|c| c.hash).collect();
+            for c in &chunks {
+                if new_old.contains(&c.hash) {
+                    writer.note_reused(c.hash);
+                }
+            }
+            let list = Arc::new(chunks.clone());
+            let content = encode_content(&mut writer, chunks)?;
+            contents.insert(*ino, (content, list));
+        }
+        let (root_entry, items) = cut.root.take().expect("cut has a root");
+        let root = build_dir(&mut writer, items, contents, results)?;
+        let mut re = root_entry;
+        re.subtree = Some(root);
+        results.push((ROOT, re));
+        let reused = std::mem::take(&mut writer.reused);
+        let write = writer.finish()?;
+        let stats = TreeStats {
+            files: cut.totals.0.max(0) as u64,
+            dirs: cut.totals.1.max(0) as u64,
+            bytes: cut.totals.2.max(0) as u64,
+            ..Default::default()
+        };
+        let mut rec = record(NewGen {
+            ws: &self.ws,
+            parent: Some(parent),
+            kind: "commit",
+            origin: None,
+            root,
+            tree: stats,
+            write,
+            epoch: parent.epoch,
+        });
+        rec.root_attr = Some(cut.root_attr);
+        publish_checked(repo, &rec, &reused)?;
+        Ok(rec)
+    }
+}
+
+fn note_entry_reused(writer: &mut BlobWriter, e: &Entry) {
+    if let Some(h) = e.subtree {
+        writer.note_reused(h);
+    }
+    match &e.content {
+        Content::Empty => {}
+        Content::Chunks(cs) => cs.iter().for_each(|c| writer.note_reused(c.hash)),
+        Content::Segments(ss) => ss.iter().for_each(|s| writer.note_reused(s.hash)),
+    }
+}
+
+fn build_dir(
+    writer: &mut BlobWriter,
+    items: Items,
+    contents: &HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+    results: &mut Vec<(u64, Entry)>,
+) -> Result<Hash> {
+    let mut entries = Vec::with_capacity(items.len());
+    for (name, item) in items {
+        let mut e = match item {
+            Item::Clean(e) => {
+                note_entry_reused(writer, &e);
+                let mut e = (*e).clone();
+                e.name = name;
+                entries.push(e);
+                continue;
+            }
+            Item::File { ino, mut entry } => {
+                let (content, _) = contents.get(&ino).expect("frozen file was chunked");
+                entry.content = content.clone();
+                // The size is the frozen size (a later write may have grown the node).
+                entry.size = match content {
+                    Content::Empty => 0,
+                    Content::Chunks(cs) => cs.iter().map(|c| c.len as u64).sum(),
+                    Content::Segments(ss) => ss.iter().map(|s| s.bytes).sum(),
+                };
+                results.push((ino, entry.clone()));
+                entry
+            }
+            Item::Dir {
+                ino,
+                mut entry,
+                items,
+            } => {
+                entry.subtree = Some(build_dir(writer, items, contents, results)?);
+                results.push((ino, entry.clone()));
+                entry
+            }
+            Item::Leaf { ino, entry } => {
+                results.push((ino, entry.clone()));
+                entry
+            }
+        };
+        e.name = name;
+        entries.push(e);
+    }
+    let tree = Tree { entries };
+    let bytes = tree.encode();
+    let hash = Hash::of(&bytes);
+    writer.add(hash, BlobKind::Tree, bytes)?;
+    Ok(hash)
+}

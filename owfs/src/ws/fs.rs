@@ -1,0 +1,1219 @@
+//! The FUSE operations of the read-write mount. Metadata lives in the inode table; file bytes
+//! in the local cache. Every mutation holds the cut gate shared, so a cut sees each operation
+//! wholly or not at all. The kernel may cache entries and attributes for long: every change
+//! to this file system comes through this kernel.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use super::state::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
+use super::{now_ns, Shared};
+
+const TTL: Duration = Duration::from_secs(3600);
+const XATTR_MAX: usize = 64 << 10;
+
+type Listing = Vec<(Vec<u8>, u64, FileType)>;
+
+pub struct OwfsFs {
+    s: Arc<Shared>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    next_fh: AtomicU64,
+}
+
+impl OwfsFs {
+    pub fn new(s: Arc<Shared>) -> OwfsFs {
+        OwfsFs {
+            s,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+}
+
+fn ftype(k: NKind) -> FileType {
+    match k {
+        NKind::File => FileType::RegularFile,
+        NKind::Dir => FileType::Directory,
+        NKind::Symlink => FileType::Symlink,
+        NKind::Fifo => FileType::NamedPipe,
+        NKind::Char => FileType::CharDevice,
+        NKind::Block => FileType::BlockDevice,
+        NKind::Socket => FileType::Socket,
+    }
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn attr_of(ino: u64, n: &Node) -> FileAttr {
+    let a = &n.attr;
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: time(a.atime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: ftype(n.kind),
+        perm: (a.perm & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn errno(e: std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(c) => Errno::from_i32(c),
+        None => {
+            eprintln!("owfs: I/O error: {e}");
+            Errno::EIO
+        }
+    }
+}
+
+/// Names the kernel passes are already single components; refuse what a tree cannot hold.
+fn check_name(name: &OsStr) -> Result<&[u8], Errno> {
+    let b = name.as_bytes();
+    if b.len() > 255 {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(b)
+}
+
+impl Shared {
+    /// Loads a directory of the mounted generation from the store on first use.
+    pub(super) fn ensure_loaded(&self, ino: u64) -> Result<(), Errno> {
+        let hash = {
+            let mut t = self.table.lock();
+            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+            match &mut n.body {
+                Body::Dir { children, tree, .. } => match (children.is_some(), *tree) {
+                    (true, _) => return Ok(()),
+                    (false, None) => {
+                        *children = Some(Default::default());
+                        return Ok(());
+                    }
+                    (false, Some(h)) => h,
+                },
+                _ => return Err(Errno::ENOTDIR),
+            }
+        };
+        let tree = self
+            .repo
+            .read_tree(&hash, &format!("directory inode {ino}"))
+            .map_err(|e| {
+                eprintln!("owfs: {}: {e}", self.ws);
+                Errno::EIO
+            })?;
+        let mut t = self.table.lock();
+        if t.get(ino).is_some_and(|n| n.children().is_none()) {
+            t.install_children(ino, tree.entries);
+        }
+        Ok(())
+    }
+
+    /// Background: loads every directory and fetches every file, so a fresh node soon holds
+    /// the whole workspace locally while it is already being served.
+    pub(super) fn prefetch(&self) {
+        let mut queue = vec![ROOT];
+        while let Some(dir) = queue.pop() {
+            if self.failed.load(Ordering::Relaxed) || self.sync.lock().stop {
+                return;
+            }
+            if self.ensure_loaded(dir).is_err() {
+                continue;
+            }
+            let (subdirs, files) = {
+                let t = self.table.lock();
+                let Some(ch) = t.get(dir).and_then(|n| n.children()) else {
+                    continue;
+                };
+                let mut subdirs = Vec::new();
+                let mut files = Vec::new();
+                for &c in ch.values() {
+                    match t.get(c).map(|n| &n.body) {
+                        Some(Body::Dir { .. }) => subdirs.push(c),
+                        Some(Body::File(d)) => files.push(d.clone()),
+                        _ => {}
+                    }
+                }
+                (subdirs, files)
+            };
+            queue.extend(subdirs);
+            for d in files {
+                while let Some(r) = d.next_missing(4 << 20) {
+                    if self.sync.lock().stop {
+                        return;
+                    }
+                    let mut st = d.st.lock();
+                    if d.ensure_present(&mut st, &self.repo, r.start, r.end)
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl OwfsFs {
+    fn alive(&self) -> Result<(), Errno> {
+        if self.s.failed.load(Ordering::Relaxed) {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Option<u64>, Errno> {
+        self.s.ensure_loaded(parent)?;
+        let t = self.s.table.lock();
+        let p = t.get(parent).ok_or(Errno::ENOENT)?;
+        Ok(p.children().ok_or(Errno::ENOTDIR)?.get(name).copied())
+    }
+
+    /// Creates a node named `name` in `parent` (which the caller has loaded).
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        t: &mut Table,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        kind: NKind,
+        perm: u32,
+        rdev: u64,
+        target: Option<Vec<u8>>,
+    ) -> Result<(u64, FileAttr), Errno> {
+        let (pgid, psgid) = {
+            let p = t.get(parent).ok_or(Errno::ENOENT)?;
+            let ch = p.children().ok_or(Errno::ENOTDIR)?;
+            if ch.contains_key(name) {
+                return Err(Errno::EEXIST);
+            }
+            (p.attr.gid, p.attr.perm & libc::S_ISGID != 0)
+        };
+        let ino = t.alloc();
+        let now = now_ns();
+        let mut perm = perm & 0o7777;
+        let gid = if psgid { pgid } else { req.gid() };
+        if psgid && kind == NKind::Dir {
+            perm |= libc::S_ISGID;
+        }
+        let body = match kind {
+            NKind::Dir => Body::Dir {
+                children: Some(Default::default()),
+                tree: None,
+                parent,
+            },
+            NKind::File => Body::File(t.new_file_data(ino, Default::default(), 0)),
+            NKind::Symlink => Body::Symlink(target.clone().unwrap_or_default()),
+            _ => Body::Special,
+        };
+        let node = Node {
+            kind,
+            attr: Attr {
+                perm,
+                uid: req.uid(),
+                gid,
+                size: match kind {
+                    NKind::Dir => 4096,
+                    NKind::Symlink => target.as_ref().map(|t| t.len() as u64).unwrap_or(0),
+                    _ => 0,
+                },
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+                rdev,
+                nlink: if kind == NKind::Dir { 2 } else { 1 },
+            },
+            xattrs: Default::default(),
+            body,
+            parents: if kind == NKind::Dir {
+                Vec::new()
+            } else {
+                vec![parent]
+            },
+            lookups: 1,
+            opens: 0,
+            committed: None,
+            touched: 0,
+            local_only: kind == NKind::Socket || node_local_name(name),
+        };
+        let attr = attr_of(ino, &node);
+        t.nodes.insert(ino, node);
+        let p = t.get_mut(parent).expect("parent");
+        p.children_mut().expect("dir").insert(name.to_vec(), ino);
+        p.attr.mtime_ns = now;
+        p.attr.ctime_ns = now;
+        if kind == NKind::Dir {
+            p.attr.nlink += 1;
+            t.dirs += 1;
+        }
+        if kind == NKind::File {
+            t.files += 1;
+        }
+        t.touch(ino);
+        t.touch(parent);
+        Ok((ino, attr))
+    }
+
+    /// Removes the name `name` from `parent`; the node goes when nothing refers to it.
+    fn remove_name(&self, t: &mut Table, parent: u64, name: &[u8], child: u64) {
+        let now = now_ns();
+        if let Some(p) = t.get_mut(parent) {
+            if let Some(ch) = p.children_mut() {
+                ch.remove(name);
+            }
+            p.attr.mtime_ns = now;
+            p.attr.ctime_ns = now;
+        }
+        let mut was_dir = false;
+        let mut gone_bytes = 0;
+        if let Some(c) = t.get_mut(child) {
+            c.attr.ctime_ns = now;
+            if c.kind == NKind::Dir {
+                was_dir = true;
+                c.attr.nlink = 0;
+            } else {
+                c.attr.nlink = c.attr.nlink.saturating_sub(1);
+                if let Some(i) = c.parents.iter().position(|p| *p == parent) {
+                    c.parents.swap_remove(i);
+                }
+                if c.attr.nlink == 0 && c.kind == NKind::File && !c.local_only {
+                    gone_bytes = c.attr.size as i64;
+                }
+            }
+            if c.kind == NKind::File {
+                t.files -= 1;
+            }
+        }
+        t.bytes -= gone_bytes;
+        if was_dir {
+            t.dirs -= 1;
+            if let Some(p) = t.get_mut(parent) {
+                p.attr.nlink = p.attr.nlink.saturating_sub(1);
+            }
+        }
+        t.touch(child);
+        t.touch(parent);
+        t.maybe_forget(child);
+    }
+
+    fn set_size(&self, ino: u64, size: u64) -> Result<(), Errno> {
+        let data = {
+            let t = self.s.table.lock();
+            let n = t.get(ino).ok_or(Errno::ENOENT)?;
+            match n.kind {
+                NKind::File => n.data().cloned().ok_or(Errno::EIO)?,
+                NKind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(Errno::EINVAL),
+            }
+        };
+        data.truncate(&self.s.repo, size).map_err(errno)?;
+        let mut t = self.s.table.lock();
+        if let Some(n) = t.get_mut(ino) {
+            let delta = size as i64 - n.attr.size as i64;
+            n.attr.size = size;
+            let local = n.local_only;
+            if !local {
+                t.bytes += delta;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fuser::Filesystem for OwfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let want = InitFlags::FUSE_WRITEBACK_CACHE
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+        for f in want.iter() {
+            if config.add_capabilities(f).is_err() {
+                eprintln!("owfs: the kernel lacks {f:?}; continuing without it");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes();
+        match self.lookup_child(parent.0, name) {
+            Ok(Some(ino)) => {
+                let mut t = self.s.table.lock();
+                match t.get_mut(ino) {
+                    Some(n) => {
+                        n.lookups += 1;
+                        reply.entry(&TTL, &attr_of(ino, n), Generation(0));
+                    }
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut t = self.s.table.lock();
+        if let Some(n) = t.get_mut(ino.0) {
+            n.lookups = n.lookups.saturating_sub(nlookup);
+        }
+        t.maybe_forget(ino.0);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let t = self.s.table.lock();
+        match t.get(ino.0) {
+            Some(n) => reply.attr(&TTL, &attr_of(ino.0, n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _g = self.s.gate.read();
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
+        let ino = ino.0;
+        if let Some(sz) = size {
+            if let Err(e) = self.set_size(ino, sz) {
+                return reply.error(e);
+            }
+        }
+        let mut t = self.s.table.lock();
+        let Some(n) = t.get_mut(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let now = now_ns();
+        if let Some(m) = mode {
+            n.attr.perm = m & 0o7777;
+        }
+        if let Some(u) = uid {
+            n.attr.uid = u;
+        }
+        if let Some(g) = gid {
+            n.attr.gid = g;
+        }
+        let t_of = |x: TimeOrNow| match x {
+            TimeOrNow::Now => now,
+            TimeOrNow::SpecificTime(s) => ns_of(s),
+        };
+        if let Some(a) = atime {
+            n.attr.atime_ns = t_of(a);
+        }
+        if let Some(m) = mtime {
+            n.attr.mtime_ns = t_of(m);
+        }
+        if size.is_some() && mtime.is_none() {
+            n.attr.mtime_ns = now;
+        }
+        n.attr.ctime_ns = ctime.map(ns_of).unwrap_or(now);
+        let attr = attr_of(ino, n);
+        // atime alone is not worth a commit.
+        if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() || mtime.is_some() {
+            t.touch(ino);
+        }
+        reply.attr(&TTL, &attr);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let t = self.s.table.lock();
+        match t.get(ino.0).map(|n| &n.body) {
+            Some(Body::Symlink(target)) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = check_name(name)?;
+            let kind = NKind::from_mode(mode).ok_or(Errno::EINVAL)?;
+            if kind == NKind::Dir || kind == NKind::Symlink {
+                return Err(Errno::EINVAL);
+            }
+            self.s.ensure_loaded(parent.0)?;
+            let mut t = self.s.table.lock();
+            self.make_node(&mut t, req, parent.0, name, kind, mode, rdev as u64, None)
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = check_name(name)?;
+            self.s.ensure_loaded(parent.0)?;
+            let mut t = self.s.table.lock();
+            self.make_node(&mut t, req, parent.0, name, NKind::Dir, mode, 0, None)
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = name.as_bytes();
+            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
+            let mut t = self.s.table.lock();
+            if t.get(child).is_some_and(|c| c.kind == NKind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            self.remove_name(&mut t, parent.0, name, child);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = name.as_bytes();
+            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
+            self.s.ensure_loaded(child)?;
+            let mut t = self.s.table.lock();
+            let c = t.get(child).ok_or(Errno::ENOENT)?;
+            match c.children() {
+                None => return Err(Errno::ENOTDIR),
+                Some(ch) if !ch.is_empty() => return Err(Errno::ENOTEMPTY),
+                _ => {}
+            }
+            self.remove_name(&mut t, parent.0, name, child);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = check_name(link_name)?;
+            self.s.ensure_loaded(parent.0)?;
+            let mut t = self.s.table.lock();
+            let target = target.as_os_str().as_bytes().to_vec();
+            self.make_node(
+                &mut t,
+                req,
+                parent.0,
+                name,
+                NKind::Symlink,
+                0o777,
+                0,
+                Some(target),
+            )
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let (name, newname) = (name.as_bytes(), check_name(newname)?);
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(Errno::EINVAL);
+            }
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
+            let target = self.lookup_child(newparent.0, newname)?;
+            if let Some(tg) = target {
+                self.s.ensure_loaded(tg).or_else(|e| {
+                    if e == Errno::ENOTDIR {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+            }
+            let mut t = self.s.table.lock();
+            let ckind = t.get(child).ok_or(Errno::ENOENT)?.kind;
+            if target == Some(child) {
+                return Ok(());
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) && target.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if exchange {
+                let tg = target.ok_or(Errno::ENOENT)?;
+                let tkind = t.get(tg).ok_or(Errno::ENOENT)?.kind;
+                t.get_mut(parent.0)
+                    .and_then(|p| p.children_mut())
+                    .ok_or(Errno::ENOENT)?
+                    .insert(name.to_vec(), tg);
+                t.get_mut(newparent.0)
+                    .and_then(|p| p.children_mut())
+                    .ok_or(Errno::ENOENT)?
+                    .insert(newname.to_vec(), child);
+                reparent(&mut t, child, ckind, parent.0, newparent.0);
+                reparent(&mut t, tg, tkind, newparent.0, parent.0);
+                let now = now_ns();
+                for i in [child, tg, parent.0, newparent.0] {
+                    if let Some(n) = t.get_mut(i) {
+                        n.attr.ctime_ns = now;
+                    }
+                    t.touch(i);
+                }
+                return Ok(());
+            }
+            if let Some(tg) = target {
+                let tn = t.get(tg).ok_or(Errno::ENOENT)?;
+                match (ckind == NKind::Dir, tn.kind == NKind::Dir) {
+                    (true, false) => return Err(Errno::ENOTDIR),
+                    (false, true) => return Err(Errno::EISDIR),
+                    (true, true) if tn.children().is_some_and(|c| !c.is_empty()) => {
+                        return Err(Errno::ENOTEMPTY)
+                    }
+                    _ => {}
+                }
+                self.remove_name(&mut t, newparent.0, newname, tg);
+            }
+            let now = now_ns();
+            if let Some(ch) = t.get_mut(parent.0).and_then(|p| p.children_mut()) {
+                ch.remove(name);
+            }
+            t.get_mut(newparent.0)
+                .and_then(|p| p.children_mut())
+                .ok_or(Errno::ENOENT)?
+                .insert(newname.to_vec(), child);
+            reparent(&mut t, child, ckind, parent.0, newparent.0);
+            if ckind == NKind::Dir && parent != newparent {
+                if let Some(p) = t.get_mut(parent.0) {
+                    p.attr.nlink = p.attr.nlink.saturating_sub(1);
+                }
+                if let Some(p) = t.get_mut(newparent.0) {
+                    p.attr.nlink += 1;
+                }
+            }
+            for i in [parent.0, newparent.0] {
+                if let Some(n) = t.get_mut(i) {
+                    n.attr.mtime_ns = now;
+                    n.attr.ctime_ns = now;
+                }
+            }
+            if let Some(n) = t.get_mut(child) {
+                n.attr.ctime_ns = now;
+                if n.kind == NKind::File {
+                    n.local_only = node_local_name(newname);
+                }
+            }
+            // The old parent first: touching the child marks only its new place.
+            t.touch(parent.0);
+            t.touch(newparent.0);
+            t.touch(child);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let newname = check_name(newname)?;
+            if self.lookup_child(newparent.0, newname)?.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            let mut t = self.s.table.lock();
+            let now = now_ns();
+            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
+            if n.kind == NKind::Dir {
+                return Err(Errno::EPERM);
+            }
+            n.attr.nlink += 1;
+            n.attr.ctime_ns = now;
+            n.parents.push(newparent.0);
+            n.lookups += 1;
+            let is_file = n.kind == NKind::File;
+            let attr = attr_of(ino.0, n);
+            let p = t.get_mut(newparent.0).ok_or(Errno::ENOENT)?;
+            p.children_mut()
+                .ok_or(Errno::ENOTDIR)?
+                .insert(newname.to_vec(), ino.0);
+            p.attr.mtime_ns = now;
+            p.attr.ctime_ns = now;
+            if is_file {
+                t.files += 1;
+            }
+            t.touch(newparent.0);
+            t.touch(ino.0);
+            Ok(attr)
+        })();
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mut t = self.s.table.lock();
+        match t.get_mut(ino.0) {
+            Some(n) => {
+                if n.kind == NKind::Dir {
+                    return reply.error(Errno::EISDIR);
+                }
+                if self.s.failed.load(Ordering::Relaxed)
+                    && flags.acc_mode() != fuser::OpenAccMode::O_RDONLY
+                {
+                    return reply.error(Errno::EIO);
+                }
+                n.opens += 1;
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let data = {
+            let t = self.s.table.lock();
+            match t.get(ino.0).and_then(|n| n.data()) {
+                Some(d) => d.clone(),
+                None => return reply.error(Errno::EIO),
+            }
+        };
+        match data.read(&self.s.repo, offset, size) {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.s.throttle();
+        let _g = self.s.gate.read();
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
+        let d = {
+            let t = self.s.table.lock();
+            match t.get(ino.0).and_then(|n| n.data()) {
+                Some(d) => d.clone(),
+                None => return reply.error(Errno::EIO),
+            }
+        };
+        match d.write(&self.s.repo, offset, data) {
+            Ok(len) => {
+                let mut t = self.s.table.lock();
+                if let Some(n) = t.get_mut(ino.0) {
+                    let delta = len as i64 - n.attr.size as i64;
+                    n.attr.size = len;
+                    let now = now_ns();
+                    n.attr.mtime_ns = now;
+                    n.attr.ctime_ns = now;
+                    let local = n.local_only;
+                    if !local {
+                        t.bytes += delta;
+                        self.s
+                            .pending
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    t.touch(ino.0);
+                }
+                reply.written(data.len() as u32)
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut t = self.s.table.lock();
+        if let Some(n) = t.get_mut(ino.0) {
+            n.opens = n.opens.saturating_sub(1);
+        }
+        t.maybe_forget(ino.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
+        let d = {
+            let t = self.s.table.lock();
+            t.get(ino.0).and_then(|n| n.data()).cloned()
+        };
+        match d.map(|d| d.sync_data()).unwrap_or(Ok(())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.s.ensure_loaded(ino.0) {
+            return reply.error(e);
+        }
+        let listing = {
+            let t = self.s.table.lock();
+            let Some(n) = t.get(ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let parent = match &n.body {
+                Body::Dir { parent, .. } => *parent,
+                _ => return reply.error(Errno::ENOTDIR),
+            };
+            let mut l: Listing = Vec::with_capacity(n.children().map(|c| c.len()).unwrap_or(0) + 2);
+            l.push((b".".to_vec(), ino.0, FileType::Directory));
+            l.push((b"..".to_vec(), parent, FileType::Directory));
+            for (name, &c) in n.children().into_iter().flatten() {
+                if let Some(cn) = t.get(c) {
+                    l.push((name.clone(), c, ftype(cn.kind)));
+                }
+            }
+            l
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(listing));
+        reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (name, ino, kind)) in l.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(*ino),
+                (i + 1) as u64,
+                *kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut t = self.s.table.lock();
+        for (i, (name, ino, _)) in l.iter().enumerate().skip(offset as usize) {
+            let Some(n) = t.get_mut(*ino) else { continue };
+            let attr = attr_of(*ino, n);
+            let dots = name == b"." || name == b"..";
+            if reply.add(
+                INodeNo(*ino),
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+            if !dots {
+                n.lookups += 1;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // fsync of the root directory: `sync` for programs that know only POSIX.
+        if ino.0 != ROOT {
+            return reply.ok();
+        }
+        match self.s.sync_now() {
+            Ok(_) => reply.ok(),
+            Err(e) => {
+                eprintln!("owfs: {}: sync failed: {e}", self.s.ws);
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(&self.s.cache_dir) {
+            Ok(v) => reply.statfs(
+                v.f_blocks,
+                v.f_bfree,
+                v.f_bavail,
+                v.f_files,
+                v.f_ffree,
+                v.f_bsize as u32,
+                255,
+                v.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _g = self.s.gate.read();
+        let name = name.as_bytes();
+        if !name.starts_with(b"user.") {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        if value.len() > XATTR_MAX {
+            return reply.error(Errno::E2BIG);
+        }
+        let mut t = self.s.table.lock();
+        let Some(n) = t.get_mut(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let exists = n.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return reply.error(Errno::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return reply.error(Errno::ENODATA);
+        }
+        n.xattrs.insert(name.to_vec(), value.to_vec());
+        n.attr.ctime_ns = now_ns();
+        t.touch(ino.0);
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let t = self.s.table.lock();
+        let Some(n) = t.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match n.xattrs.get(name.as_bytes()) {
+            None => reply.error(Errno::ENODATA),
+            Some(v) if size == 0 => reply.size(v.len() as u32),
+            Some(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some(v) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let t = self.s.table.lock();
+        let Some(n) = t.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut buf = Vec::new();
+        for k in n.xattrs.keys() {
+            buf.extend_from_slice(k);
+            buf.push(0);
+        }
+        if size == 0 {
+            reply.size(buf.len() as u32)
+        } else if buf.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&buf)
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self.s.gate.read();
+        let mut t = self.s.table.lock();
+        let Some(n) = t.get_mut(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.xattrs.remove(name.as_bytes()).is_none() {
+            return reply.error(Errno::ENODATA);
+        }
+        n.attr.ctime_ns = now_ns();
+        t.touch(ino.0);
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _g = self.s.gate.read();
+        let r = (|| {
+            self.alive()?;
+            let name = check_name(name)?;
+            self.s.ensure_loaded(parent.0)?;
+            let mut t = self.s.table.lock();
+            let (ino, attr) =
+                self.make_node(&mut t, req, parent.0, name, NKind::File, mode, 0, None)?;
+            if let Some(n) = t.get_mut(ino) {
+                n.opens += 1;
+            }
+            Ok(attr)
+        })();
+        match r {
+            Ok(attr) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _g = self.s.gate.read();
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let d = {
+            let t = self.s.table.lock();
+            match t.get(ino.0).and_then(|n| n.data()) {
+                Some(d) => d.clone(),
+                None => return reply.error(Errno::ENODEV),
+            }
+        };
+        match d.fallocate(&self.s.repo, offset, length, mode) {
+            Ok(len) => {
+                let mut t = self.s.table.lock();
+                if let Some(n) = t.get_mut(ino.0) {
+                    let delta = len as i64 - n.attr.size as i64;
+                    n.attr.size = len;
+                    let now = now_ns();
+                    n.attr.mtime_ns = now;
+                    n.attr.ctime_ns = now;
+                    if !n.local_only {
+                        t.bytes += delta;
+                    }
+                    t.touch(ino.0);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+fn reparent(t: &mut Table, child: u64, kind: NKind, from: u64, to: u64) {
+    if let Some(n) = t.get_mut(child) {
+        if kind == NKind::Dir {
+            if let Body::Dir { parent, .. } = &mut n.body {
+                *parent = to;
+            }
+        } else if let Some(i) = n.parents.iter().position(|p| *p == from) {
+            n.parents[i] = to;
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The read-write workspace mount: a FUSE file system whose working copy lives on local disk,
+//! and a committer that cuts a generation of it every commit interval and on `sync`.
+
+mod commit;
+pub mod control;
+mod fs;
+mod ranges;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore::generation::{self, GenRecord};
+use chunkstore::{Error, Repo, Result};
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::Serialize;
+
+use state::{Attr, Body, NKind, Node, Table, ROOT};
+
+/// Options of the read-write mount (`-o a=b,c`).
+#[derive(Debug, Clone)]
+pub struct WsOptions {
+    pub commit_interval: Duration,
+    pub max_backlog_bytes: u64,
+    pub prefetch: bool,
+    pub threads: usize,
+}
+
+impl Default for WsOptions {
+    fn default() -> Self {
+        WsOptions {
+            commit_interval: Duration::from_millis(1000),
+            max_backlog_bytes: 512 << 20,
+            prefetch: true,
+            threads: 4,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Stats {
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub last_error: Option<String>,
+    /// Barrier durations of the last cuts, in microseconds (most recent last, at most 4096).
+    #[serde(skip)]
+    pub barriers_us: Vec<u64>,
+    pub last_commit_ms: u64,
+    pub last_commit_duration_ms: u64,
+    pub throttled_writes: u64,
+}
+
+struct SyncState {
+    /// Sync requests numbered from 1; a cut serves every request made before it started.
+    requested: u64,
+    done_ok: u64,
+    done_err: u64,
+    err: Option<String>,
+    last: GenRecord,
+    stop: bool,
+    finished: bool,
+}
+
+pub struct Shared {
+    pub repo: Arc<Repo>,
+    pub ws: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub opts: WsOptions,
+    table: Mutex<Table>,
+    /// Mutations hold it shared; the cut holds it exclusively (the barrier).
+    gate: RwLock<()>,
+    /// Bytes written and not yet in a durable generation.
+    pending: AtomicU64,
+    backpressure: Condvar,
+    backpressure_lock: Mutex<()>,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    /// Set when the mount must stop serving writes (the reason is logged).
+    failed: AtomicBool,
+    pub stats: Mutex<Stats>,
+    started: Instant,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn fail(&self, why: &str) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            eprintln!("owfs: {}: stopping writes: {why}", self.ws);
+        }
+    }
+
+    /// Waits while the upload backlog is over its bound.
+    fn throttle(&self) {
+        let max = self.opts.max_backlog_bytes;
+        if self.pending.load(Ordering::Relaxed) <= max {
+            return;
+        }
+        self.stats.lock().throttled_writes += 1;
+        self.request_commit();
+        let mut g = self.backpressure_lock.lock();
+        let t0 = Instant::now();
+        while self.pending.load(Ordering::Relaxed) > max
+            && !self.failed.load(Ordering::Relaxed)
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            self.backpressure
+                .wait_for(&mut g, Duration::from_millis(100));
+        }
+    }
+
+    fn request_commit(&self) -> u64 {
+        let mut s = self.sync.lock();
+        s.requested += 1;
+        self.sync_cv.notify_all();
+        s.requested
+    }
+
+    /// Returns once a generation holding every write made before the call is durable.
+    pub fn sync_now(&self) -> Result<GenRecord> {
+        let my = self.request_commit();
+        let mut s = self.sync.lock();
+        loop {
+            if s.done_ok >= my {
+                return Ok(s.last.clone());
+            }
+            if s.done_err >= my {
+                return Err(Error::Store {
+                    store: self.repo.store.url().to_string(),
+                    detail: s.err.clone().unwrap_or_else(|| "commit failed".into()),
+                });
+            }
+            if s.finished {
+                return Err(Error::Store {
+                    store: self.repo.store.url().to_string(),
+                    detail: "the mount stopped before the commit".into(),
+                });
+            }
+            self.sync_cv.wait(&mut s);
+        }
+    }
+
+    /// One commit attempt: flush the kernel's dirty pages, cut, upload, publish.
+    fn commit_once(&self, flush_kernel: bool) -> Result<Option<GenRecord>> {
+        if flush_kernel {
+            // Pages the kernel holds (writeback cache) reach the daemon before the cut. This
+            // thread serves no FUSE request, so the writes it causes can be served.
+            if let Ok(f) = std::fs::File::open(&self.mountpoint) {
+                let _ = rustix::fs::syncfs(&f);
+            }
+        }
+        let Some(cut) = self.cut() else {
+            return Ok(None);
+        };
+        let barrier = cut.barrier;
+        let parent = self.sync.lock().last.clone();
+        let t0 = Instant::now();
+        let r = self.commit_cut(cut, &parent);
+        let mut st = self.stats.lock();
+        if st.barriers_us.len() >= 4096 {
+            st.barriers_us.remove(0);
+        }
+        st.barriers_us.push(barrier.as_micros() as u64);
+        match &r {
+            Ok(_) => {
+                st.commits += 1;
+                st.last_commit_ms = generation::now_ms();
+                st.last_commit_duration_ms = t0.elapsed().as_millis() as u64;
+            }
+            Err(e) => {
+                st.commit_failures += 1;
+                st.last_error = Some(e.to_string());
+            }
+        }
+        r.map(Some)
+    }
+
+    fn committer(self: &Arc<Self>) {
+        loop {
+            let (target, stop) = {
+                let mut s = self.sync.lock();
+                if s.requested == s.done_ok.max(s.done_err) && !s.stop {
+                    self.sync_cv.wait_for(&mut s, self.opts.commit_interval);
+                }
+                (s.requested, s.stop)
+            };
+            if self.failed.load(Ordering::SeqCst) {
+                let mut s = self.sync.lock();
+                s.done_err = target;
+                s.err = Some("the mount stopped serving writes".into());
+                self.sync_cv.notify_all();
+                if stop {
+                    break;
+                }
+                drop(s);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let r = self.commit_once(!stop);
+            let mut s = self.sync.lock();
+            match r {
+                Ok(rec) => {
+                    if let Some(rec) = rec {
+                        s.last = rec;
+                    }
+                    s.done_ok = target;
+                }
+                Err(e) => {
+                    eprintln!("owfs: {}: commit failed: {e}", self.ws);
+                    s.done_err = target;
+                    s.err = Some(e.to_string());
+                    if matches!(e, Error::Conflict(_)) {
+                        drop(s);
+                        self.fail(&format!(
+                            "another writer published to this workspace ({e}); nothing more is committed from here"
+                        ));
+                        s = self.sync.lock();
+                    } else if stop {
+                        // Unmounting: keep trying a while, the data exists only here.
+                        drop(s);
+                        std::thread::sleep(Duration::from_secs(1));
+                        let mut s2 = self.sync.lock();
+                        s2.requested += 1;
+                        continue;
+                    }
+                }
+            }
+            self.sync_cv.notify_all();
+            if stop {
+                break;
+            }
+        }
+        let mut s = self.sync.lock();
+        s.finished = true;
+        self.sync_cv.notify_all();
+    }
+
+    /// Status for `owfs status` and the control socket.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.sync.lock();
+        let st = self.stats.lock().clone();
+        let mut b = self.stats.lock().barriers_us.clone();
+        b.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if b.is_empty() {
+                0
+            } else {
+                b[((b.len() as f64 - 1.0) * p).round() as usize]
+            }
+        };
+        serde_json::json!({
+            "workspace": self.ws,
+            "mountpoint": self.mountpoint,
+            "cache_dir": self.cache_dir,
+            "store": self.repo.store.url(),
+            "pid": std::process::id(),
+            "generation": s.last.number,
+            "generation_age_ms": generation::now_ms().saturating_sub(s.last.created_ms),
+            "epoch": s.last.epoch,
+            "pending_bytes": self.pending.load(Ordering::Relaxed),
+            "failed": self.failed.load(Ordering::Relaxed),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "commits": st.commits,
+            "commit_failures": st.commit_failures,
+            "last_error": st.last_error,
+            "last_commit_duration_ms": st.last_commit_duration_ms,
+            "throttled_writes": st.throttled_writes,
+            "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
+            "requests": self.repo.store.counters(),
+        })
+    }
+}
+
+fn parse_size_mb(v: &str, key: &str) -> Result<u64> {
+    v.parse::<u64>().map_err(|_| Error::BadName {
+        name: format!("{key}={v}"),
+        reason: "expected a whole number".into(),
+    })
+}
+
+impl WsOptions {
+    pub fn set(&mut self, key: &str, v: &str) -> Result<()> {
+        match key {
+            "commit_interval_ms" => {
+                self.commit_interval = Duration::from_millis(parse_size_mb(v, key)?.max(10))
+            }
+            "max_backlog_mb" => self.max_backlog_bytes = parse_size_mb(v, key)?.max(1) << 20,
+            "prefetch" => self.prefetch = v != "0" && v != "false" && v != "no",
+            "threads" => self.threads = parse_size_mb(v, key)?.clamp(1, 64) as usize,
+            _ => {
+                return Err(Error::BadName {
+                    name: key.to_string(),
+                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=)".into(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a workspace's working copy lives unless --cache-dir says otherwise.
+pub fn default_cache_dir(ws: &str) -> PathBuf {
+    let base = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/lib/owfs/cache")
+    } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        PathBuf::from(x).join("owfs")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/owfs")
+    };
+    base.join(ws)
+}
+
+/// The latest generation of `ws`, creating the workspace (an empty generation 1) if needed.
+pub fn latest_or_create(repo: &Arc<Repo>, ws: &str) -> Result<GenRecord> {
+    generation::check_workspace_name(ws)?;
+    if let Some(rec) = repo.block_on(generation::latest(&repo.store, ws))? {
+        return Ok(rec);
+    }
+    let tree = chunkstore::tree::Tree::default().encode();
+    let hash = chunkstore::Hash::of(&tree);
+    let mut w = chunkstore::writer::BlobWriter::new(repo.clone())?;
+    w.add(hash, chunkstore::pack::BlobKind::Tree, tree)?;
+    let reused = std::mem::take(&mut w.reused);
+    let write = w.finish()?;
+    let mut rec = chunkstore::commit::record(chunkstore::commit::NewGen {
+        ws,
+        parent: None,
+        kind: "create",
+        origin: None,
+        root: hash,
+        tree: Default::default(),
+        write,
+        epoch: 0,
+    });
+    rec.root_attr = Some(chunkstore::generation::RootAttr {
+        mode: 0o755,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        mtime_ns: now_ns(),
+    });
+    match chunkstore::commit::publish_checked(repo, &rec, &reused) {
+        Ok(()) => Ok(rec),
+        // Someone created it at the same time: use theirs.
+        Err(Error::Conflict(_)) => repo
+            .block_on(generation::latest(&repo.store, ws))?
+            .ok_or_else(|| Error::UnknownWorkspace(ws.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the cache directory for this mount: one daemon per cache directory.
+fn prepare_cache(cache_dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    let lock_path = cache_dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| Error::Conflict(format!(
+            "cache directory {} is in use by another owfs mount; give this mount its own --cache-dir",
+            cache_dir.display()
+        )),
+    )?;
+    let data = cache_dir.join("data");
+    // The working copy restarts from the generation: a previous run's files are stale.
+    if data.exists() {
+        std::fs::remove_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+    }
+    std::fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+    Ok((lock, data))
+}
+
+fn root_node(rec: &GenRecord) -> Result<Node> {
+    let ra = rec.root_attr.unwrap_or(chunkstore::generation::RootAttr {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_ns: rec.created_ms as i64 * 1_000_000,
+    });
+    let mut e = chunkstore::tree::Entry {
+        name: Vec::new(),
+        kind: chunkstore::tree::Kind::Dir,
+        mode: ra.mode,
+        uid: ra.uid,
+        gid: ra.gid,
+        mtime_ns: ra.mtime_ns,
+        size: 0,
+        link: 0,
+        ino: ROOT,
+        ctime_ns: ra.mtime_ns,
+        rdev: 0,
+        xattrs: Vec::new(),
+        target: Vec::new(),
+        subtree: Some(rec.root_hash()?),
+        content: Default::default(),
+    };
+    let tree = e.subtree;
+    e.name.clear();
+    Ok(Node {
+        kind: NKind::Dir,
+        attr: Attr {
+            perm: ra.mode & 0o7777,
+            uid: ra.uid,
+            gid: ra.gid,
+            size: 4096,
+            atime_ns: ra.mtime_ns,
+            mtime_ns: ra.mtime_ns,
+            ctime_ns: ra.mtime_ns,
+            rdev: 0,
+            nlink: 2,
+        },
+        xattrs: Default::default(),
+        body: Body::Dir {
+            children: None,
+            tree,
+            parent: ROOT,
+        },
+        parents: Vec::new(),
+        lookups: 1,
+        opens: 0,
+        committed: Some(Arc::new(e)),
+        touched: 0,
+        local_only: false,
+    })
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in every thread; one thread waits for them and unmounts.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask on this thread (the
+    // threads spawned after inherit it).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Runs the read-write mount in this process until it is unmounted; returns the exit status.
+pub fn run(
+    repo: Arc<Repo>,
+    ws: &str,
+    mountpoint: &Path,
+    cache_dir: Option<PathBuf>,
+    opts: WsOptions,
+) -> Result<i32> {
+    let rec = latest_or_create(&repo, ws)?;
+    let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
+    let (_lock, data_dir) = prepare_cache(&cache_dir)?;
+    let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
+    let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
+    let table = Table::new(data_dir, root_node(&rec)?, totals);
+    let threads = opts.threads;
+    let shared = Arc::new(Shared {
+        repo,
+        ws: ws.to_string(),
+        mountpoint: mountpoint.clone(),
+        cache_dir: cache_dir.clone(),
+        opts,
+        table: Mutex::new(table),
+        gate: RwLock::new(()),
+        pending: AtomicU64::new(0),
+        backpressure: Condvar::new(),
+        backpressure_lock: Mutex::new(()),
+        sync: Mutex::new(SyncState {
+            requested: 0,
+            done_ok: 0,
+            done_err: 0,
+            err: None,
+            last: rec.clone(),
+            stop: false,
+            finished: false,
+        }),
+        sync_cv: Condvar::new(),
+        failed: AtomicBool::new(false),
+        stats: Mutex::new(Stats::default()),
+        started: Instant::now(),
+    });
+    // Fail at mount time, not on first access, if the root is unreadable.
+    shared.ensure_loaded(ROOT).map_err(|e| Error::Store {
+        store: shared.repo.store.url().to_string(),
+        detail: format!("cannot read the root of {}: {e:?}", rec.spec()),
+    })?;
+    let sigset = block_signals();
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("owfs:{ws}")),
+        fuser::MountOption::Subtype("owfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::RW,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs::OwfsFs::new(shared.clone()), &mountpoint, &config)
+        .map_err(|e| Error::io(&mountpoint, e))?;
+    eprintln!(
+        "owfs: serving {} (generation {}) read-write on {}, cache {}",
+        ws,
+        rec.number,
+        mountpoint.display(),
+        cache_dir.display()
+    );
+
+    let committer = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("owfs-commit".into())
+            .spawn(move || s.committer())
+            .map_err(|e| Error::io("thread", e))?
+    };
+    let control = control::serve(shared.clone())?;
+    {
+        let mp = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("owfs-signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: waits on the set blocked above.
+                if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
+                    eprintln!("owfs: signal {sig}: committing and unmounting");
+                    if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
+                        let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                    }
+                }
+            })
+            .map_err(|e| Error::io("thread", e))?;
+    }
+    if shared.opts.prefetch {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("owfs-prefetch".into())
+            .spawn(move || s.prefetch())
+            .map_err(|e| Error::io("thread", e))?;
+    }
+
+    let served = session.run();
+    // Unmounted: the kernel has sent every dirty page. Commit what is left, then stop.
+    {
+        let mut s = shared.sync.lock();
+        s.stop = true;
+        s.requested += 1;
+        shared.sync_cv.notify_all();
+    }
+    let _ = committer.join();
+    let (ok, last) = {
+        let s = shared.sync.lock();
+        (s.done_ok >= s.requested, s.last.clone())
+    };
+    control.finish(&shared, ok);
+    if let Err(e) = served {
+        eprintln!("owfs: the FUSE session ended with an error: {e}");
+    }
+    if shared.failed.load(Ordering::SeqCst) {
+        eprintln!(
+            "owfs: {ws}: stopped after a failure; last durable generation {}",
+            last.number
+        );
+        return Ok(crate::exit::code(&Error::Conflict(String::new())));
+    }
+    if !ok {
+        eprintln!(
+            "owfs: {ws}: the final commit failed; the last durable generation is {}",
+            last.number
+        );
+        return Ok(4);
+    }
+    eprintln!(
+        "owfs: {ws}: unmounted; generation {} is durable",
+        last.number
+    );
+    Ok(0)
+}

@@ -1,0 +1,714 @@
+//! The workspace's live state: an inode table in memory (names, attributes, xattrs) and each
+//! regular file's bytes in a file of the local cache, keyed by inode. What changed since the
+//! last cut is tracked per node (`committed` is cleared up to the root) and per file (dirty
+//! byte ranges), so a cut visits only changed directories and reads only changed bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chunkstore::tree::{chunk_starts, ChunkRef, Content, Entry, Kind};
+use chunkstore::{Hash, Repo};
+use parking_lot::Mutex;
+
+use super::ranges::RangeSet;
+
+pub const ROOT: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Char,
+    Block,
+    Socket,
+}
+
+impl NKind {
+    pub fn from_mode(mode: u32) -> Option<NKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => NKind::File,
+            libc::S_IFDIR => NKind::Dir,
+            libc::S_IFLNK => NKind::Symlink,
+            libc::S_IFIFO => NKind::Fifo,
+            libc::S_IFCHR => NKind::Char,
+            libc::S_IFBLK => NKind::Block,
+            libc::S_IFSOCK => NKind::Socket,
+            _ => return None,
+        })
+    }
+
+    fn from_tree(k: Kind) -> NKind {
+        match k {
+            Kind::File => NKind::File,
+            Kind::Dir => NKind::Dir,
+            Kind::Symlink => NKind::Symlink,
+            Kind::Fifo => NKind::Fifo,
+            Kind::CharDev => NKind::Char,
+            Kind::BlockDev => NKind::Block,
+        }
+    }
+
+    /// Sockets live only on this node: a socket file means nothing without its process.
+    pub fn to_tree(self) -> Option<Kind> {
+        Some(match self {
+            NKind::File => Kind::File,
+            NKind::Dir => Kind::Dir,
+            NKind::Symlink => Kind::Symlink,
+            NKind::Fifo => Kind::Fifo,
+            NKind::Char => Kind::CharDev,
+            NKind::Block => Kind::BlockDev,
+            NKind::Socket => return None,
+        })
+    }
+}
+
+/// Names that stay on this node and are never committed (DESIGN §2: SQLite's shared-memory
+/// index is rebuilt from the WAL by whoever opens the database next).
+pub fn node_local_name(name: &[u8]) -> bool {
+    name.ends_with(b"-shm")
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    /// Permission bits including setuid, setgid and sticky.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub rdev: u64,
+    pub nlink: u32,
+}
+
+pub enum Body {
+    Dir {
+        /// Loaded on first use from `tree` (a directory of the mounted generation).
+        children: Option<BTreeMap<Vec<u8>, u64>>,
+        tree: Option<Hash>,
+        parent: u64,
+    },
+    File(Arc<FileData>),
+    Symlink(Vec<u8>),
+    Special,
+}
+
+pub struct Node {
+    pub kind: NKind,
+    pub attr: Attr,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub body: Body,
+    /// Directories holding a name of this node, once per name.
+    pub parents: Vec<u64>,
+    /// The kernel's references (lookups not yet forgotten) and open handles: a node with
+    /// no name stays until both are zero.
+    pub lookups: u64,
+    pub opens: u32,
+    /// This node as the last generation recorded it; `None` once it or (for a directory)
+    /// anything below it changed.
+    pub committed: Option<Arc<Entry>>,
+    /// Cut epoch of the last change: changes in the current epoch need not propagate again.
+    pub touched: u64,
+    /// Never committed (a `-shm` file, a socket).
+    pub local_only: bool,
+}
+
+impl Node {
+    pub fn children(&self) -> Option<&BTreeMap<Vec<u8>, u64>> {
+        match &self.body {
+            Body::Dir { children, .. } => children.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn children_mut(&mut self) -> Option<&mut BTreeMap<Vec<u8>, u64>> {
+        match &mut self.body {
+            Body::Dir { children, .. } => children.as_mut(),
+            _ => None,
+        }
+    }
+
+    pub fn data(&self) -> Option<&Arc<FileData>> {
+        match &self.body {
+            Body::File(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The tree entry for this node, without name, content or subtree (those come from the
+    /// cut).
+    pub fn entry(&self, ino: u64) -> Entry {
+        Entry {
+            name: Vec::new(),
+            kind: self.kind.to_tree().unwrap_or(Kind::File),
+            mode: self.attr.perm,
+            uid: self.attr.uid,
+            gid: self.attr.gid,
+            mtime_ns: self.attr.mtime_ns,
+            size: if self.kind == NKind::Dir {
+                0
+            } else {
+                self.attr.size
+            },
+            link: if self.kind == NKind::File && self.attr.nlink > 1 {
+                ino
+            } else {
+                0
+            },
+            ino,
+            ctime_ns: self.attr.ctime_ns,
+            rdev: self.attr.rdev,
+            xattrs: self
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            target: match &self.body {
+                Body::Symlink(t) => t.clone(),
+                _ => Vec::new(),
+            },
+            subtree: None,
+            content: Content::Empty,
+        }
+    }
+}
+
+pub struct Table {
+    pub nodes: HashMap<u64, Node>,
+    next_ino: u64,
+    /// Current cut epoch (bumped at every cut).
+    pub epoch: u64,
+    /// Hard-link groups of the mounted generation → inode, so every name gets one inode.
+    links: HashMap<u64, u64>,
+    pub data_dir: PathBuf,
+    /// Names of regular files, directories, and file bytes (what generation records count).
+    pub files: i64,
+    pub dirs: i64,
+    pub bytes: i64,
+}
+
+impl Table {
+    pub fn new(data_dir: PathBuf, root: Node, totals: (i64, i64, i64)) -> Table {
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT, root);
+        Table {
+            nodes,
+            next_ino: ROOT + 1,
+            epoch: 1,
+            links: HashMap::new(),
+            data_dir,
+            files: totals.0,
+            dirs: totals.1,
+            bytes: totals.2,
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    pub fn alloc(&mut self) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    pub fn new_file_data(&self, ino: u64, base: Content, size: u64) -> Arc<FileData> {
+        Arc::new(FileData::new(
+            self.data_dir.join(ino.to_string()),
+            base,
+            size,
+        ))
+    }
+
+    /// Records a change of `ino`: it and every directory above it leave the committed state.
+    pub fn touch(&mut self, ino: u64) {
+        let epoch = self.epoch;
+        let mut stack = vec![ino];
+        while let Some(i) = stack.pop() {
+            let Some(n) = self.nodes.get_mut(&i) else {
+                continue;
+            };
+            n.committed = None;
+            if n.touched == epoch || (n.local_only && i == ino) {
+                n.touched = epoch;
+                continue;
+            }
+            n.touched = epoch;
+            match &n.body {
+                Body::Dir { parent, .. } if i != ROOT => stack.push(*parent),
+                Body::Dir { .. } => {}
+                _ => stack.extend(n.parents.iter().copied()),
+            }
+        }
+    }
+
+    /// Creates the nodes of a directory of the mounted generation from its tree.
+    pub fn install_children(&mut self, dir: u64, entries: Vec<Entry>) {
+        let mut children = BTreeMap::new();
+        let mut subdirs = 0;
+        for e in entries {
+            let name = e.name.clone();
+            if e.kind == Kind::Dir {
+                subdirs += 1;
+            }
+            let ino = match (e.link != 0).then(|| self.links.get(&e.link).copied()) {
+                Some(Some(ino)) => {
+                    if let Some(n) = self.nodes.get_mut(&ino) {
+                        n.parents.push(dir);
+                        n.attr.nlink += 1;
+                    }
+                    ino
+                }
+                _ => {
+                    let ino = self.alloc();
+                    if e.link != 0 {
+                        self.links.insert(e.link, ino);
+                    }
+                    let node = self.node_from_entry(ino, dir, e);
+                    self.nodes.insert(ino, node);
+                    ino
+                }
+            };
+            children.insert(name, ino);
+        }
+        if let Some(n) = self.nodes.get_mut(&dir) {
+            n.attr.nlink = 2 + subdirs;
+            if let Body::Dir { children: c, .. } = &mut n.body {
+                *c = Some(children);
+            }
+        }
+    }
+
+    fn node_from_entry(&self, ino: u64, parent: u64, mut e: Entry) -> Node {
+        let kind = NKind::from_tree(e.kind);
+        let body = match kind {
+            NKind::Dir => Body::Dir {
+                children: None,
+                tree: e.subtree,
+                parent,
+            },
+            NKind::File => Body::File(self.new_file_data(ino, e.content.clone(), e.size)),
+            NKind::Symlink => Body::Symlink(e.target.clone()),
+            _ => Body::Special,
+        };
+        let attr = Attr {
+            perm: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+            size: if kind == NKind::Dir { 4096 } else { e.size },
+            atime_ns: e.mtime_ns,
+            mtime_ns: e.mtime_ns,
+            ctime_ns: if e.ctime_ns != 0 {
+                e.ctime_ns
+            } else {
+                e.mtime_ns
+            },
+            rdev: e.rdev,
+            nlink: if kind == NKind::Dir { 2 } else { 1 },
+        };
+        let xattrs = std::mem::take(&mut e.xattrs).into_iter().collect();
+        e.name.clear();
+        Node {
+            kind,
+            attr,
+            xattrs,
+            body,
+            parents: if kind == NKind::Dir {
+                Vec::new()
+            } else {
+                vec![parent]
+            },
+            lookups: 0,
+            opens: 0,
+            committed: Some(Arc::new(e)),
+            touched: 0,
+            local_only: false,
+        }
+    }
+
+    /// Drops a node that has no name, no kernel reference and no open handle.
+    pub fn maybe_forget(&mut self, ino: u64) {
+        let gone = self
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.attr.nlink == 0 && n.lookups == 0 && n.opens == 0 && ino != ROOT);
+        if gone {
+            if let Some(n) = self.nodes.remove(&ino) {
+                if let Body::File(d) = n.body {
+                    d.discard();
+                }
+            }
+        }
+    }
+}
+
+/// Where a file's bytes come from before they are local: its content in the mounted
+/// generation, fetched chunk by chunk on first access.
+struct Remote {
+    content: Content,
+    chunks: Option<Arc<(Vec<ChunkRef>, Vec<u64>)>>,
+    /// Bytes at or past this offset were cut off by a truncate: never fetched.
+    end: u64,
+}
+
+/// What a cut froze of a file: its size, and the bytes writers have overwritten since, saved
+/// just before they were overwritten, so the committer reads the file as it was at the cut.
+pub struct Frozen {
+    pub size: u64,
+    saved: RangeSet,
+    bytes: BTreeMap<u64, Vec<u8>>,
+}
+
+pub struct FileState {
+    file: Option<File>,
+    /// Logical length (equals the cache file's length once it exists).
+    pub len: u64,
+    remote: Option<Remote>,
+    /// Bytes below `remote.end` already local.
+    present: RangeSet,
+    /// Written since the last cut.
+    pub dirty: RangeSet,
+    /// The content the last generation holds for this file, and its chunk list.
+    pub base: Content,
+    base_chunks: Option<Arc<Vec<ChunkRef>>>,
+    pub frozen: Option<Frozen>,
+}
+
+pub struct FileData {
+    pub path: PathBuf,
+    pub st: Mutex<FileState>,
+}
+
+fn eio(what: impl std::fmt::Display) -> io::Error {
+    io::Error::other(what.to_string())
+}
+
+impl FileData {
+    fn new(path: PathBuf, base: Content, size: u64) -> FileData {
+        let remote = (size > 0).then(|| Remote {
+            content: base.clone(),
+            chunks: None,
+            end: size,
+        });
+        FileData {
+            path,
+            st: Mutex::new(FileState {
+                file: None,
+                len: size,
+                remote,
+                present: RangeSet::default(),
+                dirty: RangeSet::default(),
+                base,
+                base_chunks: None,
+                frozen: None,
+            }),
+        }
+    }
+
+    fn discard(&self) {
+        let mut st = self.st.lock();
+        st.file = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    fn file<'a>(&self, st: &'a mut FileState) -> io::Result<&'a File> {
+        if st.file.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)?;
+            f.set_len(st.len)?;
+            st.file = Some(f);
+        }
+        Ok(st.file.as_ref().expect("just opened"))
+    }
+
+    /// Fetches from the store whatever of `[start, end)` is not local yet.
+    pub fn ensure_present(
+        &self,
+        st: &mut FileState,
+        repo: &Repo,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        let Some(remote) = st.remote.as_mut() else {
+            return Ok(());
+        };
+        let end = end.min(remote.end);
+        if start >= end || st.present.covers(start, end) {
+            return Ok(());
+        }
+        let chunks = match &remote.chunks {
+            Some(c) => c.clone(),
+            None => {
+                let list = repo
+                    .chunk_list(&remote.content, &self.path.display().to_string())
+                    .map_err(eio)?;
+                let (starts, _) = chunk_starts(&list);
+                let c = Arc::new((list, starts));
+                remote.chunks = Some(c.clone());
+                c
+            }
+        };
+        let remote_end = remote.end;
+        let (list, starts) = (&chunks.0, &chunks.1);
+        for gap in st.present.gaps(start, end) {
+            let mut i = starts
+                .partition_point(|s| *s <= gap.start)
+                .saturating_sub(1);
+            while i < list.len() && starts[i] < gap.end {
+                let (cs, ce) = (starts[i], starts[i] + list[i].len as u64);
+                let ce_clip = ce.min(remote_end);
+                let missing = st.present.gaps(cs, ce_clip);
+                if !missing.is_empty() {
+                    let data = repo
+                        .read_blob(&list[i].hash, &format!("{}", self.path.display()))
+                        .map_err(eio)?;
+                    let f = self.file(st)?;
+                    for m in &missing {
+                        let a = (m.start - cs) as usize;
+                        let b = (m.end - cs) as usize;
+                        f.write_all_at(&data[a..b], m.start)?;
+                    }
+                    st.present.insert(cs, ce_clip);
+                }
+                i += 1;
+            }
+        }
+        let remote_end = st.remote.as_ref().map(|r| r.end).unwrap_or(0);
+        if st.present.covers(0, remote_end) {
+            st.remote = None;
+            st.present = RangeSet::default();
+        }
+        Ok(())
+    }
+
+    /// The next range of this file still to fetch, for the background prefetch.
+    pub fn next_missing(&self, max: u64) -> Option<Range<u64>> {
+        let st = self.st.lock();
+        let end = st.remote.as_ref()?.end;
+        let g = st.present.gaps(0, end).into_iter().next()?;
+        Some(g.start..g.end.min(g.start + max))
+    }
+
+    /// Before bytes of a frozen file change, keeps their values at the cut.
+    fn preserve(&self, st: &mut FileState, repo: &Repo, start: u64, end: u64) -> io::Result<()> {
+        let Some(fz) = st.frozen.as_ref() else {
+            return Ok(());
+        };
+        let end = end.min(fz.size);
+        if start >= end {
+            return Ok(());
+        }
+        let gaps = fz.saved.gaps(start, end);
+        for g in gaps {
+            self.ensure_present(st, repo, g.start, g.end)?;
+            let mut buf = vec![0u8; (g.end - g.start) as usize];
+            read_padded(self.file(st)?, &mut buf, g.start)?;
+            let fz = st.frozen.as_mut().expect("frozen");
+            fz.saved.insert(g.start, g.end);
+            fz.bytes.insert(g.start, buf);
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, repo: &Repo, off: u64, data: &[u8]) -> io::Result<u64> {
+        let mut st = self.st.lock();
+        let end = off + data.len() as u64;
+        self.preserve(&mut st, repo, off, end)?;
+        let old_len = st.len;
+        self.file(&mut st)?.write_all_at(data, off)?;
+        st.present.insert(off, end);
+        st.dirty.insert(off.min(old_len), end);
+        st.len = st.len.max(end);
+        Ok(st.len)
+    }
+
+    pub fn read(&self, repo: &Repo, off: u64, size: u32) -> io::Result<Vec<u8>> {
+        let mut st = self.st.lock();
+        let end = (off + size as u64).min(st.len);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        self.ensure_present(&mut st, repo, off, end)?;
+        let mut buf = vec![0u8; (end - off) as usize];
+        read_padded(self.file(&mut st)?, &mut buf, off)?;
+        Ok(buf)
+    }
+
+    pub fn truncate(&self, repo: &Repo, new_len: u64) -> io::Result<()> {
+        let mut st = self.st.lock();
+        let old = st.len;
+        if new_len == old {
+            return Ok(());
+        }
+        self.preserve(&mut st, repo, new_len, old)?;
+        self.file(&mut st)?.set_len(new_len)?;
+        if new_len < old {
+            st.present.remove(new_len, u64::MAX);
+            st.dirty.remove(new_len, u64::MAX);
+            if let Some(r) = st.remote.as_mut() {
+                r.end = r.end.min(new_len);
+            }
+        } else {
+            st.dirty.insert(old, new_len);
+        }
+        st.len = new_len;
+        Ok(())
+    }
+
+    /// fallocate(2): allocation (maybe extending), hole punching and zeroing.
+    pub fn fallocate(&self, repo: &Repo, off: u64, len: u64, mode: i32) -> io::Result<u64> {
+        let mut st = self.st.lock();
+        let end = off + len;
+        let zeroes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        if zeroes {
+            self.preserve(&mut st, repo, off, end)?;
+        }
+        let f = self.file(&mut st)?;
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let old = st.len;
+        if zeroes {
+            let e = if keep { end.min(old) } else { end };
+            st.present.insert(off, e);
+            st.dirty.insert(off, e);
+        }
+        if !keep && end > old {
+            st.dirty.insert(old, end);
+            st.len = end;
+        }
+        Ok(st.len)
+    }
+
+    pub fn sync_data(&self) -> io::Result<()> {
+        let st = self.st.lock();
+        match &st.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Freezes the file for a cut: returns the ranges written since the last cut.
+    pub fn freeze(&self) -> (u64, Vec<Range<u64>>) {
+        let mut st = self.st.lock();
+        let dirty = std::mem::take(&mut st.dirty).to_vec();
+        let size = st.len;
+        st.frozen = Some(Frozen {
+            size,
+            saved: RangeSet::default(),
+            bytes: BTreeMap::new(),
+        });
+        (size, dirty)
+    }
+
+    /// The chunk list of the last committed content.
+    pub fn base_chunks(&self, repo: &Repo) -> io::Result<Arc<Vec<ChunkRef>>> {
+        let (base, cached) = {
+            let st = self.st.lock();
+            (st.base.clone(), st.base_chunks.clone())
+        };
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let list = Arc::new(
+            repo.chunk_list(&base, &self.path.display().to_string())
+                .map_err(eio)?,
+        );
+        self.st.lock().base_chunks = Some(list.clone());
+        Ok(list)
+    }
+
+    /// Reads bytes as they were at the cut.
+    pub fn read_frozen(&self, repo: &Repo, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut st = self.st.lock();
+        let end = off + buf.len() as u64;
+        self.ensure_present(&mut st, repo, off, end)?;
+        read_padded(self.file(&mut st)?, buf, off)?;
+        let fz = st.frozen.as_ref().expect("file is frozen");
+        for r in fz.saved.overlaps(off, end) {
+            // Saved extents are stored as inserted; find the ones covering r.
+            let mut pos = r.start;
+            for (&s, bytes) in fz.bytes.range(..r.end).rev() {
+                let e = s + bytes.len() as u64;
+                if e <= r.start {
+                    break;
+                }
+                let (a, b) = (s.max(r.start), e.min(r.end));
+                if a < b {
+                    buf[(a - off) as usize..(b - off) as usize]
+                        .copy_from_slice(&bytes[(a - s) as usize..(b - s) as usize]);
+                }
+                pos = pos.max(b);
+            }
+            debug_assert!(pos >= r.start);
+        }
+        Ok(())
+    }
+
+    /// After the cut's generation is durable (`Some(new base)`), or failed (`None`: the
+    /// frozen ranges are dirty again).
+    pub fn thaw(&self, result: Option<(Content, Arc<Vec<ChunkRef>>)>, frozen_dirty: &[Range<u64>]) {
+        let mut st = self.st.lock();
+        st.frozen = None;
+        match result {
+            Some((content, chunks)) => {
+                st.base = content;
+                st.base_chunks = Some(chunks);
+            }
+            None => {
+                let len = st.len;
+                for r in frozen_dirty {
+                    st.dirty.insert(r.start.min(len), r.end.min(len));
+                }
+            }
+        }
+    }
+}
+
+use std::os::fd::AsRawFd;
+
+/// pread that treats bytes past the end of the local file as zeros.
+fn read_padded(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A frozen file as the committer reads it.
+pub struct FrozenView<'a> {
+    pub data: &'a FileData,
+    pub repo: &'a Repo,
+}
+
+impl chunkstore::rechunk::ReadAt for FrozenView<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.data.read_frozen(self.repo, buf, offset)
+    }
+}
