@@ -2,12 +2,14 @@
 # Installs what building, demonstrating and testing owfs needs, and only what is missing:
 #   - Debian packages: fuse3 sqlite3 curl attr restic time libacl1-dev (apt-get, as root or
 #     through sudo);
-#   - the Rust toolchain's rustfmt and clippy components, and cargo-nextest;
+#   - the Rust toolchain's rustfmt and clippy components, cargo-nextest, and pjdfstest 0.2.2
+#     (the POSIX file system test suite scripts/pjdfstest.sh runs; it links libacl);
 #   - moto's S3 server (PyPI `moto[server]`), the S3 the tests run against.
 # Used by scripts/demo.sh and .ci/run. Safe to run again: it changes nothing that is present.
 #
 # Usage: scripts/install-deps.sh [--no-test-tools]
-#   --no-test-tools   skip cargo-nextest, rustfmt/clippy and moto (what scripts/demo.sh needs)
+#   --no-test-tools   skip cargo-nextest, pjdfstest, rustfmt/clippy and moto (what
+#                     scripts/demo.sh needs)
 set -euo pipefail
 
 test_tools=1
@@ -15,7 +17,7 @@ for arg in "$@"; do
     case "$arg" in
     --no-test-tools) test_tools=0 ;;
     -h | --help)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -92,6 +94,13 @@ if ((test_tools)); then
     if ! cargo nextest --version >/dev/null 2>&1; then
         say "cargo install cargo-nextest (a few minutes)"
         cargo install --locked --quiet cargo-nextest
+    fi
+    # pjdfstest: the version scripts/pjdfstest.toml and docs/pjdfstest-native.txt are for.
+    pjdfstest_version=0.2.2
+    pjdfstest_bin=$(command -v pjdfstest || echo "$HOME/.cargo/bin/pjdfstest")
+    if [[ $("$pjdfstest_bin" --version 2>/dev/null) != "pjdfstest $pjdfstest_version" ]]; then
+        say "cargo install pjdfstest $pjdfstest_version (about a minute)"
+        cargo install --locked --quiet pjdfstest --version "$pjdfstest_version"
     fi
 fi
 
