@@ -31,7 +31,7 @@ die() {
     echo "pjdfstest: error: $*" >&2
     exit 2
 }
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 dir='' expect='' secondary='' allow_remount=0 listing='' log='' timeout_s=900 keep=0
 patterns=()
