@@ -387,3 +387,110 @@ pub fn is_mounted(path: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
 }
+
+/// A read-write mount of a workspace, unmounted (with its final commit) when dropped.
+pub struct RwMount<'a> {
+    pub case: &'a Case,
+    pub ws: String,
+    pub at: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Case {
+    /// Mounts `ws` read-write on a fresh directory `name` with its own cache directory.
+    pub fn mount_rw(&self, ws: &str, name: &str, opts: &[&str]) -> RwMount<'_> {
+        let at = self.dir(name);
+        let cache = self.dir(&format!("{name}.cache"));
+        std::fs::create_dir_all(&at).unwrap();
+        let mut args = vec![
+            "mount",
+            ws,
+            at.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        let o = opts.join(",");
+        if !o.is_empty() {
+            args.push("-o");
+            args.push(&o);
+        }
+        self.ok(&args);
+        RwMount {
+            case: self,
+            ws: ws.to_string(),
+            at,
+            cache,
+        }
+    }
+}
+
+impl RwMount<'_> {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.at.join(rel)
+    }
+
+    /// `owfs sync`: the number of the generation that holds every write made before.
+    pub fn sync(&self) -> u64 {
+        let v = self.case.json(&["sync", self.at.to_str().unwrap()]);
+        v["generation"].as_u64().expect("sync prints a generation")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.case.json(&["status", self.at.to_str().unwrap()])
+    }
+
+    pub fn daemon_pid(&self) -> i32 {
+        self.status()["pid"].as_i64().expect("status has a pid") as i32
+    }
+
+    /// `owfs umount`: returns the final generation's number.
+    pub fn umount(self) -> u64 {
+        let v = self.case.json(&["umount", self.at.to_str().unwrap()]);
+        let n = v["generation"]
+            .as_u64()
+            .expect("umount prints a generation");
+        assert!(!is_mounted(&self.at));
+        n
+    }
+
+    /// SIGKILL of the daemon, then the dead mount is detached (as a supervisor would).
+    pub fn kill(self) {
+        let pid = self.daemon_pid();
+        kill_and_detach(pid, &self.at);
+    }
+}
+
+/// Kills a mount's daemon with SIGKILL and detaches the mount it leaves behind.
+pub fn kill_and_detach(pid: i32, at: &Path) {
+    unsafe_kill(pid, 9);
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = Command::new("umount").arg("-l").arg(at).status();
+}
+
+/// Sends `sig` to `pid`.
+pub fn unsafe_kill(pid: i32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for RwMount<'_> {
+    fn drop(&mut self) {
+        if is_mounted(&self.at) {
+            let out = self.case.owfs(&["umount", self.at.to_str().unwrap()]);
+            if !out.status.success() {
+                let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+            }
+        }
+    }
+}

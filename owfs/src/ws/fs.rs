@@ -197,6 +197,9 @@ impl OwfsFs {
     }
 
     fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Option<u64>, Errno> {
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
         self.s.ensure_loaded(parent)?;
         let t = self.s.table.lock();
         let p = t.get(parent).ok_or(Errno::ENOENT)?;

@@ -159,7 +159,7 @@ impl Node {
                 self.attr.size
             },
             link: if self.kind == NKind::File && self.attr.nlink > 1 {
-                ino
+                link_key(ino, self.attr.nlink)
             } else {
                 0
             },
@@ -179,6 +179,19 @@ impl Node {
             content: Content::Empty,
         }
     }
+}
+
+/// A hard-link group key that also carries the group's size: a lazily loaded directory
+/// then knows a file's link count before every directory naming it was loaded. Keys from
+/// `owfs snapshot` (plain inode numbers) carry none.
+const LINK_COUNT_SHIFT: u32 = 40;
+
+fn link_key(ino: u64, nlink: u32) -> u64 {
+    (ino & ((1 << LINK_COUNT_SHIFT) - 1)) | ((nlink as u64) << LINK_COUNT_SHIFT)
+}
+
+fn link_count(key: u64) -> u32 {
+    (key >> LINK_COUNT_SHIFT) as u32
 }
 
 pub struct Table {
@@ -268,7 +281,9 @@ impl Table {
                 Some(Some(ino)) => {
                     if let Some(n) = self.nodes.get_mut(&ino) {
                         n.parents.push(dir);
-                        n.attr.nlink += 1;
+                        if link_count(e.link) == 0 {
+                            n.attr.nlink += 1;
+                        }
                     }
                     ino
                 }
@@ -317,7 +332,11 @@ impl Table {
                 e.mtime_ns
             },
             rdev: e.rdev,
-            nlink: if kind == NKind::Dir { 2 } else { 1 },
+            nlink: match (kind, link_count(e.link)) {
+                (NKind::Dir, _) => 2,
+                (_, 0) => 1,
+                (_, n) => n,
+            },
         };
         let xattrs = std::mem::take(&mut e.xattrs).into_iter().collect();
         e.name.clear();
