@@ -129,6 +129,8 @@ fn open_fd(f: &std::fs::File) -> String {
     f.as_raw_fd().to_string()
 }
 
+type Op = Box<dyn Fn(&Path) -> std::io::Result<()>>;
+
 /// One random operation, applied the same way to the mount and to a plain directory.
 fn random_op(rng: &mut rand::rngs::StdRng, roots: [&Path; 2], names: &mut Vec<String>) -> String {
     let pick = |rng: &mut rand::rngs::StdRng, names: &Vec<String>| -> Option<String> {
@@ -144,7 +146,7 @@ fn random_op(rng: &mut rand::rngs::StdRng, roots: [&Path; 2], names: &mut Vec<St
     };
     let op = rng.random_range(0..100);
     let desc;
-    let apply: Box<dyn Fn(&Path) -> std::io::Result<()>> = match op {
+    let apply: Op = match op {
         0..=29 => {
             let name = pick(rng, names)
                 .filter(|_| rng.random_bool(0.7))
