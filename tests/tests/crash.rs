@@ -1,0 +1,177 @@
+//! Crash: SIGKILL of the daemon at a random moment of a workload of SQLite transactions and
+//! file writes, then a mount of the same workspace on an empty cache directory. The database
+//! passes integrity_check, its rows are a prefix of the transactions, everything before the
+//! last successful sync is there, and files and rows come from the same cut.
+//!
+//! `OWFS_CRASH_TRIALS=N` sets the trials per store and journal mode (default 2);
+//! `OWFS_CRASH_STORES=file` limits the stores. scripts/crash-soak.sh runs many.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use owfs_tests::{kill_and_detach, Case};
+use rand::{Rng, SeedableRng};
+
+const WORKLOAD: &str = r#"
+import os, sqlite3, sys
+mnt, mode = sys.argv[1], sys.argv[2]
+db = sqlite3.connect(os.path.join(mnt, "app.db"), isolation_level=None, timeout=30)
+db.execute(f"PRAGMA journal_mode={mode}")
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE IF NOT EXISTS t(i INTEGER PRIMARY KEY, v BLOB)")
+os.makedirs(os.path.join(mnt, "files"), exist_ok=True)
+i = 0
+while True:
+    i += 1
+    db.execute("BEGIN")
+    db.execute("INSERT INTO t VALUES(?, randomblob(700))", (i,))
+    db.execute("COMMIT")
+    # After row i is committed: files/last says i (atomically, by rename).
+    tmp = os.path.join(mnt, "files", "last.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(i))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(mnt, "files", "last"))
+    if i % 10 == 0:
+        with open(os.path.join(mnt, "files", f"r{i}"), "wb") as f:
+            f.write(str(i).encode() * 500)
+    if i % 25 == 0:
+        fd = os.open(mnt, os.O_RDONLY)
+        os.fsync(fd)  # fsync of the mount's root: owfs sync
+        os.close(fd)
+        print(f"synced {i}", flush=True)
+"#;
+
+fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let m = c.mount_rw(ws, &format!("m{n}"), &[]);
+    let pid = m.daemon_pid();
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(WORKLOAD)
+        .arg(&m.at)
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("python3: {e}"))?;
+    let out = child.stdout.take().unwrap();
+    let synced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = synced.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(v) = line.strip_prefix("synced ") {
+                s2.store(v.parse().unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let wait = Duration::from_millis(rng.random_range(200..2500));
+    let t0 = Instant::now();
+    while t0.elapsed() < wait {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The last sync that returned before the kill.
+    let synced_before = synced.load(std::sync::atomic::Ordering::SeqCst);
+    kill_and_detach(pid, &m.at);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    std::mem::forget(m); // its daemon is dead and the mount detached
+
+    let m2 = c.mount_rw(ws, &format!("r{n}"), &[]);
+    let check = (|| -> Result<String, String> {
+        let db_path = m2.path("app.db");
+        if !db_path.exists() {
+            return if synced_before == 0 {
+                Ok("killed before the database was committed".into())
+            } else {
+                Err(format!(
+                    "app.db missing, though row {synced_before} was synced"
+                ))
+            };
+        }
+        let db = rusqlite::Connection::open(&db_path).map_err(|e| e.to_string())?;
+        let ic: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| format!("integrity_check: {e}"))?;
+        if ic != "ok" {
+            return Err(format!("integrity_check: {ic}"));
+        }
+        let (count, max): (i64, Option<i64>) = db
+            .query_row("SELECT count(*), max(i) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        let k = max.unwrap_or(0);
+        if count != k {
+            return Err(format!("rows are not a prefix: {count} rows, max {k}"));
+        }
+        if (k as u64) < synced_before {
+            return Err(format!("row {synced_before} was synced, only {k} rows"));
+        }
+        let last: i64 = match std::fs::read_to_string(m2.path("files/last")) {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| format!("files/last is {s:?}"))?,
+            Err(_) => 0,
+        };
+        if !(last == k || last == k - 1 || (k == 0 && last == 0)) {
+            return Err(format!(
+                "files/last is {last} but the database has {k} rows: not one cut"
+            ));
+        }
+        for i in (10..=last).step_by(10) {
+            if !m2.path(&format!("files/r{i}")).exists() {
+                return Err(format!("files/r{i} missing though files/last is {last}"));
+            }
+        }
+        Ok(format!(
+            "{k} rows, last {last}, synced {synced_before}, killed at {wait:?}"
+        ))
+    })();
+    m2.umount();
+    check
+}
+
+#[test]
+fn sigkill_of_the_daemon_loses_nothing_committed_and_keeps_one_cut() {
+    let trials: usize = std::env::var("OWFS_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let stores = std::env::var("OWFS_CRASH_STORES").unwrap_or_else(|_| "file,s3".into());
+    let mut held = 0;
+    let mut failed = Vec::new();
+    let seed0: u64 = std::env::var("OWFS_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    for store in stores.split(',') {
+        let c = if store == "s3" {
+            Case::s3()
+        } else {
+            Case::file()
+        };
+        for mode in ["wal", "delete"] {
+            for n in 0..trials {
+                let seed = seed0.wrapping_add(n as u64);
+                let ws = format!("crash-{mode}-{n}");
+                match trial(&c, &ws, mode, seed, n) {
+                    Ok(msg) => {
+                        held += 1;
+                        eprintln!("[{store} {mode} #{n} seed {seed}] held: {msg}");
+                    }
+                    Err(e) => {
+                        eprintln!("[{store} {mode} #{n} seed {seed}] FAILED: {e}");
+                        failed.push(format!("{store} {mode} seed {seed}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("crash trials: {held} of {} held", held + failed.len());
+    assert!(failed.is_empty(), "crash trials failed: {failed:#?}");
+}
