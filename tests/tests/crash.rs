@@ -99,6 +99,23 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
         if ic != "ok" {
             return Err(format!("integrity_check: {ic}"));
         }
+        let has_table: i64 = db
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 't'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if has_table == 0 {
+            // Killed between creating the database and committing its table.
+            return if synced_before == 0 {
+                Ok("killed before the table was committed".into())
+            } else {
+                Err(format!(
+                    "table missing, though row {synced_before} was synced"
+                ))
+            };
+        }
         let (count, max): (i64, Option<i64>) = db
             .query_row("SELECT count(*), max(i) FROM t", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))

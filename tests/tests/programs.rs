@@ -292,10 +292,6 @@ fn git_clone_fsck_commit_gc_and_remount() {
 /// An edit that makes a tracked file shorter (open with O_TRUNC, write less than before,
 /// as editors and `echo x > f` do), committed with git, then read back on a fresh cache.
 #[test]
-#[ignore = "owfs bug: open(O_TRUNC) of an existing file does not truncate it in the working \
-            copy (FUSE_ATOMIC_O_TRUNC is negotiated but open() ignores O_TRUNC); the old tail \
-            survives in generations and after a remount. Repro: printf 'old content\\n' > M/f; \
-            owfs sync M; printf 'new\\n' > M/f; owfs sync M; owfs cat WS f -> 'new\\ncontent\\n'"]
 fn git_edit_shortening_a_file_survives_remount() {
     for c in Case::all() {
         let src = make_source_repo(&c);

@@ -130,9 +130,13 @@ fn mount_refuses_what_it_cannot_do() {
     c.ok(&["snapshot", src.to_str().unwrap(), "w"]);
     let at = c.dir("m");
     std::fs::create_dir_all(&at).unwrap();
-    let out = c.owfs(&["mount", "w", at.to_str().unwrap()]);
+    // A read-write mount serves the latest generation only.
+    let out = c.owfs(&["mount", "w@1", at.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-o ro"));
+    let out = c.owfs(&["mount", "w", at.to_str().unwrap(), "-o", "bogus=1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown mount option"));
     let out = c.owfs(&["mount", "nope", at.to_str().unwrap(), "-o", "ro"]);
     assert_eq!(
         out.status.code(),

@@ -770,17 +770,44 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.acc_mode() != fuser::OpenAccMode::O_RDONLY;
+        let trunc = writes && flags.0 & libc::O_TRUNC != 0;
+        // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us (no SETATTR first).
+        let _g = trunc.then(|| self.s.gate.read());
+        {
+            let t = self.s.table.lock();
+            match t.get(ino.0) {
+                Some(n) if n.kind == NKind::Dir => return reply.error(Errno::EISDIR),
+                Some(_) => {}
+                None => return reply.error(Errno::ENOENT),
+            }
+        }
+        if writes && self.s.failed.load(Ordering::Relaxed) {
+            return reply.error(Errno::EIO);
+        }
+        if trunc {
+            let is_file = self
+                .s
+                .table
+                .lock()
+                .get(ino.0)
+                .is_some_and(|n| n.kind == NKind::File);
+            if is_file {
+                if let Err(e) = self.set_size(ino.0, 0) {
+                    return reply.error(e);
+                }
+                let mut t = self.s.table.lock();
+                if let Some(n) = t.get_mut(ino.0) {
+                    let now = now_ns();
+                    n.attr.mtime_ns = now;
+                    n.attr.ctime_ns = now;
+                }
+                t.touch(ino.0);
+            }
+        }
         let mut t = self.s.table.lock();
         match t.get_mut(ino.0) {
             Some(n) => {
-                if n.kind == NKind::Dir {
-                    return reply.error(Errno::EISDIR);
-                }
-                if self.s.failed.load(Ordering::Relaxed)
-                    && flags.acc_mode() != fuser::OpenAccMode::O_RDONLY
-                {
-                    return reply.error(Errno::EIO);
-                }
                 n.opens += 1;
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }
@@ -1014,11 +1041,12 @@ impl fuser::Filesystem for OwfsFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // fsync of the root directory: `sync` for programs that know only POSIX.
-        if ino.0 != ROOT {
+        // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
+        // of a directory is what SQLite does after every rollback-journal commit: local.
+        if ino.0 != ROOT || datasync {
             return reply.ok();
         }
         match self.s.sync_now() {
