@@ -80,6 +80,9 @@ pub struct Shared {
     sync_cv: Condvar,
     /// Set when the mount must stop serving writes (the reason is logged).
     failed: AtomicBool,
+    /// The committer is flushing the kernel's dirty pages: throttled writers must go on, or
+    /// the flush (which needs request threads) could never finish.
+    flushing: AtomicBool,
     pub stats: Mutex<Stats>,
     started: Instant,
 }
@@ -110,6 +113,7 @@ impl Shared {
         let t0 = Instant::now();
         while self.pending.load(Ordering::Relaxed) > max
             && !self.failed.load(Ordering::Relaxed)
+            && !self.flushing.load(Ordering::Relaxed)
             && t0.elapsed() < Duration::from_secs(60)
         {
             self.backpressure
@@ -153,9 +157,13 @@ impl Shared {
         if flush_kernel {
             // Pages the kernel holds (writeback cache) reach the daemon before the cut. This
             // thread serves no FUSE request, so the writes it causes can be served.
+            // Opening the mount point is a request too: release throttled writers first.
+            self.flushing.store(true, Ordering::SeqCst);
+            self.backpressure.notify_all();
             if let Ok(f) = std::fs::File::open(&self.mountpoint) {
                 let _ = rustix::fs::syncfs(&f);
             }
+            self.flushing.store(false, Ordering::SeqCst);
         }
         let Some(cut) = self.cut() else {
             return Ok(None);
@@ -487,6 +495,7 @@ pub fn run(
         }),
         sync_cv: Condvar::new(),
         failed: AtomicBool::new(false),
+        flushing: AtomicBool::new(false),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
     });
