@@ -495,3 +495,35 @@ fn a_fresh_node_reads_a_large_workspace_on_demand() {
     let n = m2.sync();
     assert!(read_gen_file(&c, "lazy", n, "big").unwrap() == expect);
 }
+
+/// Writers are slowed down, never stopped, when the upload backlog passes its bound; the
+/// kernel's flush still gets through (a throttled request thread must not block it).
+#[test]
+fn backpressure_slows_writers_without_deadlock() {
+    let c = Case::file();
+    let m = c.mount_rw(
+        "bp",
+        "mnt",
+        &["max_backlog_mb=2", "commit_interval_ms=100", "threads=2"],
+    );
+    let data = noise(48 << 20, 5);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = m.path("big");
+    let d2 = data.clone();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in d2.chunks(1 << 20) {
+            f.write_all(chunk).unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(240))
+        .expect("a writer under backpressure must finish (deadlock?)");
+    let st = m.status();
+    assert!(
+        st["throttled_writes"].as_u64().unwrap() > 0,
+        "backpressure never engaged: {st}"
+    );
+    let n = m.sync();
+    assert!(read_gen_file(&c, "bp", n, "big").unwrap() == data);
+}
