@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short tour of owfs on a fresh machine: installs what is missing (scripts/install-deps.sh,
-# as .ci/run does, so that scripts/test.sh works afterwards), builds the release binary, then
-# walks one workspace (app.db + files/) through snapshot, log, ls, cat, restore, fork,
+# as .ci/run does, so that scripts/test.sh works afterwards), builds the release binary, mounts
+# a workspace read-write (SQLite and files through the mount, sync, status, unmount, a second
+# mount on an empty cache that sees everything), then walks one workspace (app.db + files/) through snapshot, log, ls, cat, restore, fork,
 # rollback, drill and gc on the embedded default store (/var/lib/owfs/store for root, else
 # ~/.local/share/owfs/store; OWFS_STORE or --store elsewhere). Each run uses a new workspace
 # name (demo-<time>-<pid>), so it can be run again; the scratch directory is removed.
@@ -44,7 +45,12 @@ say "Building the release binary (cargo build --release -p owfs)"
 note "$owfs"
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/owfs-demo.XXXXXX")
-trap 'rm -rf "$scratch"' EXIT
+live="$scratch/live"
+cleanup() {
+    if grep -qs " $live " /proc/mounts; then "$owfs" umount "$live" >/dev/null 2>&1 || umount -l "$live"; fi
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
 ws="demo-$(date -u +%Y%m%d-%H%M%S)-$$"
 work="$scratch/workspace"
 if [[ -n ${OWFS_STORE:-} ]]; then
@@ -54,6 +60,24 @@ elif [[ $(id -u) -eq 0 ]]; then
 else
     store="file://${XDG_DATA_HOME:-$HOME/.local/share}/owfs/store (the embedded default)"
 fi
+
+say "The main job: mount workspace $ws-live read-write (created on first mount)"
+mkdir -p "$live"
+run "$owfs" mount "$ws-live" "$live" --cache-dir "$scratch/cache1"
+note "programs see a plain directory; every second what changed becomes a generation"
+mkdir -p "$live/files"
+run sqlite3 "$live/app.db" 'PRAGMA journal_mode=WAL; CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT); INSERT INTO notes(body) VALUES ("written through the mount");'
+printf 'a file next to the database\n' >"$live/files/hello.txt"
+run "$owfs" sync "$live"
+note "sync returned: that generation is durable in the store (fsync of $live does the same)"
+run "$owfs" status "$live"
+run "$owfs" umount "$live"
+say "Another node: mount the same workspace on an empty cache; nothing is restored first"
+run "$owfs" mount "$ws-live" "$live" --cache-dir "$scratch/cache2"
+run sqlite3 "$live/app.db" 'PRAGMA integrity_check; SELECT * FROM notes;'
+run cat "$live/files/hello.txt"
+run "$owfs" umount "$live"
+run "$owfs" log "$ws-live"
 
 say "A workspace: an SQLite database and plain files"
 mkdir -p "$work/files/notes"
