@@ -342,6 +342,9 @@ for s in "${systems[@]}"; do
         fi
         [[ -x $OWFS_BIN ]] || { fail owfs "no binary at $OWFS_BIN"; continue; }
         version[owfs]=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
+        if ! git -C "$root" diff --quiet HEAD -- owfs chunkstore vfs lease 2>/dev/null; then
+            version[owfs]+="+uncommitted changes"
+        fi
         runnable+=(owfs)
         ;;
     juicefs)

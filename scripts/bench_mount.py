@@ -32,6 +32,7 @@ working copy) stays. Data written is random (os.urandom), so no system can dedup
 """
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -101,25 +102,35 @@ class Work:
                 os.write(fd, mv[off : off + 4 * KIB])
             os.close(fd)
 
-        return self._timed(go)
+        t = self._timed(go)
+        self.buf_sha = hashlib.sha256(data).hexdigest()
+        return t
 
     def _read4k(self):
+        """Reads back what write4k wrote, and checks it (size and SHA-256, after the timer)."""
         path = os.path.join(self.d, "buf4k.bin")
         want = self.a.buf_mib * MIB
+        got = []
 
         def go():
             fd = os.open(path, os.O_RDONLY)
-            n = 0
             while True:
                 b = os.read(fd, 4 * KIB)
                 if not b:
                     break
-                n += len(b)
+                got.append(b)
             os.close(fd)
-            if n != want:
-                raise RuntimeError(f"read {n} bytes, expected {want}")
 
-        return self._timed(go)
+        t = self._timed(go)
+        n = sum(len(b) for b in got)
+        if n != want:
+            raise RuntimeError(f"read {n} bytes, expected {want}")
+        h = hashlib.sha256()
+        for b in got:
+            h.update(b)
+        if h.hexdigest() != getattr(self, "buf_sha", None):
+            raise RuntimeError("read back different bytes than were written (SHA-256 differs)")
+        return t
 
     def read4k_cold(self):
         return self._read4k()
@@ -639,6 +650,9 @@ def cmd_report(a):
         if ok and not [r for r in rs if "seconds" not in r] and len(ok) < runs and rs[0]["run"] > 0:
             fewer.append((s, p))
         bad = [r for r in rs if "seconds" not in r]
+        if bad and ok and all(r.get("status") in ("error", "skipped") for r in bad):
+            what = "error" if any(r.get("status") == "error" for r in bad) else "skipped after an error"
+            return statistics.median(ok), f" ({what} in {len(bad)} of {len(rs)} runs)"
         if bad:
             b = bad[0]
             st = b.get("status", "error")
@@ -709,7 +723,7 @@ def cmd_report(a):
                 row += [note, ""]
             else:
                 mark = "†" if (s, key) in fewer else ""
-                row += [fmt_s(t) + mark, f"{nat / t:.2f}" if nat and t > 0 else "—"]
+                row += [fmt_s(t) + mark + note, f"{nat / t:.2f}" if nat and t > 0 else "—"]
         w("| " + " | ".join(row) + " |")
     w("")
     if fewer:
@@ -759,7 +773,7 @@ def cmd_report(a):
             row = [
                 label.format(**label_args),
                 s,
-                fmt_s(t) if t is not None else note,
+                fmt_s(t) + note if t is not None else note,
                 f"{settle:.1f}" if settle is not None else "—",
                 f"{rss / 1024:.0f}" if rss is not None else "—",
                 f"{cpu:.2f}" if cpu is not None else "—",
