@@ -26,65 +26,14 @@ die() {
     echo "install-bench-deps: error: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib-install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-install.sh"
 
 # --- Debian packages -------------------------------------------------------------------------
 APT_PACKAGES=(fuse3 s3fs rclone sqlite3 git curl)
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-
-missing=()
-if command -v dpkg-query >/dev/null; then
-    for p in "${APT_PACKAGES[@]}"; do
-        # git may come from elsewhere (e.g. /usr/local/bin): a working command is enough.
-        if [[ $p == git ]] && command -v git >/dev/null; then continue; fi
-        installed "$p" || missing+=("$p")
-    done
-else
-    say "not a Debian-like system (no dpkg-query): install ${APT_PACKAGES[*]} yourself"
-fi
-
-if ((${#missing[@]})); then
-    if [[ $(id -u) -eq 0 ]]; then
-        sudo=()
-    elif command -v sudo >/dev/null; then
-        sudo=(sudo)
-    else
-        die "missing packages ${missing[*]}, and neither root nor sudo is available to install them"
-    fi
-    say "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    log=$(mktemp)
-    if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq \
-        --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        die "apt-get could not install ${missing[*]}"
-    fi
-    rm -f "$log"
-else
-    say "Debian packages present"
-fi
+apt_ensure "${APT_PACKAGES[@]}"
 
 # --- PyPI ------------------------------------------------------------------------------------
-rehash() { if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi; }
-
-# pip_install SPEC...: Debian's own python3 refuses system-wide installs (PEP 668); pyenv's
-# accepts them.
-pip_install() {
-    command -v python3 >/dev/null || die "python3 is needed for $*"
-    local pip=(python3 -m pip) out
-    "${pip[@]}" --version >/dev/null 2>&1 || die "pip is missing (apt-get install python3-pip)"
-    say "pip install $*"
-    if ! out=$("${pip[@]}" install --quiet --disable-pip-version-check "$@" 2>&1); then
-        if grep -q externally-managed <<<"$out"; then
-            "${pip[@]}" install --quiet --disable-pip-version-check --break-system-packages "$@"
-        else
-            echo "$out" >&2
-            die "pip install $* failed"
-        fi
-    fi
-    rehash
-}
-
 rehash
 # need_cmd COMMAND PACKAGE VERSION-ARG: pip-install PACKAGE unless `COMMAND VERSION-ARG` runs.
 need_cmd() {

@@ -32,42 +32,12 @@ die() {
     echo "install-deps: error: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib-install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-install.sh"
 
 # --- Debian packages -------------------------------------------------------------------------
 APT_PACKAGES=(fuse3 sqlite3 curl attr restic time libacl1-dev)
-
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-
-missing=()
-if command -v dpkg-query >/dev/null; then
-    for p in "${APT_PACKAGES[@]}"; do
-        installed "$p" || missing+=("$p")
-    done
-else
-    say "not a Debian-like system (no dpkg-query): install ${APT_PACKAGES[*]} yourself"
-fi
-
-if ((${#missing[@]})); then
-    if [[ $(id -u) -eq 0 ]]; then
-        sudo=()
-    elif command -v sudo >/dev/null; then
-        sudo=(sudo)
-    else
-        die "missing packages ${missing[*]}, and neither root nor sudo is available to install them"
-    fi
-    say "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    log=$(mktemp)
-    if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq \
-        --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        die "apt-get could not install ${missing[*]}"
-    fi
-    rm -f "$log"
-else
-    say "Debian packages present"
-fi
+apt_ensure "${APT_PACKAGES[@]}"
 
 # --- Rust ------------------------------------------------------------------------------------
 if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
@@ -106,8 +76,7 @@ fi
 
 # --- moto (S3 server for the tests) ----------------------------------------------------------
 moto_works() {
-    # Under pyenv a freshly installed console script needs its shim first.
-    if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
+    rehash
     if command -v moto_server >/dev/null && moto_server --help >/dev/null 2>&1; then
         return 0
     fi
@@ -118,20 +87,7 @@ if ((test_tools)); then
     if moto_works; then
         say "moto server present"
     else
-        command -v python3 >/dev/null || die "python3 is needed for moto's S3 server"
-        pip=(python3 -m pip)
-        "${pip[@]}" --version >/dev/null 2>&1 || die "pip is missing (apt-get install python3-pip)"
-        say "pip install 'moto[server]'"
-        # Debian's own python3 refuses system-wide installs (PEP 668); pyenv's accepts them.
-        if ! out=$("${pip[@]}" install --quiet --disable-pip-version-check 'moto[server]' 2>&1); then
-            if grep -q externally-managed <<<"$out"; then
-                "${pip[@]}" install --quiet --disable-pip-version-check \
-                    --break-system-packages 'moto[server]'
-            else
-                echo "$out" >&2
-                die "pip install 'moto[server]' failed"
-            fi
-        fi
+        pip_install 'moto[server]'
         moto_works || die "moto installed, but neither moto_server nor python3 -m moto.server runs"
     fi
 fi

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod fuse_util;
 mod mount;
 mod timetravel;
 mod ui;

@@ -462,7 +462,7 @@ impl RwMount<'_> {
 
 /// Kills a mount's daemon with SIGKILL and detaches the mount it leaves behind.
 pub fn kill_and_detach(pid: i32, at: &Path) {
-    unsafe_kill(pid, 9);
+    send_signal(pid, 9);
     for _ in 0..200 {
         if !Path::new(&format!("/proc/{pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -477,7 +477,7 @@ pub fn kill_and_detach(pid: i32, at: &Path) {
 }
 
 /// Sends `sig` to `pid`.
-pub fn unsafe_kill(pid: i32, sig: i32) {
+pub fn send_signal(pid: i32, sig: i32) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

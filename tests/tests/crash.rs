@@ -78,7 +78,7 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
     let _ = child.kill();
     let _ = child.wait();
     let _ = reader.join();
-    std::mem::forget(m); // its daemon is dead and the mount detached
+    drop(m); // its daemon is dead and the mount detached: nothing left to unmount
 
     let m2 = c.mount_rw(ws, &format!("r{n}"), &[]);
     let check = (|| -> Result<String, String> {

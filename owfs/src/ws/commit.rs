@@ -2,7 +2,7 @@
 //! mutation runs while the changed part of the tree is frozen); chunking, hashing and
 //! uploading follow while writers continue, reading frozen files through their saved bytes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -206,11 +206,10 @@ impl Shared {
                 Error::Io { source, .. } => Error::io(&ff.data.path, source),
                 other => other,
             })?;
-            let new_old: HashSet<Hash> = old.iter().map(|c| c.hash).collect();
+            // Chunks kept from the old list are blobs this commit relies on (gc checks them);
+            // the writer ignores the ones it is uploading itself.
             for c in &chunks {
-                if new_old.contains(&c.hash) {
-                    writer.note_reused(c.hash);
-                }
+                writer.note_reused(c.hash);
             }
             let list = Arc::new(chunks.clone());
             let content = encode_content(&mut writer, chunks)?;

@@ -44,7 +44,7 @@ pub struct Control {
 
 impl Control {
     /// Called once the mount is gone and the final commit ran: answers pending `umount`s.
-    pub fn finish(&self, _shared: &Shared, ok: bool) {
+    pub fn finish(&self, ok: bool) {
         let (m, cv) = &*self.done;
         let mut d = m.lock();
         d.ok = Some(ok);

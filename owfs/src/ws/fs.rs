@@ -21,11 +21,39 @@ use parking_lot::Mutex;
 
 use super::state::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
 use super::{now_ns, Shared};
+use crate::fuse_util::{file_type, time};
 
 const TTL: Duration = Duration::from_secs(3600);
 const XATTR_MAX: usize = 64 << 10;
 
 type Listing = Vec<(Vec<u8>, u64, FileType)>;
+
+/// What mknod, mkdir, symlink and create ask for.
+struct NewNode {
+    kind: NKind,
+    perm: u32,
+    rdev: u64,
+    target: Option<Vec<u8>>,
+    /// create: the node starts with one open handle.
+    opened: bool,
+}
+
+impl NewNode {
+    fn new(kind: NKind, perm: u32) -> NewNode {
+        NewNode {
+            kind,
+            perm,
+            rdev: 0,
+            target: None,
+            opened: false,
+        }
+    }
+
+    fn rdev(mut self, rdev: u32) -> NewNode {
+        self.rdev = rdev as u64;
+        self
+    }
+}
 
 pub struct OwfsFs {
     s: Arc<Shared>,
@@ -44,23 +72,7 @@ impl OwfsFs {
 }
 
 fn ftype(k: NKind) -> FileType {
-    match k {
-        NKind::File => FileType::RegularFile,
-        NKind::Dir => FileType::Directory,
-        NKind::Symlink => FileType::Symlink,
-        NKind::Fifo => FileType::NamedPipe,
-        NKind::Char => FileType::CharDevice,
-        NKind::Block => FileType::BlockDevice,
-        NKind::Socket => FileType::Socket,
-    }
-}
-
-fn time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
+    k.to_tree().map(file_type).unwrap_or(FileType::Socket)
 }
 
 fn ns_of(t: SystemTime) -> i64 {
@@ -206,19 +218,44 @@ impl OwfsFs {
         Ok(p.children().ok_or(Errno::ENOTDIR)?.get(name).copied())
     }
 
-    /// Creates a node named `name` in `parent` (which the caller has loaded).
-    #[allow(clippy::too_many_arguments)]
+    /// mknod, mkdir, symlink and create: a new node named `name` in `parent`.
+    fn new_node(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        spec: NewNode,
+    ) -> Result<FileAttr, Errno> {
+        self.mutation(|| {
+            let name = check_name(name)?;
+            self.s.ensure_loaded(parent)?;
+            let mut t = self.s.table.lock();
+            self.make_node(&mut t, req, parent, name, spec)
+        })
+    }
+
+    /// Runs a mutation inside the cut gate (a cut sees it whole or not at all), refusing it
+    /// once the mount has stopped serving writes.
+    fn mutation<T>(&self, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+        let _g = self.s.gate.read();
+        self.alive()?;
+        f()
+    }
+
     fn make_node(
         &self,
         t: &mut Table,
         req: &Request,
         parent: u64,
         name: &[u8],
-        kind: NKind,
-        perm: u32,
-        rdev: u64,
-        target: Option<Vec<u8>>,
-    ) -> Result<(u64, FileAttr), Errno> {
+        NewNode {
+            kind,
+            perm,
+            rdev,
+            target,
+            opened,
+        }: NewNode,
+    ) -> Result<FileAttr, Errno> {
         let (pgid, psgid) = {
             let p = t.get(parent).ok_or(Errno::ENOENT)?;
             let ch = p.children().ok_or(Errno::ENOTDIR)?;
@@ -269,7 +306,7 @@ impl OwfsFs {
                 vec![parent]
             },
             lookups: 1,
-            opens: 0,
+            opens: opened as u32,
             committed: None,
             touched: 0,
             local_only: kind == NKind::Socket || node_local_name(name),
@@ -289,7 +326,7 @@ impl OwfsFs {
         }
         t.touch(ino);
         t.touch(parent);
-        Ok((ino, attr))
+        Ok(attr)
     }
 
     /// Removes the name `name` from `parent`; the node goes when nothing refers to it.
@@ -335,26 +372,37 @@ impl OwfsFs {
     }
 
     fn set_size(&self, ino: u64, size: u64) -> Result<(), Errno> {
-        let data = {
-            let t = self.s.table.lock();
-            let n = t.get(ino).ok_or(Errno::ENOENT)?;
-            match n.kind {
-                NKind::File => n.data().cloned().ok_or(Errno::EIO)?,
-                NKind::Dir => return Err(Errno::EISDIR),
-                _ => return Err(Errno::EINVAL),
-            }
-        };
+        let data = self.file_data(ino)?;
         data.truncate(&self.s.repo, size).map_err(errno)?;
-        let mut t = self.s.table.lock();
-        if let Some(n) = t.get_mut(ino) {
-            let delta = size as i64 - n.attr.size as i64;
-            n.attr.size = size;
-            let local = n.local_only;
-            if !local {
-                t.bytes += delta;
-            }
-        }
+        self.data_changed(ino, size, 0);
         Ok(())
+    }
+
+    /// The regular file whose data the caller holds.
+    fn file_data(&self, ino: u64) -> Result<Arc<super::state::FileData>, Errno> {
+        let t = self.s.table.lock();
+        let n = t.get(ino).ok_or(Errno::ENOENT)?;
+        n.data().cloned().ok_or(match n.kind {
+            NKind::Dir => Errno::EISDIR,
+            _ => Errno::EINVAL,
+        })
+    }
+
+    /// After a write, truncate or fallocate: the new length, times, the workspace's byte
+    /// count and upload backlog, and the change mark.
+    fn data_changed(&self, ino: u64, len: u64, written: u64) {
+        let mut t = self.s.table.lock();
+        let Some(n) = t.get_mut(ino) else { return };
+        let delta = len as i64 - n.attr.size as i64;
+        n.attr.size = len;
+        let now = now_ns();
+        n.attr.mtime_ns = now;
+        n.attr.ctime_ns = now;
+        if !n.local_only {
+            t.bytes += delta;
+            self.s.pending.fetch_add(written, Ordering::Relaxed);
+        }
+        t.touch(ino);
     }
 }
 
@@ -465,9 +513,6 @@ impl fuser::Filesystem for OwfsFs {
         if let Some(m) = mtime {
             n.attr.mtime_ns = t_of(m);
         }
-        if size.is_some() && mtime.is_none() {
-            n.attr.mtime_ns = now;
-        }
         n.attr.ctime_ns = ctime.map(ns_of).unwrap_or(now);
         let attr = attr_of(ino, n);
         // atime alone is not worth a commit.
@@ -496,20 +541,12 @@ impl fuser::Filesystem for OwfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
-            let name = check_name(name)?;
-            let kind = NKind::from_mode(mode).ok_or(Errno::EINVAL)?;
-            if kind == NKind::Dir || kind == NKind::Symlink {
-                return Err(Errno::EINVAL);
-            }
-            self.s.ensure_loaded(parent.0)?;
-            let mut t = self.s.table.lock();
-            self.make_node(&mut t, req, parent.0, name, kind, mode, rdev as u64, None)
-        })();
+        let r = match NKind::from_mode(mode) {
+            Some(NKind::Dir | NKind::Symlink) | None => Err(Errno::EINVAL),
+            Some(kind) => self.new_node(req, parent.0, name, NewNode::new(kind, mode).rdev(rdev)),
+        };
         match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -523,24 +560,14 @@ impl fuser::Filesystem for OwfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
-            let name = check_name(name)?;
-            self.s.ensure_loaded(parent.0)?;
-            let mut t = self.s.table.lock();
-            self.make_node(&mut t, req, parent.0, name, NKind::Dir, mode, 0, None)
-        })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+        match self.new_node(req, parent.0, name, NewNode::new(NKind::Dir, mode)) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
+        let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
             let mut t = self.s.table.lock();
@@ -549,7 +576,7 @@ impl fuser::Filesystem for OwfsFs {
             }
             self.remove_name(&mut t, parent.0, name, child);
             Ok(())
-        })();
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -557,9 +584,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
+        let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
             self.s.ensure_loaded(child)?;
@@ -572,7 +597,7 @@ impl fuser::Filesystem for OwfsFs {
             }
             self.remove_name(&mut t, parent.0, name, child);
             Ok(())
-        })();
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -587,26 +612,10 @@ impl fuser::Filesystem for OwfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
-            let name = check_name(link_name)?;
-            self.s.ensure_loaded(parent.0)?;
-            let mut t = self.s.table.lock();
-            let target = target.as_os_str().as_bytes().to_vec();
-            self.make_node(
-                &mut t,
-                req,
-                parent.0,
-                name,
-                NKind::Symlink,
-                0o777,
-                0,
-                Some(target),
-            )
-        })();
-        match r {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+        let mut spec = NewNode::new(NKind::Symlink, 0o777);
+        spec.target = Some(target.as_os_str().as_bytes().to_vec());
+        match self.new_node(req, parent.0, link_name, spec) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -621,9 +630,7 @@ impl fuser::Filesystem for OwfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
+        let r = self.mutation(|| {
             let (name, newname) = (name.as_bytes(), check_name(newname)?);
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
                 return Err(Errno::EINVAL);
@@ -716,7 +723,7 @@ impl fuser::Filesystem for OwfsFs {
             t.touch(newparent.0);
             t.touch(child);
             Ok(())
-        })();
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -731,9 +738,7 @@ impl fuser::Filesystem for OwfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
+        let r = self.mutation(|| {
             let newname = check_name(newname)?;
             if self.lookup_child(newparent.0, newname)?.is_some() {
                 return Err(Errno::EEXIST);
@@ -762,7 +767,7 @@ impl fuser::Filesystem for OwfsFs {
             t.touch(newparent.0);
             t.touch(ino.0);
             Ok(attr)
-        })();
+        });
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -774,35 +779,19 @@ impl fuser::Filesystem for OwfsFs {
         let trunc = writes && flags.0 & libc::O_TRUNC != 0;
         // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us (no SETATTR first).
         let _g = trunc.then(|| self.s.gate.read());
-        {
-            let t = self.s.table.lock();
-            match t.get(ino.0) {
-                Some(n) if n.kind == NKind::Dir => return reply.error(Errno::EISDIR),
-                Some(_) => {}
-                None => return reply.error(Errno::ENOENT),
-            }
+        let kind = match self.s.table.lock().get(ino.0) {
+            Some(n) => n.kind,
+            None => return reply.error(Errno::ENOENT),
+        };
+        if kind == NKind::Dir {
+            return reply.error(Errno::EISDIR);
         }
         if writes && self.s.failed.load(Ordering::Relaxed) {
             return reply.error(Errno::EIO);
         }
-        if trunc {
-            let is_file = self
-                .s
-                .table
-                .lock()
-                .get(ino.0)
-                .is_some_and(|n| n.kind == NKind::File);
-            if is_file {
-                if let Err(e) = self.set_size(ino.0, 0) {
-                    return reply.error(e);
-                }
-                let mut t = self.s.table.lock();
-                if let Some(n) = t.get_mut(ino.0) {
-                    let now = now_ns();
-                    n.attr.mtime_ns = now;
-                    n.attr.ctime_ns = now;
-                }
-                t.touch(ino.0);
+        if trunc && kind == NKind::File {
+            if let Err(e) = self.set_size(ino.0, 0) {
+                return reply.error(e);
             }
         }
         let mut t = self.s.table.lock();
@@ -826,16 +815,12 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let data = {
-            let t = self.s.table.lock();
-            match t.get(ino.0).and_then(|n| n.data()) {
-                Some(d) => d.clone(),
-                None => return reply.error(Errno::EIO),
-            }
-        };
-        match data.read(&self.s.repo, offset, size) {
+        let r = self
+            .file_data(ino.0)
+            .and_then(|d| d.read(&self.s.repo, offset, size).map_err(errno));
+        match r {
             Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -856,34 +841,15 @@ impl fuser::Filesystem for OwfsFs {
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
-        let d = {
-            let t = self.s.table.lock();
-            match t.get(ino.0).and_then(|n| n.data()) {
-                Some(d) => d.clone(),
-                None => return reply.error(Errno::EIO),
-            }
-        };
-        match d.write(&self.s.repo, offset, data) {
+        let r = self
+            .file_data(ino.0)
+            .and_then(|d| d.write(&self.s.repo, offset, data).map_err(errno));
+        match r {
             Ok(len) => {
-                let mut t = self.s.table.lock();
-                if let Some(n) = t.get_mut(ino.0) {
-                    let delta = len as i64 - n.attr.size as i64;
-                    n.attr.size = len;
-                    let now = now_ns();
-                    n.attr.mtime_ns = now;
-                    n.attr.ctime_ns = now;
-                    let local = n.local_only;
-                    if !local {
-                        t.bytes += delta;
-                        self.s
-                            .pending
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    }
-                    t.touch(ino.0);
-                }
+                self.data_changed(ino.0, len, data.len() as u64);
                 reply.written(data.len() as u32)
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1165,20 +1131,9 @@ impl fuser::Filesystem for OwfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let _g = self.s.gate.read();
-        let r = (|| {
-            self.alive()?;
-            let name = check_name(name)?;
-            self.s.ensure_loaded(parent.0)?;
-            let mut t = self.s.table.lock();
-            let (ino, attr) =
-                self.make_node(&mut t, req, parent.0, name, NKind::File, mode, 0, None)?;
-            if let Some(n) = t.get_mut(ino) {
-                n.opens += 1;
-            }
-            Ok(attr)
-        })();
-        match r {
+        let mut spec = NewNode::new(NKind::File, mode);
+        spec.opened = true;
+        match self.new_node(req, parent.0, name, spec) {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,
@@ -1209,30 +1164,19 @@ impl fuser::Filesystem for OwfsFs {
         if mode & !known != 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        let d = {
-            let t = self.s.table.lock();
-            match t.get(ino.0).and_then(|n| n.data()) {
-                Some(d) => d.clone(),
-                None => return reply.error(Errno::ENODEV),
-            }
-        };
-        match d.fallocate(&self.s.repo, offset, length, mode) {
+        let r = self
+            .file_data(ino.0)
+            .map_err(|_| Errno::ENODEV)
+            .and_then(|d| {
+                d.fallocate(&self.s.repo, offset, length, mode)
+                    .map_err(errno)
+            });
+        match r {
             Ok(len) => {
-                let mut t = self.s.table.lock();
-                if let Some(n) = t.get_mut(ino.0) {
-                    let delta = len as i64 - n.attr.size as i64;
-                    n.attr.size = len;
-                    let now = now_ns();
-                    n.attr.mtime_ns = now;
-                    n.attr.ctime_ns = now;
-                    if !n.local_only {
-                        t.bytes += delta;
-                    }
-                    t.touch(ino.0);
-                }
+                self.data_changed(ino.0, len, 0);
                 reply.ok()
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(e),
         }
     }
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use chunkstore::generation::{self, GenRecord};
 use chunkstore::{Error, Repo, Result};
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde::Serialize;
 
 use state::{Attr, Body, NKind, Node, Table, ROOT};
 
@@ -39,14 +38,13 @@ impl Default for WsOptions {
     }
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub commits: u64,
     pub commit_failures: u64,
     pub last_error: Option<String>,
     /// Barrier durations of the last cuts, in microseconds (most recent last, at most 4096).
-    #[serde(skip)]
-    pub barriers_us: Vec<u64>,
+    pub barriers_us: std::collections::VecDeque<u64>,
     pub last_commit_ms: u64,
     pub last_commit_duration_ms: u64,
     pub throttled_writes: u64,
@@ -174,9 +172,9 @@ impl Shared {
         let r = self.commit_cut(cut, &parent);
         let mut st = self.stats.lock();
         if st.barriers_us.len() >= 4096 {
-            st.barriers_us.remove(0);
+            st.barriers_us.pop_front();
         }
-        st.barriers_us.push(barrier.as_micros() as u64);
+        st.barriers_us.push_back(barrier.as_micros() as u64);
         match &r {
             Ok(_) => {
                 st.commits += 1;
@@ -255,7 +253,7 @@ impl Shared {
     pub fn status(&self) -> serde_json::Value {
         let s = self.sync.lock();
         let st = self.stats.lock().clone();
-        let mut b = self.stats.lock().barriers_us.clone();
+        let mut b: Vec<u64> = st.barriers_us.iter().copied().collect();
         b.sort_unstable();
         let pct = |p: f64| -> u64 {
             if b.is_empty() {
@@ -287,7 +285,7 @@ impl Shared {
     }
 }
 
-fn parse_size_mb(v: &str, key: &str) -> Result<u64> {
+fn parse_number(v: &str, key: &str) -> Result<u64> {
     v.parse::<u64>().map_err(|_| Error::BadName {
         name: format!("{key}={v}"),
         reason: "expected a whole number".into(),
@@ -298,11 +296,11 @@ impl WsOptions {
     pub fn set(&mut self, key: &str, v: &str) -> Result<()> {
         match key {
             "commit_interval_ms" => {
-                self.commit_interval = Duration::from_millis(parse_size_mb(v, key)?.max(10))
+                self.commit_interval = Duration::from_millis(parse_number(v, key)?.max(10))
             }
-            "max_backlog_mb" => self.max_backlog_bytes = parse_size_mb(v, key)?.max(1) << 20,
+            "max_backlog_mb" => self.max_backlog_bytes = parse_number(v, key)?.max(1) << 20,
             "prefetch" => self.prefetch = v != "0" && v != "false" && v != "no",
-            "threads" => self.threads = parse_size_mb(v, key)?.clamp(1, 64) as usize,
+            "threads" => self.threads = parse_number(v, key)?.clamp(1, 64) as usize,
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
@@ -396,7 +394,7 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
         gid: 0,
         mtime_ns: rec.created_ms as i64 * 1_000_000,
     });
-    let mut e = chunkstore::tree::Entry {
+    let e = chunkstore::tree::Entry {
         name: Vec::new(),
         kind: chunkstore::tree::Kind::Dir,
         mode: ra.mode,
@@ -414,7 +412,6 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
         content: Default::default(),
     };
     let tree = e.subtree;
-    e.name.clear();
     Ok(Node {
         kind: NKind::Dir,
         attr: Attr {
@@ -573,7 +570,7 @@ pub fn run(
         let s = shared.sync.lock();
         (s.done_ok >= s.requested, s.last.clone())
     };
-    control.finish(&shared, ok);
+    control.finish(ok);
     if let Err(e) = served {
         eprintln!("owfs: the FUSE session ended with an error: {e}");
     }

@@ -80,20 +80,6 @@ impl RangeSet {
         out
     }
 
-    /// The parts of `[start, end)` in the set.
-    pub fn overlaps(&self, start: u64, end: u64) -> Vec<Range<u64>> {
-        let mut out = Vec::new();
-        if let Some((&s, &e)) = self.map.range(..start).next_back() {
-            if e > start {
-                out.push(s.max(start)..e.min(end));
-            }
-        }
-        for (&s, &e) in self.map.range(start..end) {
-            out.push(s..e.min(end));
-        }
-        out
-    }
-
     pub fn covers(&self, start: u64, end: u64) -> bool {
         start >= end || self.gaps(start, end).is_empty()
     }
@@ -126,9 +112,6 @@ mod tests {
                 let in_gap = gaps.iter().any(|g| g.contains(&i));
                 prop_assert_eq!(in_gap, !model[i as usize]);
             }
-            let over = set.overlaps(10, 150);
-            prop_assert_eq!(over.iter().map(|r| r.end - r.start).sum::<u64>(),
-                (10..150).filter(|i| model[*i as usize]).count() as u64);
         }
     }
 }

@@ -664,22 +664,18 @@ impl FileData {
         self.ensure_present(&mut st, repo, off, end)?;
         read_padded(self.file(&mut st)?, buf, off)?;
         let fz = st.frozen.as_ref().expect("file is frozen");
-        for r in fz.saved.overlaps(off, end) {
-            // Saved extents are stored as inserted; find the ones covering r.
-            let mut pos = r.start;
-            for (&s, bytes) in fz.bytes.range(..r.end).rev() {
-                let e = s + bytes.len() as u64;
-                if e <= r.start {
-                    break;
-                }
-                let (a, b) = (s.max(r.start), e.min(r.end));
-                if a < b {
-                    buf[(a - off) as usize..(b - off) as usize]
-                        .copy_from_slice(&bytes[(a - s) as usize..(b - s) as usize]);
-                }
-                pos = pos.max(b);
+        // Saved extents are disjoint and sorted: walk back from `end` until one ends before
+        // `off`, copying each one's part inside [off, end).
+        for (&s, bytes) in fz.bytes.range(..end).rev() {
+            let e = s + bytes.len() as u64;
+            if e <= off {
+                break;
             }
-            debug_assert!(pos >= r.start);
+            let (a, b) = (s.max(off), e.min(end));
+            if a < b {
+                buf[(a - off) as usize..(b - off) as usize]
+                    .copy_from_slice(&bytes[(a - s) as usize..(b - s) as usize]);
+            }
         }
         Ok(())
     }
