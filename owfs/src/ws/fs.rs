@@ -374,7 +374,7 @@ impl OwfsFs {
     fn set_size(&self, ino: u64, size: u64) -> Result<(), Errno> {
         let data = self.file_data(ino)?;
         data.truncate(&self.s.repo, size).map_err(errno)?;
-        self.data_changed(ino, size, 0);
+        self.data_changed(ino, 0);
         Ok(())
     }
 
@@ -390,9 +390,17 @@ impl OwfsFs {
 
     /// After a write, truncate or fallocate: the new length, times, the workspace's byte
     /// count and upload backlog, and the change mark.
-    fn data_changed(&self, ino: u64, len: u64, written: u64) {
+    ///
+    /// The length is read from the file's state under the table lock, never passed in: the
+    /// kernel sends writeback writes in parallel, and a length computed by an earlier write
+    /// but applied after a later one would move the size backwards (a file read back short
+    /// once the kernel dropped its inode).
+    fn data_changed(&self, ino: u64, written: u64) {
         let mut t = self.s.table.lock();
         let Some(n) = t.get_mut(ino) else { return };
+        let Some(len) = n.data().map(|d| d.len()) else {
+            return;
+        };
         let delta = len as i64 - n.attr.size as i64;
         n.attr.size = len;
         let now = now_ns();
@@ -845,8 +853,8 @@ impl fuser::Filesystem for OwfsFs {
             .file_data(ino.0)
             .and_then(|d| d.write(&self.s.repo, offset, data).map_err(errno));
         match r {
-            Ok(len) => {
-                self.data_changed(ino.0, len, data.len() as u64);
+            Ok(_) => {
+                self.data_changed(ino.0, data.len() as u64);
                 reply.written(data.len() as u32)
             }
             Err(e) => reply.error(e),
@@ -1172,8 +1180,8 @@ impl fuser::Filesystem for OwfsFs {
                     .map_err(errno)
             });
         match r {
-            Ok(len) => {
-                self.data_changed(ino.0, len, 0);
+            Ok(_) => {
+                self.data_changed(ino.0, 0);
                 reply.ok()
             }
             Err(e) => reply.error(e),

@@ -619,6 +619,11 @@ impl FileData {
         Ok(st.len)
     }
 
+    /// The current length (callers hold the table lock: table, then file state).
+    pub fn len(&self) -> u64 {
+        self.st.lock().len
+    }
+
     pub fn sync_data(&self) -> io::Result<()> {
         let st = self.st.lock();
         match &st.file {
