@@ -4,7 +4,9 @@
 //! `seed=N`, `delay_ms=N`, `put_fail=P` (fail before writing), `put_lost_ack=P` (write, then
 //! report an error: the ambiguous case), `get_fail=P`, `get_truncate=P` (return a short body),
 //! `list_fail=P`, `only=PREFIX` (fault only keys containing PREFIX), `down=1` (every request
-//! fails as unreachable). P is a probability in [0, 1].
+//! fails as unreachable), `down_file=PATH` (like `down=1` while the file PATH exists, checked
+//! on every request: a test cuts one daemon off from the store by creating it). P is a
+//! probability in [0, 1].
 
 use std::fmt;
 use std::ops::Range;
@@ -32,6 +34,8 @@ pub struct FaultConfig {
     pub list_fail: f64,
     pub only: Option<String>,
     pub down: bool,
+    /// While this file exists, the store is down (checked per request).
+    pub down_file: Option<std::path::PathBuf>,
 }
 
 impl FaultConfig {
@@ -58,6 +62,7 @@ impl FaultConfig {
                 "list_fail" => c.list_fail = p(),
                 "only" => c.only = Some(v.to_string()),
                 "down" => c.down = v == "1" || v == "true",
+                "down_file" => c.down_file = Some(v.into()),
                 _ => {}
             }
         }
@@ -81,6 +86,11 @@ impl FaultyStore {
         }
     }
 
+    /// `down=1`, or the `down_file` exists right now.
+    fn is_down(&self) -> bool {
+        self.cfg.down || self.cfg.down_file.as_ref().is_some_and(|f| f.exists())
+    }
+
     fn roll(&self, location: &Path, p: f64) -> bool {
         if let Some(only) = &self.cfg.only {
             if !location.as_ref().contains(only.as_str()) {
@@ -94,7 +104,7 @@ impl FaultyStore {
         if self.cfg.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.cfg.delay_ms)).await;
         }
-        if self.cfg.down {
+        if self.is_down() {
             return Err(injected(
                 location,
                 "connection refused (injected: store down)",
@@ -223,12 +233,20 @@ impl ObjectStore for FaultyStore {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
+        if self.is_down() {
+            return locations
+                .map(|l| {
+                    let l = l?;
+                    Err(injected(&l, "connection refused (injected: store down)"))
+                })
+                .boxed();
+        }
         self.inner.delete_stream(locations)
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let p = prefix.cloned().unwrap_or_default();
-        if self.cfg.down {
+        if self.is_down() {
             let e = injected(&p, "connection refused (injected: store down)");
             return futures::stream::once(async move { Err(e) }).boxed();
         }
@@ -256,5 +274,46 @@ impl ObjectStore for FaultyStore {
     ) -> object_store::Result<()> {
         self.before(from).await?;
         self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use object_store::local::LocalFileSystem;
+
+    #[tokio::test]
+    async fn down_file_cuts_the_store_off_while_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(&root).unwrap();
+        let flag = dir.path().join("partition");
+        let cfg = FaultConfig::parse(&format!("seed=1,down_file={}", flag.display()));
+        assert_eq!(cfg.down_file.as_deref(), Some(flag.as_path()));
+        assert!(!cfg.down);
+        let fs = LocalFileSystem::new_with_prefix(&root).unwrap();
+        let url = format!("file://{}", root.display());
+        let store = Store::from_object_store(Arc::new(FaultyStore::new(Arc::new(fs), cfg)), &url);
+
+        store.put("a", Bytes::from_static(b"1")).await.unwrap();
+        assert_eq!(store.get("a").await.unwrap(), Bytes::from_static(b"1"));
+
+        std::fs::write(&flag, b"").unwrap();
+        let down = |e: crate::Error| e.to_string().contains("injected: store down");
+        assert!(down(store.get("a").await.unwrap_err()));
+        assert!(down(
+            store.put("b", Bytes::from_static(b"2")).await.unwrap_err()
+        ));
+        assert!(down(store.list("").await.unwrap_err()));
+        assert!(down(store.list_dirs("").await.unwrap_err()));
+        assert!(down(store.delete("a").await.unwrap_err()));
+        assert!(down(store.get_versioned("m").await.unwrap_err()));
+
+        std::fs::remove_file(&flag).unwrap();
+        assert_eq!(store.get("a").await.unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(store.list("").await.unwrap().len(), 1);
+        store.delete("a").await.unwrap();
+        assert!(store.get_opt("a").await.unwrap().is_none());
     }
 }

@@ -78,6 +78,8 @@ pub struct Store {
     prefix: Path,
     url: String,
     counters: Arc<Counters>,
+    /// `file://`: mutable objects use the local versioned scheme (see `put_cas`).
+    local: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -170,6 +172,7 @@ impl Store {
             prefix,
             url: url.to_string(),
             counters: Arc::default(),
+            local: parsed.scheme() == "file",
         })
     }
 
@@ -180,6 +183,7 @@ impl Store {
             prefix: Path::default(),
             url: url.to_string(),
             counters: Arc::default(),
+            local: url.starts_with("file:"),
         }
     }
 
@@ -398,6 +402,263 @@ impl Store {
     }
 }
 
+/// Opaque version of a mutable object (S3: ETag; file://: the version number of the local scheme).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(String);
+
+impl Version {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Outcome of a compare-and-swap (`Store::put_cas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cas {
+    Won,
+    /// Another writer changed the object first; nothing of ours is current.
+    Lost,
+}
+
+/// Versions of a `file://` mutable object kept after a win (the newest ones). A writer whose
+/// create succeeded lost only if a version at least this far ahead exists: see `put_cas`.
+pub const LOCAL_KEEP_VERSIONS: u64 = 64;
+
+/// How often `get_versioned` re-lists on `file://` when the newest version vanishes under it.
+const LOCAL_MAX_RELIST: u32 = 100;
+
+enum CasOutcome {
+    /// With the new version when known.
+    Won(Option<Version>),
+    Lost,
+}
+
+fn local_version_key(key: &str, n: u64) -> String {
+    format!("{key}.v/{n:020}")
+}
+
+/// Compare-and-swap of mutable objects (the lease).
+///
+/// S3: a conditional PUT (`If-Match: <ETag>`, or `If-None-Match: *` for a new object).
+///
+/// `file://` (`LocalFileSystem` has no conditional update): object `key` is a series of
+/// immutable versions `key.v/<n, 20 digits>`, each created if absent (a hard link, so it goes
+/// through the fault injector like any request); the current one is the highest present.
+/// CAS from n creates n+1. A version is deleted only by the winner of a version at least
+/// `LOCAL_KEEP_VERSIONS` higher, so the highest version present never decreases, and a
+/// stalled writer can only re-create a deleted number while a version that far ahead exists:
+/// its check after creating sees it and reports `Lost`. A winner that is merely followed by
+/// quicker writers (fewer than `LOCAL_KEEP_VERSIONS` of them) still sees its win.
+impl Store {
+    /// Reads a mutable object with its version; None if absent.
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Version)>> {
+        if self.local {
+            let got = self.local_get_versioned(key).await?;
+            return Ok(got.map(|(bytes, n)| (bytes, Version(n.to_string()))));
+        }
+        let path = self.path(key);
+        let res = self
+            .retry(key, || async {
+                self.counters.gets.fetch_add(1, Ordering::Relaxed);
+                let got = self.inner.get_opts(&path, Default::default()).await?;
+                let e_tag = got.meta.e_tag.clone();
+                Ok((got.bytes().await?, e_tag))
+            })
+            .await;
+        let (bytes, e_tag) = match res {
+            Ok(v) => v,
+            Err(Error::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.counters
+            .bytes_got
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let e_tag = e_tag.ok_or_else(|| Error::Store {
+            store: self.url.clone(),
+            detail: format!(
+                "{key}: the store returned no ETag, which conditional writes need \
+                 (use a store that supports If-Match)"
+            ),
+        })?;
+        Ok(Some((bytes, Version(e_tag))))
+    }
+
+    /// Writes `data` if the object is still at `expected` (None = must be absent).
+    /// `Lost` when another writer changed it first. Handles ambiguous failures itself:
+    /// after a retried error that reports Precondition/AlreadyExists, re-read and compare
+    /// the bytes with `data` (callers put a random nonce in every body, so equal bytes
+    /// mean our own attempt landed -> Won).
+    ///
+    /// One case stays ambiguous on S3: our write landed, its reply was lost, and another
+    /// writer replaced it before our re-read. That is reported as `Lost` (our value is no
+    /// longer current, though it may have been read). On `file://` the version stays
+    /// readable, so the answer is exact unless `LOCAL_KEEP_VERSIONS` writes passed meanwhile.
+    pub async fn put_cas(&self, key: &str, expected: Option<&Version>, data: Bytes) -> Result<Cas> {
+        Ok(match self.cas(key, expected, data).await? {
+            CasOutcome::Won(_) => Cas::Won,
+            CasOutcome::Lost => Cas::Lost,
+        })
+    }
+
+    /// `put_cas` that also returns the new version when it wins (`None` = lost), so that the
+    /// next CAS needs no re-read.
+    pub async fn put_cas_versioned(
+        &self,
+        key: &str,
+        expected: Option<&Version>,
+        data: Bytes,
+    ) -> Result<Option<Version>> {
+        match self.cas(key, expected, data).await? {
+            CasOutcome::Won(Some(v)) => Ok(Some(v)),
+            CasOutcome::Won(None) => Err(Error::Store {
+                store: self.url.clone(),
+                detail: format!(
+                    "{key}: a conditional write succeeded, but the store returned no ETag \
+                     (use a store that supports If-Match)"
+                ),
+            }),
+            CasOutcome::Lost => Ok(None),
+        }
+    }
+
+    async fn cas(&self, key: &str, expected: Option<&Version>, data: Bytes) -> Result<CasOutcome> {
+        if self.local {
+            return Ok(match self.local_put_cas(key, expected, data).await? {
+                Some(v) => CasOutcome::Won(Some(v)),
+                None => CasOutcome::Lost,
+            });
+        }
+        let path = self.path(key);
+        let len = data.len() as u64;
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(object_store::UpdateVersion {
+                e_tag: Some(v.0.clone()),
+                version: None,
+            }),
+        };
+        // Some(e_tag) = written; None = a precondition refused it (maybe after our own
+        // earlier attempt landed: the re-read below decides).
+        let res = self
+            .retry(key, || async {
+                self.counters.puts.fetch_add(1, Ordering::Relaxed);
+                let opts = PutOptions {
+                    mode: mode.clone(),
+                    ..Default::default()
+                };
+                match self
+                    .inner
+                    .put_opts(&path, PutPayload::from(data.clone()), opts)
+                    .await
+                {
+                    Ok(r) => Ok(Some(r.e_tag)),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. })
+                    | Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        let written = res.is_some();
+        if let Some(e_tag) = res {
+            self.counters.bytes_put.fetch_add(len, Ordering::Relaxed);
+            if let Some(e_tag) = e_tag {
+                return Ok(CasOutcome::Won(Some(Version(e_tag))));
+            }
+        }
+        // Refused, or written without an ETag in the reply: what is there now?
+        Ok(match self.get_versioned(key).await? {
+            Some((bytes, version)) if bytes == data => CasOutcome::Won(Some(version)),
+            _ if written => CasOutcome::Won(None),
+            _ => CasOutcome::Lost,
+        })
+    }
+
+    /// Version numbers present for `key` on `file://`, ascending.
+    async fn local_versions(&self, key: &str) -> Result<Vec<u64>> {
+        let dir = format!("{key}.v");
+        let listed = match self.list(&dir).await {
+            Ok(l) => l,
+            Err(Error::Missing { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let pre = format!("{dir}/");
+        let mut ns: Vec<u64> = listed
+            .iter()
+            .filter_map(|l| l.key.strip_prefix(&pre))
+            .filter(|name| name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()))
+            .filter_map(|name| name.parse().ok())
+            .collect();
+        ns.sort_unstable();
+        Ok(ns)
+    }
+
+    async fn local_get_versioned(&self, key: &str) -> Result<Option<(Bytes, u64)>> {
+        for _ in 0..LOCAL_MAX_RELIST {
+            let Some(&n) = self.local_versions(key).await?.last() else {
+                return Ok(None);
+            };
+            // Gone: a newer version won and removed it meanwhile; list again.
+            if let Some(bytes) = self.get_opt(&local_version_key(key, n)).await? {
+                return Ok(Some((bytes, n)));
+            }
+        }
+        Err(Error::Store {
+            store: self.url.clone(),
+            detail: format!(
+                "{key}: its newest version kept disappearing while being read \
+                 ({LOCAL_MAX_RELIST} tries)"
+            ),
+        })
+    }
+
+    async fn local_put_cas(
+        &self,
+        key: &str,
+        expected: Option<&Version>,
+        data: Bytes,
+    ) -> Result<Option<Version>> {
+        let n: u64 = match expected {
+            None => 0,
+            Some(v) => v.0.parse().map_err(|_| Error::Store {
+                store: self.url.clone(),
+                detail: format!("{key}: {:?} is not a version of a file:// store", v.0),
+            })?,
+        };
+        let target = n + 1;
+        let vkey = local_version_key(key, target);
+        match self.put_if_absent(&vkey, data.clone()).await? {
+            Created::Yes => {}
+            // Another writer's, or our own attempt whose reply was lost (equal bytes).
+            Created::AlreadyExists => match self.get_opt(&vkey).await? {
+                Some(bytes) if bytes == data => {}
+                _ => return Ok(None),
+            },
+        }
+        let versions = self.local_versions(key).await?;
+        let newest = versions.last().copied().unwrap_or(target);
+        if newest >= target + LOCAL_KEEP_VERSIONS {
+            // `target` had been deleted: we re-created a number that was won long ago (a
+            // stalled writer). Never current; remove it (best effort).
+            let _ = self.delete(&vkey).await;
+            return Ok(None);
+        }
+        for &old in versions
+            .iter()
+            .take_while(|&&v| v + LOCAL_KEEP_VERSIONS <= target)
+        {
+            let _ = self.delete(&local_version_key(key, old)).await;
+        }
+        Ok(Some(Version(target.to_string())))
+    }
+}
+
 /// Sorts an `object_store` error into our kinds: by variant, then by the HTTP or I/O error
 /// found in its source chain. Never by the message text, which contains keys and URLs.
 fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
@@ -450,4 +711,235 @@ fn map_store_error(store: &str, key: &str, e: object_store::Error) -> Error {
 /// workers, so `block_on` is always allowed.
 pub fn block_on<F: std::future::Future>(handle: &tokio::runtime::Handle, f: F) -> F::Output {
     handle.block_on(f)
+}
+
+#[cfg(test)]
+mod cas_tests {
+    use super::*;
+    use crate::faulty::{FaultConfig, FaultyStore};
+
+    fn file_store(dir: &std::path::Path) -> Store {
+        Store::open(&format!("file://{}", dir.display())).unwrap()
+    }
+
+    fn faulty_file_store(dir: &std::path::Path, spec: &str) -> Store {
+        let fs = LocalFileSystem::new_with_prefix(dir).unwrap();
+        let inner = FaultyStore::new(Arc::new(fs), FaultConfig::parse(spec));
+        Store::from_object_store(Arc::new(inner), &format!("file://{}", dir.display()))
+    }
+
+    /// A store in a fresh bucket of the S3 endpoint in `OWFS_TEST_S3_ENDPOINT` (e.g. a
+    /// `moto_server`), optionally behind a fault injector; None (and a line saying so) if unset.
+    fn s3_store(faults: Option<&str>) -> Option<Store> {
+        let Ok(endpoint) = std::env::var("OWFS_TEST_S3_ENDPOINT") else {
+            println!("OWFS_TEST_S3_ENDPOINT is unset: skipping the S3 part of this test");
+            return None;
+        };
+        let bucket = format!(
+            "owfs-cas-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let ok = std::process::Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-X", "PUT"])
+            .arg(format!("{endpoint}/{bucket}"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "creating bucket {bucket} at {endpoint}");
+        let s3 = AmazonS3Builder::new()
+            .with_bucket_name(&bucket)
+            .with_endpoint(&endpoint)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_region("us-east-1")
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .build()
+            .unwrap();
+        let inner: Arc<dyn ObjectStore> = match faults {
+            Some(spec) => Arc::new(FaultyStore::new(Arc::new(s3), FaultConfig::parse(spec))),
+            None => Arc::new(s3),
+        };
+        Some(Store::from_object_store(inner, &format!("s3://{bucket}")))
+    }
+
+    fn counter(body: &[u8]) -> u64 {
+        let s = std::str::from_utf8(body).unwrap();
+        s.split(' ').next().unwrap().parse().unwrap()
+    }
+
+    fn body(n: u64) -> Bytes {
+        Bytes::from(format!("{n} {:032x}", rand::random::<u128>()))
+    }
+
+    /// Increments the counter in `key` by CAS until it wins; returns (value written, losses).
+    async fn increment(store: &Store, key: &str) -> (u64, u64) {
+        let mut lost = 0;
+        loop {
+            let cur = store.get_versioned(key).await.unwrap();
+            let (n, version) = match cur {
+                None => (0, None),
+                Some((b, v)) => (counter(&b), Some(v)),
+            };
+            match store
+                .put_cas(key, version.as_ref(), body(n + 1))
+                .await
+                .unwrap()
+            {
+                Cas::Won => return (n + 1, lost),
+                Cas::Lost => lost += 1,
+            }
+        }
+    }
+
+    /// `tasks` concurrent incrementers, `each` wins apiece: every value 1..=tasks*each is
+    /// written by exactly one win (no lost update, no double win), and the final counter is
+    /// the number of wins. Not `exact`: S3 with lost acks, where a write that landed but was
+    /// overwritten by another writer before our re-read counts as lost (see `put_cas`); then
+    /// no value is won twice and the counter is at least the number of wins.
+    async fn concurrent_increments(store: &Store, tasks: u64, each: u64, exact: bool) {
+        let key = "ws/w/counter";
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let mut won = Vec::new();
+                let mut lost = 0;
+                for _ in 0..each {
+                    let (v, l) = increment(&store, key).await;
+                    won.push(v);
+                    lost += l;
+                }
+                (won, lost)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut lost = 0;
+        for h in handles {
+            let (won, l) = h.await.unwrap();
+            all.extend(won);
+            lost += l;
+        }
+        all.sort_unstable();
+        let (b, _) = store.get_versioned(key).await.unwrap().unwrap();
+        let last = counter(&b);
+        if exact {
+            let expect: Vec<u64> = (1..=tasks * each).collect();
+            assert_eq!(all, expect, "each value won exactly once");
+            assert_eq!(last, tasks * each, "final counter = number of wins");
+        } else {
+            let n = all.len();
+            all.dedup();
+            assert_eq!(all.len(), n, "no value won twice: {all:?}");
+            assert!(
+                last >= tasks * each && all.last() == Some(&last),
+                "{last} {all:?}"
+            );
+        }
+        println!("{}: {} wins, {lost} lost races", store.url(), tasks * each);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_cas_increments_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = file_store(dir.path());
+        concurrent_increments(&store, 8, 50, true).await;
+        // Only the newest versions are kept.
+        let kept = store.local_versions("ws/w/counter").await.unwrap();
+        assert!(kept.len() as u64 <= LOCAL_KEEP_VERSIONS, "{}", kept.len());
+        assert_eq!(kept.last(), Some(&400));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_cas_increments_with_lost_acks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = faulty_file_store(dir.path(), "seed=7,put_lost_ack=0.5");
+        concurrent_increments(&store, 4, 25, true).await;
+    }
+
+    #[tokio::test]
+    async fn cas_basics_and_lost_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = vec![
+            file_store(&dir.path().join("plain")),
+            faulty_file_store(dir.path(), "put_lost_ack=1"),
+        ];
+        stores.extend(s3_store(None));
+        stores.extend(s3_store(Some("put_lost_ack=1")));
+        for store in &stores {
+            let key = "ws/w/lease";
+            assert!(store.get_versioned(key).await.unwrap().is_none());
+            let a = body(1);
+            assert_eq!(store.put_cas(key, None, a.clone()).await.unwrap(), Cas::Won);
+            assert_eq!(store.put_cas(key, None, body(1)).await.unwrap(), Cas::Lost);
+            let (got, v1) = store.get_versioned(key).await.unwrap().unwrap();
+            assert_eq!(got, a);
+            let b = body(2);
+            let v2 = store
+                .put_cas_versioned(key, Some(&v1), b.clone())
+                .await
+                .unwrap()
+                .expect("won");
+            assert_ne!(v1, v2);
+            // The old version no longer matches.
+            assert_eq!(
+                store.put_cas(key, Some(&v1), body(2)).await.unwrap(),
+                Cas::Lost,
+                "{store:?}"
+            );
+            let (got, v) = store.get_versioned(key).await.unwrap().unwrap();
+            assert_eq!((got, &v), (b, &v2));
+            assert_eq!(
+                store.put_cas(key, Some(&v2), body(3)).await.unwrap(),
+                Cas::Won
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn stalled_writer_recreating_a_deleted_version_loses_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = file_store(dir.path());
+        let key = "ws/w/lease";
+        assert_eq!(store.put_cas(key, None, body(1)).await.unwrap(), Cas::Won);
+        let (_, v1) = store.get_versioned(key).await.unwrap().unwrap();
+        assert_eq!(v1.as_str(), "1");
+        // Others move on far enough that versions 1 and 2 are deleted.
+        for _ in 0..LOCAL_KEEP_VERSIONS + 3 {
+            increment(&store, key).await;
+        }
+        let before = store.local_versions(key).await.unwrap();
+        assert!(!before.contains(&1) && !before.contains(&2), "{before:?}");
+        let newest = *before.last().unwrap();
+
+        // The stalled writer wakes up: its create of version 2 succeeds, and it must lose.
+        assert_eq!(
+            store.put_cas(key, Some(&v1), body(2)).await.unwrap(),
+            Cas::Lost
+        );
+        // So must a writer that thinks the object is absent (version 1 is free again).
+        assert_eq!(store.put_cas(key, None, body(1)).await.unwrap(), Cas::Lost);
+        let after = store.local_versions(key).await.unwrap();
+        assert_eq!(after, before, "the stale versions were removed again");
+        let (b, v) = store.get_versioned(key).await.unwrap().unwrap();
+        assert_eq!(counter(&b), newest);
+        assert_eq!(v.as_str(), newest.to_string());
+
+        // A version taken by someone else in the window is a plain loss.
+        let stale = Version((newest - 1).to_string());
+        assert_eq!(
+            store.put_cas(key, Some(&stale), body(9)).await.unwrap(),
+            Cas::Lost
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_cas_increments_s3() {
+        if let Some(store) = s3_store(None) {
+            concurrent_increments(&store, 8, 15, true).await;
+        }
+        if let Some(store) = s3_store(Some("seed=3,put_lost_ack=0.5")) {
+            concurrent_increments(&store, 4, 10, false).await;
+        }
+    }
 }
