@@ -131,6 +131,14 @@ pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64) -> Result<GenRecord> {
     Ok(rec)
 }
 
+/// A fence: the latest generation's content again, published by a new lease holder with its
+/// epoch, so that the previous holder's next publish finds the number taken.
+pub fn fence(latest: &GenRecord, epoch: u64) -> GenRecord {
+    let mut rec = derived(latest, &latest.workspace, Some(latest), "fence");
+    rec.epoch = epoch;
+    rec
+}
+
 fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &str) -> GenRecord {
     GenRecord {
         format: GEN_FORMAT,

@@ -40,6 +40,14 @@ pub enum Error {
     #[error("{0}")]
     Conflict(String),
 
+    /// Another node holds the workspace's lease (the text names it and its expiry).
+    #[error("{0}")]
+    Held(String),
+
+    /// This node lost the workspace's lease, or could not renew it in time: it stopped.
+    #[error("{0}")]
+    LeaseLost(String),
+
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: String },
 

@@ -2,6 +2,7 @@
 //! store: content-defined chunks (BLAKE3-named, zstd-compressed) in packs, one Merkle tree
 //! node per directory, and a generation record published by a conditional write.
 
+pub mod blobcache;
 pub mod chunker;
 pub mod codec;
 pub mod commit;

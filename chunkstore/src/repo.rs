@@ -85,6 +85,8 @@ pub struct Repo {
     index: RwLock<Index>,
     index_loaded: Mutex<bool>,
     pack_cache: Mutex<PackCache>,
+    /// Node-local verified blobs (filled by a pre-pull), consulted before the store.
+    blob_cache: RwLock<Option<Arc<crate::blobcache::BlobCache>>>,
 }
 
 impl Repo {
@@ -114,6 +116,7 @@ impl Repo {
             index: RwLock::default(),
             index_loaded: Mutex::new(false),
             pack_cache: Mutex::default(),
+            blob_cache: RwLock::default(),
         }))
     }
 
@@ -243,6 +246,26 @@ impl Repo {
     /// Reads and verifies one blob. Trees and segments come from whole (cached) packs; data
     /// blobs with one range read.
     pub fn read_blob(&self, hash: &Hash, what: &str) -> Result<Vec<u8>> {
+        let cache = self.blob_cache.read().expect("blob cache").clone();
+        if let Some(raw) = cache.as_ref().and_then(|c| c.get(hash)) {
+            return Ok(raw);
+        }
+        let raw = self.read_blob_from_store(hash, what)?;
+        if let Some(c) = cache {
+            // Trees and segment lists are small and read again at the next mount.
+            if self.with_index(|i| i.kind_of(hash)) != Some(BlobKind::Data) {
+                let _ = c.put(hash, &raw);
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Reads blobs from `cache` first (set by a mount whose node ran a pre-pull).
+    pub fn set_blob_cache(&self, cache: Option<Arc<crate::blobcache::BlobCache>>) {
+        *self.blob_cache.write().expect("blob cache") = cache;
+    }
+
+    fn read_blob_from_store(&self, hash: &Hash, what: &str) -> Result<Vec<u8>> {
         let (pack, entry) = self.locate(hash, what)?;
         let stored = self.block_on(async {
             if entry.kind == BlobKind::Data {

@@ -20,7 +20,8 @@ S3-compatible service (plain http:// only when that URL says so).
 
 Exit status: 0 ok, 2 usage, 3 unknown workspace/generation/path, 4 store unreachable, 5 access
 denied, 6 object missing from the store, 7 corrupt data, 8 unsupported format, 9 unsafe
-manifest, 10 conflict (target not empty, name taken, lost a race), 12 drill found problems.";
+manifest, 10 conflict (target not empty, name taken, lost a race), 11 workspace held by another
+node, 12 drill found problems, 13 the mount lost its lease and stopped.";
 
 #[derive(Parser, Debug)]
 #[command(name = "owfs", version, about = ABOUT, long_about = ABOUT)]
@@ -144,16 +145,27 @@ pub enum Command {
     /// With `-o ro` (time travel): a read-only view of WS@N (or WS's latest) served straight
     /// from the store, nothing restored first.
     ///
+    /// One writer per workspace: the mount takes the workspace's lease first. If another node
+    /// holds it, the mount fails at once naming the holder and when its lease expires (status
+    /// 11); --wait waits for it, --takeover fences the holder out now. A node that cannot renew
+    /// its lease stops (every file operation returns EIO, the on_lease_loss hook runs, the
+    /// daemon exits with status 13) before any other node may take over.
+    ///
     /// Options (-o, comma-separated): ro; commit_interval_ms=N (default 1000);
     /// max_backlog_mb=N (writers slow down when this much is not yet uploaded; default 512);
-    /// prefetch=0 (fetch only on access); threads=N (FUSE request threads, default 4).
+    /// prefetch=0 (fetch only on access); threads=N (FUSE request threads, default 4);
+    /// lease_ttl_ms=N (default 30000), lease_renew_ms=N (10000), lease_margin_ms=N (5000),
+    /// lease_skew_ms=N (largest clock difference between nodes, 2000); on_lease_loss=CMD
+    /// (run by /bin/sh with OWFS_WORKSPACE, OWFS_MOUNTPOINT, OWFS_REASON; no commas: use a
+    /// script).
     ///
     /// Returns once the mount is ready (the daemon goes on in the background) unless -f.
     Mount {
         /// WS (read-write), or WS@N with -o ro.
         spec: String,
-        /// Directory to mount on (must exist).
-        mountpoint: PathBuf,
+        /// Directory to mount on (must exist); not with --prefetch-only.
+        #[arg(required_unless_present = "prefetch_only")]
+        mountpoint: Option<PathBuf>,
         /// Mount options, comma-separated (see above).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Option<String>,
@@ -164,9 +176,32 @@ pub enum Command {
         /// ~/.cache/owfs/WS). Emptied at mount: the store holds the truth.
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// If another node holds the workspace, wait until it releases it or its lease
+        /// expires (at most DURATION, e.g. 90s; forever without a value).
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "forever", conflicts_with = "takeover")]
+        wait: Option<String>,
+        /// Take the workspace from its holder now, before its lease expires. The holder is
+        /// fenced: its next commit is refused and it stops; what it wrote since its last
+        /// generation is lost.
+        #[arg(long)]
+        takeover: bool,
+        /// Pre-pull: download WS's latest generation into --cache-dir and exit, without
+        /// mounting and without taking the lease (the node serving WS keeps running). A
+        /// later mount with the same --cache-dir reads from that copy and fetches only what
+        /// changed since, so a planned handoff pauses for the last delta only. Run it again
+        /// just before the handoff to shrink the delta further.
+        #[arg(long, conflicts_with_all = ["wait", "takeover", "foreground"])]
+        prefetch_only: bool,
     },
-    /// Commit a final generation and unmount; returns once that generation is durable.
+    /// Commit a final generation, release the lease and unmount; returns once that generation
+    /// is durable, so another node's mount proceeds at once and loses nothing.
     Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Planned handoff: the same as umount (final generation, lease released), for the node
+    /// that gives the workspace to another; prints the generation the next node starts from.
+    Handoff {
         /// The mount point.
         mountpoint: PathBuf,
     },
@@ -176,9 +211,10 @@ pub enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
-    /// State of a read-write mount: generation and its age, bytes not yet uploaded, commits.
+    /// State of a workspace: the lease (holder, epoch, expiry), the last generation and its
+    /// age (the sync lag); for a mount point also the bytes not yet uploaded and the commits.
     Status {
-        /// The mount point.
-        mountpoint: PathBuf,
+        /// A mount point, or a workspace name (read from the store).
+        target: String,
     },
 }

@@ -294,15 +294,58 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             options,
             foreground,
             cache_dir,
+            wait,
+            takeover,
+            prefetch_only,
         } => {
-            let opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            let mut opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            if *prefetch_only {
+                let repo = open(cli, &rt, false)?;
+                let bars = !cli.json && !cli.quiet;
+                let report = crate::ws::prepull(&repo, spec, cache_dir.clone(), bars)?;
+                if cli.json {
+                    print_json(&serde_json::to_value(&report).expect("json"));
+                } else {
+                    println!(
+                        "pre-pulled {}: {} files, {} blobs ({} already here), {} fetched in {} requests",
+                        report.generation,
+                        report.files,
+                        report.blobs,
+                        report.blobs_already_cached,
+                        ui::size(report.bytes_fetched),
+                        report.requests
+                    );
+                }
+                return Ok(0);
+            }
+            let mountpoint = mountpoint.as_deref().expect("clap requires it");
+            opts.ws.takeover = *takeover;
+            opts.ws.wait = match wait.as_deref() {
+                None => None,
+                Some("forever") => Some(None),
+                Some(d) => Some(Some(humantime::parse_duration(d).map_err(|e| {
+                    Error::BadName {
+                        name: format!("--wait={d}"),
+                        reason: format!("{e}; give a duration such as 90s or 5m"),
+                    }
+                })?)),
+            };
             if !*foreground {
+                let mut extra: Vec<String> = Vec::new();
+                if let Some(w) = wait {
+                    extra.push(format!("--wait={w}"));
+                }
+                if *takeover {
+                    extra.push("--takeover".into());
+                }
                 return crate::mount::spawn_and_wait(
                     cli.store.as_deref(),
                     spec,
                     mountpoint,
                     options.as_deref(),
                     cache_dir.as_deref(),
+                    &extra,
+                    opts.ws.wait.is_some(),
                 );
             }
             if opts.read_only {
@@ -323,7 +366,8 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             let repo = open(cli, &rt, true)?;
             crate::ws::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
         }
-        Command::Umount { mountpoint } => crate::mount::umount(mountpoint, cli.json),
+        Command::Umount { mountpoint } => crate::mount::umount(mountpoint, cli.json, false),
+        Command::Handoff { mountpoint } => crate::mount::umount(mountpoint, cli.json, true),
         Command::Sync { mountpoint } => {
             let v = crate::ws::control::request(mountpoint, "sync")?;
             if cli.json {
@@ -333,42 +377,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Status { mountpoint } => {
-            let v = crate::ws::control::request(mountpoint, "status")?;
-            let st = &v["status"];
-            if cli.json {
-                print_json(st);
-            } else {
-                println!(
-                    "workspace   {}",
-                    st["workspace"].as_str().unwrap_or_default()
-                );
-                println!(
-                    "mountpoint  {}",
-                    st["mountpoint"].as_str().unwrap_or_default()
-                );
-                println!("store       {}", st["store"].as_str().unwrap_or_default());
-                println!(
-                    "generation  {} ({} ms ago)",
-                    st["generation"], st["generation_age_ms"]
-                );
-                println!(
-                    "pending     {} bytes not yet in a generation",
-                    st["pending_bytes"]
-                );
-                println!(
-                    "commits     {} ok, {} failed; barrier p99 {} us",
-                    st["commits"], st["commit_failures"], st["barrier_us"]["p99"]
-                );
-                if let Some(e) = st["last_error"].as_str() {
-                    println!("last error  {e}");
-                }
-                if st["failed"] == json!(true) {
-                    println!("state       FAILED: writes return EIO");
-                }
-            }
-            Ok(0)
-        }
+        Command::Status { target } => status(cli, &rt, target),
         Command::Workspaces => {
             let repo = open(cli, &rt, false)?;
             let names = repo.block_on(generation::list_workspaces(&repo.store))?;
@@ -382,6 +391,110 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `owfs status MOUNTPOINT|WS`: from the daemon if TARGET is an owfs mount, else from the
+/// store (lease and latest generation only).
+fn status(cli: &Cli, rt: &tokio::runtime::Handle, target: &str) -> Result<i32> {
+    let path = std::path::Path::new(target);
+    let st = if crate::mount::is_owfs_mount(path) {
+        crate::ws::control::request(path, "status")?["status"].take()
+    } else {
+        generation::check_workspace_name(target).map_err(|_| Error::BadName {
+            name: target.to_string(),
+            reason: "neither an owfs mount point nor a workspace name".into(),
+        })?;
+        let repo = open(cli, rt, false)?;
+        let latest = repo
+            .block_on(generation::latest(&repo.store, target))?
+            .ok_or_else(|| Error::UnknownWorkspace(target.to_string()))?;
+        let lease = repo
+            .block_on(lease::read(&repo.store, target))
+            .map_err(|e| crate::ws::lease_error(target, e))?;
+        let now = generation::now_ms();
+        json!({
+            "workspace": target,
+            "store": repo.store.url(),
+            "generation": latest.number,
+            "generation_age_ms": now.saturating_sub(latest.created_ms),
+            "epoch": latest.epoch,
+            "lease": lease.map(|l| json!({
+                "epoch": l.epoch,
+                "holder": {"node": l.holder.node, "host": l.holder.host, "pid": l.holder.pid},
+                "expires_ms": l.expires_ms,
+                "expires_in_ms": l.expires_ms.saturating_sub(now),
+                "released": l.released,
+                "ttl_ms": l.ttl_ms,
+            })),
+        })
+    };
+    if cli.json {
+        print_json(&st);
+        return Ok(0);
+    }
+    let line = |k: &str, v: String| println!("{k:<11} {v}");
+    line(
+        "workspace",
+        st["workspace"].as_str().unwrap_or_default().into(),
+    );
+    if let Some(m) = st["mountpoint"].as_str() {
+        line("mountpoint", m.into());
+    }
+    line("store", st["store"].as_str().unwrap_or_default().into());
+    line(
+        "generation",
+        format!(
+            "{} ({} ago)",
+            st["generation"],
+            ui::ms(st["generation_age_ms"].as_u64().unwrap_or(0))
+        ),
+    );
+    let l = &st["lease"];
+    if l.is_null() {
+        line("lease", "none (no node has mounted it)".into());
+    } else if l["released"] == json!(true) {
+        line("lease", format!("free (released at epoch {})", l["epoch"]));
+    } else {
+        let h = &l["holder"];
+        let left = l["expires_in_ms"].as_u64().unwrap_or(0);
+        line(
+            "lease",
+            format!(
+                "epoch {}, held by node {} (host {}, pid {}), {}",
+                l["epoch"],
+                h["node"].as_str().unwrap_or("?"),
+                h["host"].as_str().unwrap_or("?"),
+                h["pid"],
+                if left > 0 {
+                    format!("expires in {}", ui::ms(left))
+                } else {
+                    "expired".into()
+                }
+            ),
+        );
+    }
+    if !st["pending_bytes"].is_null() {
+        line(
+            "pending",
+            format!("{} bytes not yet in a generation", st["pending_bytes"]),
+        );
+        line(
+            "commits",
+            format!(
+                "{} ok, {} failed; barrier p99 {} us",
+                st["commits"], st["commit_failures"], st["barrier_us"]["p99"]
+            ),
+        );
+    }
+    if let Some(e) = st["last_error"].as_str() {
+        line("last error", e.into());
+    }
+    if let Some(e) = l["lost"].as_str() {
+        line("state", format!("LEASE LOST: {e}"));
+    } else if st["failed"] == json!(true) {
+        line("state", "FAILED: file operations return EIO".into());
+    }
+    Ok(0)
 }
 
 fn report_gen(cli: &Cli, rec: &GenRecord, what: &str) {

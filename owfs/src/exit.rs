@@ -12,6 +12,8 @@ pub const CORRUPT: i32 = 7;
 pub const FORMAT: i32 = 8;
 pub const UNSAFE: i32 = 9;
 pub const CONFLICT: i32 = 10;
+pub const HELD: i32 = 11;
+pub const LEASE_LOST: i32 = 13;
 pub const DRILL_FAILED: i32 = 12;
 
 pub fn code(e: &Error) -> i32 {
@@ -27,6 +29,8 @@ pub fn code(e: &Error) -> i32 {
         Error::Format { .. } => FORMAT,
         Error::Unsafe { .. } => UNSAFE,
         Error::Conflict(_) => CONFLICT,
+        Error::Held(_) => HELD,
+        Error::LeaseLost(_) => LEASE_LOST,
         Error::Io { .. } | Error::Store { .. } => INTERNAL,
     }
 }
@@ -51,6 +55,8 @@ pub fn hint(e: &Error) -> &'static str {
         Error::Format { .. } => "this store was written by a different owfs format version",
         Error::Unsafe { .. } => "the manifest is malicious or damaged; nothing outside the target was touched",
         Error::Conflict(_) => "nothing was lost; read the message and run the command again",
+        Error::Held(_) => "one writer per workspace: unmount it there (`owfs umount` hands it over at once), or mount with --wait or --takeover",
+        Error::LeaseLost(_) => "another node took the workspace over; writes after the loss were not committed. Remount to continue from the latest generation",
         Error::Io { .. } => "check the local path and its permissions",
         Error::Store { .. } => "the store answered with an unexpected error; try again, or check the store's logs",
     }

@@ -99,7 +99,10 @@ pub fn spawn_and_wait(
     mountpoint: &Path,
     options: Option<&str>,
     cache_dir: Option<&Path>,
+    extra: &[String],
+    waits: bool,
 ) -> Result<i32> {
+    clear_dead_mount(mountpoint);
     let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
     let log: PathBuf = std::env::temp_dir().join(format!("owfs-mount-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
@@ -114,6 +117,7 @@ pub fn spawn_and_wait(
     if let Some(c) = cache_dir {
         cmd.arg("--cache-dir").arg(c);
     }
+    cmd.args(extra);
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
         .stderr(log_file);
@@ -141,7 +145,8 @@ pub fn spawn_and_wait(
             eprint!("{text}");
             return Ok(status.code().unwrap_or(1).max(1));
         }
-        if t0.elapsed() > READY_TIMEOUT {
+        // With --wait the daemon may wait for the holder's lease as long as it was told to.
+        if !waits && t0.elapsed() > READY_TIMEOUT {
             let _ = child.kill();
             return Err(Error::io(
                 mountpoint,
@@ -152,7 +157,31 @@ pub fn spawn_and_wait(
     }
 }
 
-pub fn umount(mountpoint: &Path, json: bool) -> Result<i32> {
+/// A mount left behind by a daemon that stopped after losing its lease answers ENOTCONN:
+/// detach it so the mount point can be used again.
+pub fn clear_dead_mount(mountpoint: &Path) {
+    if is_owfs_mount(mountpoint) {
+        if let Err(e) = std::fs::metadata(mountpoint) {
+            if e.raw_os_error() == Some(libc::ENOTCONN) {
+                eprintln!(
+                    "owfs: {}: a dead owfs mount (its daemon stopped) was there; detaching it",
+                    mountpoint.display()
+                );
+                let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+    }
+}
+
+pub fn umount(mountpoint: &Path, json: bool, handoff: bool) -> Result<i32> {
+    if is_owfs_mount(mountpoint) && std::fs::metadata(mountpoint).is_err() {
+        clear_dead_mount(mountpoint);
+        println!(
+            "{}: the daemon had stopped; the dead mount was detached (nothing to commit)",
+            mountpoint.display()
+        );
+        return Ok(0);
+    }
     if !is_owfs_mount(mountpoint) {
         return Err(Error::io(
             mountpoint,
@@ -166,6 +195,12 @@ pub fn umount(mountpoint: &Path, json: bool) -> Result<i32> {
         let v = crate::ws::control::request(mountpoint, "umount")?;
         if json {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else if handoff {
+            println!(
+                "handed off {}: generation {} is durable and the lease is released; mount it on the next node",
+                v["spec"].as_str().unwrap_or_default(),
+                v["generation"]
+            );
         } else {
             println!(
                 "unmounted {}; generation {} is durable",

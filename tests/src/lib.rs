@@ -174,6 +174,11 @@ impl Case {
     }
 
     pub fn owfs_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.owfs_cmd(args, env).output().expect("running owfs")
+    }
+
+    /// The command line of `owfs ARGS` against this case's store, not yet run.
+    pub fn owfs_cmd(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = Command::new(owfs_bin());
         if !args.contains(&"--store") {
             c.arg("--store").arg(&self.url);
@@ -189,7 +194,7 @@ impl Case {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.output().expect("running owfs")
+        c
     }
 
     /// Runs owfs and insists on success; returns stdout.
@@ -399,28 +404,50 @@ pub struct RwMount<'a> {
 impl Case {
     /// Mounts `ws` read-write on a fresh directory `name` with its own cache directory.
     pub fn mount_rw(&self, ws: &str, name: &str, opts: &[&str]) -> RwMount<'_> {
+        self.mount_rw_with(ws, name, opts, &[])
+    }
+
+    /// The arguments of `owfs mount` for `mount_rw_with`, without running it.
+    pub fn mount_args(&self, ws: &str, name: &str, opts: &[&str], flags: &[&str]) -> Vec<String> {
         let at = self.dir(name);
         let cache = self.dir(&format!("{name}.cache"));
         std::fs::create_dir_all(&at).unwrap();
-        let mut args = vec![
-            "mount",
-            ws,
-            at.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ];
-        let o = opts.join(",");
-        if !o.is_empty() {
-            args.push("-o");
-            args.push(&o);
+        let mut args: Vec<String> = ["mount", ws, at.to_str().unwrap(), "--cache-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(cache.to_str().unwrap().to_string());
+        if !opts.is_empty() {
+            args.push("-o".into());
+            args.push(opts.join(","));
         }
-        self.ok(&args);
+        args.extend(flags.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// The handle of a mount made elsewhere (e.g. by a daemon the test runs in the
+    /// foreground), unmounted when dropped.
+    pub fn rw_handle(&self, ws: &str, name: &str) -> RwMount<'_> {
         RwMount {
             case: self,
             ws: ws.to_string(),
-            at,
-            cache,
+            at: self.dir(name),
+            cache: self.dir(&format!("{name}.cache")),
         }
+    }
+
+    /// `mount_rw` with extra command-line flags (e.g. `--takeover`).
+    pub fn mount_rw_with(
+        &self,
+        ws: &str,
+        name: &str,
+        opts: &[&str],
+        flags: &[&str],
+    ) -> RwMount<'_> {
+        let args = self.mount_args(ws, name, opts, flags);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.ok(&args);
+        self.rw_handle(ws, name)
     }
 }
 

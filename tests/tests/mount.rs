@@ -528,41 +528,6 @@ fn backpressure_slows_writers_without_deadlock() {
     assert!(read_gen_file(&c, "bp", n, "big").unwrap() == data);
 }
 
-/// Until the lease exists, two nodes can mount one workspace; the one that publishes second
-/// loses the conditional write, stops serving writes (EIO) and commits nothing more.
-#[test]
-fn a_second_writer_loses_its_first_commit_and_stops() {
-    for c in Case::all() {
-        let a = c.mount_rw("two", "a", &["commit_interval_ms=600000"]);
-        let b = c.mount_rw("two", "b", &["commit_interval_ms=600000"]);
-        std::fs::write(a.path("from-a"), b"a").unwrap();
-        let n = a.sync();
-        std::fs::write(b.path("from-b"), b"b").unwrap();
-        let out = c.owfs(&["sync", b.at.to_str().unwrap()]);
-        assert!(
-            !out.status.success(),
-            "[{}] the second writer's commit must fail",
-            c.name
-        );
-        let err = std::fs::write(b.path("again"), b"x").unwrap_err();
-        assert_eq!(
-            err.raw_os_error(),
-            Some(5),
-            "[{}] writes after the loss: EIO",
-            c.name
-        );
-        assert_eq!(b.status()["failed"], serde_json::json!(true));
-        // The history holds A's generation and nothing from B.
-        let log = c.json(&["log", "two"]);
-        let latest = log.as_array().unwrap()[0]["number"].as_u64().unwrap();
-        assert_eq!(latest, n, "[{}] B published something", c.name);
-        assert_eq!(read_gen_file(&c, "two", n, "from-a").unwrap(), b"a");
-        assert!(read_gen_file(&c, "two", n, "from-b").is_err());
-        drop(b);
-        drop(a);
-    }
-}
-
 /// The kernel writes back the dirty pages of one file in parallel requests. A size computed by
 /// one write and applied after a later one moved the size backwards: once the kernel dropped
 /// its inode, the file read back short (seen in about 1 of 15 runs of this workload before the

@@ -236,9 +236,17 @@ impl Shared {
             root,
             tree: stats,
             write,
-            epoch: parent.epoch,
+            epoch: self.epoch,
         });
         rec.root_attr = Some(cut.root_attr);
+        // Never publish past the lease's deadline; a publish already in flight when it passes
+        // is refused by the new holder's fence.
+        if !self.serving() {
+            return Err(Error::LeaseLost(format!(
+                "workspace {}: the lease's deadline passed before generation {} was published",
+                self.ws, rec.number
+            )));
+        }
         publish_checked(repo, &rec, &reused)?;
         Ok(rec)
     }

@@ -125,8 +125,14 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
     if let Err(e) = shared.sync_now() {
         return json!({"ok": false, "error": format!("commit before unmount failed: {e}")});
     }
-    if let Err(e) = rustix::mount::unmount(&shared.mountpoint, rustix::mount::UnmountFlags::empty())
-    {
+    // A workload that opens and closes files keeps the mount busy for moments: retry a while.
+    let t0 = std::time::Instant::now();
+    let mut res = rustix::mount::unmount(&shared.mountpoint, rustix::mount::UnmountFlags::empty());
+    while res == Err(rustix::io::Errno::BUSY) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+        res = rustix::mount::unmount(&shared.mountpoint, rustix::mount::UnmountFlags::empty());
+    }
+    if let Err(e) = res {
         let why = if e == rustix::io::Errno::BUSY {
             "the mount point is busy (a process has a file or directory open there, or its working directory is inside)".to_string()
         } else {
@@ -143,7 +149,12 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
     drop(d);
     let st = shared.status();
     if ok {
-        json!({"ok": true, "generation": st["generation"], "status": st})
+        json!({
+            "ok": true,
+            "generation": st["generation"],
+            "spec": format!("{}@{}", shared.ws, st["generation"]),
+            "status": st,
+        })
     } else {
         json!({"ok": false, "error": format!("the final commit failed: {}", st["last_error"]), "status": st})
     }

@@ -159,7 +159,7 @@ impl Shared {
     pub(super) fn prefetch(&self) {
         let mut queue = vec![ROOT];
         while let Some(dir) = queue.pop() {
-            if self.failed.load(Ordering::Relaxed) || self.sync.lock().stop {
+            if !self.serving() || self.sync.lock().stop {
                 return;
             }
             if self.ensure_loaded(dir).is_err() {
@@ -200,11 +200,12 @@ impl Shared {
 }
 
 impl OwfsFs {
+    /// EIO once the mount failed or its lease could have passed to another node.
     fn alive(&self) -> Result<(), Errno> {
-        if self.s.failed.load(Ordering::Relaxed) {
-            Err(Errno::EIO)
-        } else {
+        if self.s.serving() {
             Ok(())
+        } else {
+            Err(Errno::EIO)
         }
     }
 
@@ -436,6 +437,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let name = name.as_bytes();
         match self.lookup_child(parent.0, name) {
             Ok(Some(ino)) => {
@@ -462,6 +466,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let t = self.s.table.lock();
         match t.get(ino.0) {
             Some(n) => reply.attr(&TTL, &attr_of(ino.0, n)),
@@ -531,6 +538,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let t = self.s.table.lock();
         match t.get(ino.0).map(|n| &n.body) {
             Some(Body::Symlink(target)) => reply.data(target),
@@ -783,6 +793,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let writes = flags.acc_mode() != fuser::OpenAccMode::O_RDONLY;
         let trunc = writes && flags.0 & libc::O_TRUNC != 0;
         // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us (no SETATTR first).
@@ -793,9 +806,6 @@ impl fuser::Filesystem for OwfsFs {
         };
         if kind == NKind::Dir {
             return reply.error(Errno::EISDIR);
-        }
-        if writes && self.s.failed.load(Ordering::Relaxed) {
-            return reply.error(Errno::EIO);
         }
         if trunc && kind == NKind::File {
             if let Err(e) = self.set_size(ino.0, 0) {
@@ -823,6 +833,9 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let r = self
             .file_data(ino.0)
             .and_then(|d| d.read(&self.s.repo, offset, size).map_err(errno));
@@ -899,6 +912,9 @@ impl fuser::Filesystem for OwfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
         let d = {
             let t = self.s.table.lock();
@@ -911,6 +927,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         if let Err(e) = self.s.ensure_loaded(ino.0) {
             return reply.error(e);
         }
@@ -949,6 +968,9 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -973,6 +995,9 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -1018,6 +1043,9 @@ impl fuser::Filesystem for OwfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
         // of a directory is what SQLite does after every rollback-journal commit: local.
         if ino.0 != ROOT || datasync {
@@ -1033,6 +1061,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         match rustix::fs::statvfs(&self.s.cache_dir) {
             Ok(v) => reply.statfs(
                 v.f_blocks,
@@ -1084,6 +1115,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let t = self.s.table.lock();
         let Some(n) = t.get(ino.0) else {
             return reply.error(Errno::ENOENT);
@@ -1097,6 +1131,9 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if let Err(e) = self.alive() {
+            return reply.error(e);
+        }
         let t = self.s.table.lock();
         let Some(n) = t.get(ino.0) else {
             return reply.error(Errno::ENOENT);

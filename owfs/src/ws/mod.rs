@@ -4,7 +4,10 @@
 mod commit;
 pub mod control;
 mod fs;
+mod holder;
 mod ranges;
+
+pub use holder::lease_error;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -18,13 +21,20 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use state::{Attr, Body, NKind, Node, Table, ROOT};
 
-/// Options of the read-write mount (`-o a=b,c`).
+/// Options of the read-write mount (`-o a=b,c`, and the lease flags).
 #[derive(Debug, Clone)]
 pub struct WsOptions {
     pub commit_interval: Duration,
     pub max_backlog_bytes: u64,
     pub prefetch: bool,
     pub threads: usize,
+    pub lease: lease::LeaseConfig,
+    /// Shell command run when the lease is lost (before the daemon exits).
+    pub on_lease_loss: Option<String>,
+    /// `--wait[=DURATION]`: wait for a held workspace (None inside: forever).
+    pub wait: Option<Option<Duration>>,
+    /// `--takeover`: fence out the holder before its lease expires.
+    pub takeover: bool,
 }
 
 impl Default for WsOptions {
@@ -34,6 +44,22 @@ impl Default for WsOptions {
             max_backlog_bytes: 512 << 20,
             prefetch: true,
             threads: 4,
+            lease: lease::LeaseConfig::default(),
+            on_lease_loss: None,
+            wait: None,
+            takeover: false,
+        }
+    }
+}
+
+impl WsOptions {
+    fn lease_mode(&self) -> lease::Mode {
+        if self.takeover {
+            lease::Mode::Takeover
+        } else if let Some(w) = self.wait {
+            lease::Mode::Wait(w)
+        } else {
+            lease::Mode::Normal
         }
     }
 }
@@ -78,6 +104,15 @@ pub struct Shared {
     sync_cv: Condvar,
     /// Set when the mount must stop serving writes (the reason is logged).
     failed: AtomicBool,
+    /// The lease epoch every generation from this mount carries.
+    epoch: u64,
+    lease: Mutex<Option<lease::Lease>>,
+    /// Until when (nanoseconds after `started`, monotonic) this node may serve: the last
+    /// successful renewal's start + ttl - margin.
+    lease_deadline_ns: AtomicU64,
+    lease_stats: Mutex<holder::LeaseStats>,
+    renew_stop: Mutex<bool>,
+    renew_cv: Condvar,
     /// The committer is flushing the kernel's dirty pages: throttled writers must go on, or
     /// the flush (which needs request threads) could never finish.
     flushing: AtomicBool,
@@ -223,14 +258,14 @@ impl Shared {
                     eprintln!("owfs: {}: commit failed: {e}", self.ws);
                     s.done_err = target;
                     s.err = Some(e.to_string());
-                    if matches!(e, Error::Conflict(_)) {
+                    if matches!(e, Error::Conflict(_) | Error::LeaseLost(_)) {
+                        // Fenced: a node took the workspace over. Stop, never retry.
                         drop(s);
-                        self.fail(&format!(
-                            "another writer published to this workspace ({e}); nothing more is committed from here"
-                        ));
+                        self.lease_lost(&format!("a commit was refused: {e}"));
                         s = self.sync.lock();
                     } else if stop {
-                        // Unmounting: keep trying a while, the data exists only here.
+                        // Unmounting: keep trying while the lease lasts (the renewer stops
+                        // the node at its deadline); the data exists only here.
                         drop(s);
                         std::thread::sleep(Duration::from_secs(1));
                         let mut s2 = self.sync.lock();
@@ -270,7 +305,8 @@ impl Shared {
             "pid": std::process::id(),
             "generation": s.last.number,
             "generation_age_ms": generation::now_ms().saturating_sub(s.last.created_ms),
-            "epoch": s.last.epoch,
+            "epoch": self.epoch,
+            "lease": self.lease_status(),
             "pending_bytes": self.pending.load(Ordering::Relaxed),
             "failed": self.failed.load(Ordering::Relaxed),
             "uptime_s": self.started.elapsed().as_secs(),
@@ -301,10 +337,17 @@ impl WsOptions {
             "max_backlog_mb" => self.max_backlog_bytes = parse_number(v, key)?.max(1) << 20,
             "prefetch" => self.prefetch = v != "0" && v != "false" && v != "no",
             "threads" => self.threads = parse_number(v, key)?.clamp(1, 64) as usize,
+            "lease_ttl_ms" => self.lease.ttl = Duration::from_millis(parse_number(v, key)?),
+            "lease_renew_ms" => {
+                self.lease.renew_every = Duration::from_millis(parse_number(v, key)?)
+            }
+            "lease_margin_ms" => self.lease.margin = Duration::from_millis(parse_number(v, key)?),
+            "lease_skew_ms" => self.lease.max_skew = Duration::from_millis(parse_number(v, key)?),
+            "on_lease_loss" => self.on_lease_loss = Some(v.to_string()).filter(|c| !c.is_empty()),
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
-                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=)".into(),
+                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
                 })
             }
         }
@@ -325,7 +368,7 @@ pub fn default_cache_dir(ws: &str) -> PathBuf {
 }
 
 /// The latest generation of `ws`, creating the workspace (an empty generation 1) if needed.
-pub fn latest_or_create(repo: &Arc<Repo>, ws: &str) -> Result<GenRecord> {
+pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRecord> {
     generation::check_workspace_name(ws)?;
     if let Some(rec) = repo.block_on(generation::latest(&repo.store, ws))? {
         return Ok(rec);
@@ -344,7 +387,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str) -> Result<GenRecord> {
         root: hash,
         tree: Default::default(),
         write,
-        epoch: 0,
+        epoch,
     });
     rec.root_attr = Some(chunkstore::generation::RootAttr {
         mode: 0o755,
@@ -362,8 +405,34 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str) -> Result<GenRecord> {
     }
 }
 
-/// Takes the cache directory for this mount: one daemon per cache directory.
-fn prepare_cache(cache_dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+/// Where a pre-pull leaves verified blobs for the next mount of this cache directory.
+fn blobs_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("blobs")
+}
+
+/// `owfs mount --prefetch-only WS`: downloads WS's latest generation into the cache
+/// directory's blob cache, without the lease (the serving node goes on).
+pub fn prepull(
+    repo: &Arc<Repo>,
+    ws: &str,
+    cache_dir: Option<PathBuf>,
+    bars: bool,
+) -> Result<chunkstore::blobcache::PrepullReport> {
+    let rec = repo
+        .block_on(generation::latest(&repo.store, ws))?
+        .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
+    let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
+    let _lock = lock_cache(&cache_dir)?;
+    let cache = Arc::new(chunkstore::blobcache::BlobCache::open(&blobs_dir(
+        &cache_dir,
+    ))?);
+    let progress = Arc::new(chunkstore::progress::Progress::default());
+    let _bar = crate::ui::Bar::start(progress.clone(), "pre-pull:", bars);
+    chunkstore::blobcache::prepull(repo, &rec, &cache, &progress)
+}
+
+/// One process per cache directory (a mount or a pre-pull).
+fn lock_cache(cache_dir: &Path) -> Result<std::fs::File> {
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
     let lock_path = cache_dir.join("lock");
     let lock = std::fs::OpenOptions::new()
@@ -378,6 +447,12 @@ fn prepare_cache(cache_dir: &Path) -> Result<(std::fs::File, PathBuf)> {
             cache_dir.display()
         )),
     )?;
+    Ok(lock)
+}
+
+/// Takes the cache directory for this mount: one daemon per cache directory.
+fn prepare_cache(cache_dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+    let lock = lock_cache(cache_dir)?;
     let data = cache_dir.join("data");
     // The working copy restarts from the generation: a previous run's files are stale.
     if data.exists() {
@@ -463,10 +538,45 @@ pub fn run(
     cache_dir: Option<PathBuf>,
     opts: WsOptions,
 ) -> Result<i32> {
-    let rec = latest_or_create(&repo, ws)?;
+    generation::check_workspace_name(ws)?;
+    opts.lease.validate().map_err(|e| lease_error(ws, e))?;
     let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
     let (_lock, data_dir) = prepare_cache(&cache_dir)?;
+    // One writer per workspace: the lease first, then (after a takeover) the fence, and only
+    // then anything else that publishes.
+    let lease = holder::acquire(
+        &repo,
+        ws,
+        holder::holder(&cache_dir)?,
+        &opts.lease,
+        opts.lease_mode(),
+    )?;
+    let epoch = lease.epoch();
+    let rec = match lease.took_over() {
+        Some(prev) => {
+            eprintln!(
+                "owfs: {ws}: took over from node {} (host {}, pid {}, epoch {}); fencing it out",
+                prev.holder.node, prev.holder.host, prev.holder.pid, prev.epoch
+            );
+            // The workspace may not exist yet if the old holder died before creating it.
+            latest_or_create(&repo, ws, epoch)?;
+            holder::fence(&repo, ws, epoch)?
+        }
+        None => latest_or_create(&repo, ws, epoch)?,
+    };
+    if rec.epoch > epoch {
+        return Err(Error::LeaseLost(format!(
+            "workspace {ws}: generation {} carries epoch {}, newer than our lease's ({epoch}); another node holds it",
+            rec.number, rec.epoch
+        )));
+    }
     let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
+    // A pre-pull left blobs here: read them before asking the store.
+    if blobs_dir(&cache_dir).is_dir() {
+        repo.set_blob_cache(Some(Arc::new(chunkstore::blobcache::BlobCache::open(
+            &blobs_dir(&cache_dir),
+        )?)));
+    }
     let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
     let table = Table::new(data_dir, root_node(&rec)?, totals);
     let threads = opts.threads;
@@ -492,10 +602,17 @@ pub fn run(
         }),
         sync_cv: Condvar::new(),
         failed: AtomicBool::new(false),
+        epoch,
+        lease: Mutex::new(None),
+        lease_deadline_ns: AtomicU64::new(0),
+        lease_stats: Mutex::new(holder::LeaseStats::default()),
+        renew_stop: Mutex::new(false),
+        renew_cv: Condvar::new(),
         flushing: AtomicBool::new(false),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
     });
+    shared.install_lease(lease);
     // Fail at mount time, not on first access, if the root is unreadable.
     shared.ensure_loaded(ROOT).map_err(|e| Error::Store {
         store: shared.repo.store.url().to_string(),
@@ -530,6 +647,13 @@ pub fn run(
         std::thread::Builder::new()
             .name("owfs-commit".into())
             .spawn(move || s.committer())
+            .map_err(|e| Error::io("thread", e))?
+    };
+    let renewer = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("owfs-lease".into())
+            .spawn(move || s.renewer())
             .map_err(|e| Error::io("thread", e))?
     };
     let control = control::serve(shared.clone())?;
@@ -570,6 +694,14 @@ pub fn run(
         let s = shared.sync.lock();
         (s.done_ok >= s.requested, s.last.clone())
     };
+    shared.stop_renewer();
+    let _ = renewer.join();
+    if ok && !shared.failed.load(Ordering::SeqCst) {
+        // Planned handoff: everything is in the store; the next node may start at once.
+        shared.release_lease();
+        // The working copy is emptied at the next mount; so is what a pre-pull left.
+        let _ = std::fs::remove_dir_all(blobs_dir(&cache_dir));
+    }
     control.finish(ok);
     if let Err(e) = served {
         eprintln!("owfs: the FUSE session ended with an error: {e}");

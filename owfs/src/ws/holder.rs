@@ -1,0 +1,289 @@
+//! The mount's side of the lease (the protocol is in the `lease` crate, the argument in
+//! docs/decisions/lease.md): take it before serving, fence a holder we took it from, renew it
+//! in the background, stop serving the moment it could have passed to another node, and
+//! release it after the final commit of a planned unmount.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chunkstore::generation::{self, GenRecord};
+use chunkstore::{Error, Repo, Result};
+use lease::{Holder, Lease, LeaseConfig, LeaseError, Mode};
+
+use super::Shared;
+
+/// What `owfs status` shows of the lease.
+#[derive(Debug, Default, Clone)]
+pub struct LeaseStats {
+    pub renewals: u64,
+    pub renew_failures: u64,
+    pub last_renew_error: Option<String>,
+    pub expires_ms: u64,
+    pub lost: Option<String>,
+}
+
+/// This node's identity: a random id kept in the cache directory (two cache directories on
+/// one machine are two nodes), the host name and our pid.
+pub fn holder(cache_dir: &Path) -> Result<Holder> {
+    let path = cache_dir.join("node-id");
+    let node = match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => {
+            let id = generation::new_nonce()[..16].to_string();
+            std::fs::write(&path, format!("{id}\n")).map_err(|e| Error::io(&path, e))?;
+            id
+        }
+    };
+    Ok(Holder::this_process(&node))
+}
+
+pub fn lease_error(ws: &str, e: LeaseError) -> Error {
+    match e {
+        LeaseError::Store(e) => e,
+        LeaseError::Held { .. } | LeaseError::Timeout { .. } => Error::Held(e.to_string()),
+        LeaseError::Lost { .. } => Error::LeaseLost(format!("workspace {ws}: {e}")),
+        LeaseError::Config(why) => Error::BadName {
+            name: "lease options".into(),
+            reason: why,
+        },
+    }
+}
+
+/// Takes the lease (or fails naming its holder). Logs while waiting.
+pub fn acquire(
+    repo: &Arc<Repo>,
+    ws: &str,
+    holder: Holder,
+    cfg: &LeaseConfig,
+    mode: Mode,
+) -> Result<Lease> {
+    if let Mode::Wait(_) = mode {
+        if let Ok(Some(rec)) = repo.block_on(lease::read(&repo.store, ws)) {
+            if !rec.released {
+                eprintln!(
+                    "owfs: {ws} is held by node {} (host {}, pid {}), epoch {}; waiting for it",
+                    rec.holder.node, rec.holder.host, rec.holder.pid, rec.epoch
+                );
+            }
+        }
+    }
+    repo.block_on(lease::acquire(&repo.store, ws, holder, cfg, mode))
+        .map_err(|e| lease_error(ws, e))
+}
+
+/// The new holder's first act after a takeover: a generation carrying its epoch on top of
+/// the latest, so that the old holder's next publish finds the number taken and stops.
+pub fn fence(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRecord> {
+    for _ in 0..100 {
+        let latest = repo
+            .block_on(generation::latest(&repo.store, ws))?
+            .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
+        if latest.epoch > epoch {
+            return Err(Error::LeaseLost(format!(
+                "workspace {ws}: generation {} carries epoch {}, newer than ours ({epoch}): another node took over first",
+                latest.number, latest.epoch
+            )));
+        }
+        let rec = chunkstore::commit::fence(&latest, epoch);
+        match chunkstore::commit::publish_checked(
+            repo,
+            &rec,
+            &std::collections::HashSet::from([latest.root_hash()?]),
+        ) {
+            Ok(()) => return Ok(rec),
+            // The old holder published once more before it stopped: fence on top of that.
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Conflict(format!(
+        "workspace {ws}: the previous holder keeps publishing; could not fence it"
+    )))
+}
+
+impl Shared {
+    /// Whether this node may still serve and commit writes: no failure, and the lease's
+    /// deadline (by our monotonic clock) not passed.
+    pub(super) fn serving(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+            && (self.started.elapsed().as_nanos() as u64)
+                < self.lease_deadline_ns.load(Ordering::Relaxed)
+    }
+
+    fn set_deadline(&self, deadline: Instant) {
+        let ns = deadline.saturating_duration_since(self.started).as_nanos() as u64;
+        self.lease_deadline_ns.store(ns, Ordering::SeqCst);
+    }
+
+    pub(super) fn install_lease(&self, lease: Lease) {
+        self.set_deadline(lease.deadline());
+        self.lease_stats.lock().expires_ms = lease.record().expires_ms;
+        *self.lease.lock() = Some(lease);
+    }
+
+    /// Fail-stop: every file operation now returns EIO and nothing more is committed. Runs
+    /// the `on_lease_loss` hook, then ends the daemon with status 13 without unmounting: the
+    /// mount stays as a dead end (ENOTCONN) so that nothing can write to the directory under
+    /// it believing it is the workspace.
+    pub(super) fn lease_lost(&self, why: &str) {
+        self.fail(why);
+        {
+            let mut ls = self.lease_stats.lock();
+            if ls.lost.is_some() {
+                return;
+            }
+            ls.lost = Some(why.to_string());
+        }
+        {
+            // Waiting `sync` callers learn why.
+            let mut s = self.sync.lock();
+            s.done_err = s.requested;
+            s.err = Some(format!("lease lost: {why}"));
+            self.sync_cv.notify_all();
+        }
+        eprintln!(
+            "owfs: {}: LEASE LOST: {why}. Every file operation on {} now fails with EIO; nothing written after this was committed.",
+            self.ws,
+            self.mountpoint.display()
+        );
+        if let Some(cmd) = &self.opts.on_lease_loss {
+            eprintln!("owfs: {}: running on_lease_loss: {cmd}", self.ws);
+            let st = std::process::Command::new("/bin/sh")
+                .args(["-c", cmd])
+                .env("OWFS_WORKSPACE", &self.ws)
+                .env("OWFS_MOUNTPOINT", &self.mountpoint)
+                .env("OWFS_REASON", why)
+                .status();
+            match st {
+                Ok(s) => eprintln!("owfs: {}: on_lease_loss exited with {s}", self.ws),
+                Err(e) => eprintln!("owfs: {}: on_lease_loss could not run: {e}", self.ws),
+            }
+        }
+        let _ = std::fs::remove_file(super::control::socket_path(&self.mountpoint));
+        eprintln!(
+            "owfs: {}: exiting with status {} (lease lost); `umount {}` clears the dead mount",
+            self.ws,
+            crate::exit::LEASE_LOST,
+            self.mountpoint.display()
+        );
+        std::process::exit(crate::exit::LEASE_LOST);
+    }
+
+    /// Renews the lease every `renew_every`; retries sooner after a failure; stops the node
+    /// when the deadline passes without a successful renewal or when the lease was taken.
+    pub(super) fn renewer(self: &Arc<Self>) {
+        let cfg = &self.opts.lease;
+        let retry = (cfg.renew_every / 4).max(Duration::from_millis(50));
+        let mut next = Instant::now() + cfg.renew_every;
+        loop {
+            {
+                let mut stop = self.renew_stop.lock();
+                while !*stop {
+                    let now = Instant::now();
+                    let wake = next.min(self.deadline());
+                    if now >= wake {
+                        break;
+                    }
+                    self.renew_cv.wait_for(&mut stop, wake - now);
+                }
+                if *stop {
+                    return;
+                }
+            }
+            let now = Instant::now();
+            let deadline = self.deadline();
+            if now >= deadline {
+                let last = self.lease_stats.lock().last_renew_error.clone();
+                self.lease_lost(&format!(
+                    "the lease could not be renewed before its deadline (last error: {})",
+                    last.unwrap_or_else(|| "none".into())
+                ));
+                return;
+            }
+            let mut guard = self.lease.lock();
+            let Some(lease) = guard.as_mut() else { return };
+            let r = self
+                .repo
+                .block_on(async { tokio::time::timeout(deadline - now, lease.renew()).await });
+            match r {
+                Ok(Ok(())) => {
+                    let d = lease.deadline();
+                    let exp = lease.record().expires_ms;
+                    drop(guard);
+                    self.set_deadline(d);
+                    let mut ls = self.lease_stats.lock();
+                    ls.renewals += 1;
+                    ls.expires_ms = exp;
+                    next = Instant::now() + cfg.renew_every;
+                }
+                Ok(Err(LeaseError::Store(e))) => {
+                    drop(guard);
+                    eprintln!("owfs: {}: lease renewal failed (will retry): {e}", self.ws);
+                    let mut ls = self.lease_stats.lock();
+                    ls.renew_failures += 1;
+                    ls.last_renew_error = Some(e.to_string());
+                    next = Instant::now() + retry;
+                }
+                Ok(Err(e)) => {
+                    drop(guard);
+                    self.lease_lost(&e.to_string());
+                    return;
+                }
+                Err(_) => {
+                    drop(guard);
+                    self.lease_lost("the lease renewal did not answer before the deadline");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.started + Duration::from_nanos(self.lease_deadline_ns.load(Ordering::SeqCst))
+    }
+
+    pub(super) fn stop_renewer(&self) {
+        *self.renew_stop.lock() = true;
+        self.renew_cv.notify_all();
+    }
+
+    /// Planned release after the final commit: the next node takes over at once.
+    pub(super) fn release_lease(&self) {
+        let Some(lease) = self.lease.lock().take() else {
+            return;
+        };
+        let epoch = lease.epoch();
+        match self.repo.block_on(lease.release()) {
+            Ok(()) => eprintln!("owfs: {}: lease released (epoch {epoch})", self.ws),
+            Err(e) => eprintln!(
+                "owfs: {}: could not release the lease ({e}); another node can take over when it expires",
+                self.ws
+            ),
+        }
+    }
+
+    pub(super) fn lease_status(&self) -> serde_json::Value {
+        let ls = self.lease_stats.lock().clone();
+        let g = self.lease.lock();
+        let holder = g.as_ref().map(|l| l.record().holder.clone());
+        let deadline_in_ms = self
+            .deadline()
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        serde_json::json!({
+            "epoch": self.epoch,
+            "holder": holder.map(|h| serde_json::json!({"node": h.node, "host": h.host, "pid": h.pid})),
+            "expires_ms": ls.expires_ms,
+            "expires_in_ms": ls.expires_ms.saturating_sub(generation::now_ms()),
+            "serving_for_ms": deadline_in_ms,
+            "ttl_ms": self.opts.lease.ttl.as_millis() as u64,
+            "renew_every_ms": self.opts.lease.renew_every.as_millis() as u64,
+            "renewals": ls.renewals,
+            "renew_failures": ls.renew_failures,
+            "last_renew_error": ls.last_renew_error,
+            "lost": ls.lost,
+        })
+    }
+}
