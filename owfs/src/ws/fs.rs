@@ -415,6 +415,52 @@ impl OwfsFs {
     }
 }
 
+/// What Linux does to a regular file written or truncated by a caller without CAP_FSETID,
+/// or chowned (FUSE_HANDLE_KILLPRIV_V2 leaves it to us): setuid goes; setgid goes when group
+/// execution is allowed, or when the caller is not in the file's group.
+fn kill_suidgid(n: &mut super::state::Node, caller_in_group: impl FnOnce(u32) -> bool) -> bool {
+    if n.kind != NKind::File {
+        return false;
+    }
+    let before = n.attr.perm;
+    n.attr.perm &= !0o4000;
+    if n.attr.perm & 0o2000 != 0 && (n.attr.perm & 0o010 != 0 || !caller_in_group(n.attr.gid)) {
+        n.attr.perm &= !0o2000;
+    }
+    before != n.attr.perm
+}
+
+/// Whether the process behind `req` is in group `gid` (primary or supplementary).
+fn in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
+impl OwfsFs {
+    fn kill_suidgid_of(&self, ino: u64, req: &Request) {
+        let mut t = self.s.table.lock();
+        if t.get_mut(ino)
+            .is_some_and(|n| kill_suidgid(n, |g| in_group(req, g)))
+        {
+            t.touch(ino);
+            drop(t);
+            // The kernel still caches the old mode (and would honour setuid on exec):
+            // drop its attributes (offset -1: attributes only, no page is waited for).
+            if let Some(n) = self.s.notifier.get() {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        }
+    }
+}
+
 impl fuser::Filesystem for OwfsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = InitFlags::FUSE_WRITEBACK_CACHE
@@ -424,7 +470,10 @@ impl fuser::Filesystem for OwfsFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops asking
+            // for security.capability before every write (a round trip per write() call).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         for f in want.iter() {
             if config.add_capabilities(f).is_err() {
                 eprintln!("owfs: the kernel lacks {f:?}; continuing without it");
@@ -437,6 +486,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.s.count("lookup");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -458,6 +508,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.s.count("forget");
         let mut t = self.s.table.lock();
         if let Some(n) = t.get_mut(ino.0) {
             n.lookups = n.lookups.saturating_sub(nlookup);
@@ -466,6 +517,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.s.count("getattr");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -478,7 +530,7 @@ impl fuser::Filesystem for OwfsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -494,6 +546,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.s.count("setattr");
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
             return reply.error(e);
@@ -518,6 +571,16 @@ impl fuser::Filesystem for OwfsFs {
         if let Some(g) = gid {
             n.attr.gid = g;
         }
+        // chown drops setuid/setgid of a file for everyone; truncation without CAP_FSETID
+        // (approximated: not root) too. An explicit mode in the same request wins.
+        if mode.is_none() {
+            if uid.is_some() || gid.is_some() {
+                // chown: as if the caller were in the group (only group execution counts).
+                kill_suidgid(n, |_| true);
+            } else if size.is_some() && req.uid() != 0 {
+                kill_suidgid(n, |g| in_group(req, g));
+            }
+        }
         let t_of = |x: TimeOrNow| match x {
             TimeOrNow::Now => now,
             TimeOrNow::SpecificTime(s) => ns_of(s),
@@ -538,6 +601,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.s.count("readlink");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -559,6 +623,7 @@ impl fuser::Filesystem for OwfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.s.count("mknod");
         let r = match NKind::from_mode(mode) {
             Some(NKind::Dir | NKind::Symlink) | None => Err(Errno::EINVAL),
             Some(kind) => self.new_node(req, parent.0, name, NewNode::new(kind, mode).rdev(rdev)),
@@ -578,6 +643,7 @@ impl fuser::Filesystem for OwfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.s.count("mkdir");
         match self.new_node(req, parent.0, name, NewNode::new(NKind::Dir, mode)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -585,6 +651,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.s.count("unlink");
         let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
@@ -602,6 +669,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.s.count("rmdir");
         let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
@@ -630,6 +698,7 @@ impl fuser::Filesystem for OwfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.s.count("symlink");
         let mut spec = NewNode::new(NKind::Symlink, 0o777);
         spec.target = Some(target.as_os_str().as_bytes().to_vec());
         match self.new_node(req, parent.0, link_name, spec) {
@@ -648,6 +717,7 @@ impl fuser::Filesystem for OwfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.s.count("rename");
         let r = self.mutation(|| {
             let (name, newname) = (name.as_bytes(), check_name(newname)?);
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
@@ -756,6 +826,7 @@ impl fuser::Filesystem for OwfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.s.count("link");
         let r = self.mutation(|| {
             let newname = check_name(newname)?;
             if self.lookup_child(newparent.0, newname)?.is_some() {
@@ -792,7 +863,8 @@ impl fuser::Filesystem for OwfsFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.s.count("open");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -810,6 +882,10 @@ impl fuser::Filesystem for OwfsFs {
         if trunc && kind == NKind::File {
             if let Err(e) = self.set_size(ino.0, 0) {
                 return reply.error(e);
+            }
+            // Without CAP_FSETID (approximated: not root) a truncation drops setuid/setgid.
+            if req.uid() != 0 {
+                self.kill_suidgid_of(ino.0, req);
             }
         }
         let mut t = self.s.table.lock();
@@ -833,6 +909,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.s.count("read");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -847,16 +924,17 @@ impl fuser::Filesystem for OwfsFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.s.count("write");
         self.s.throttle();
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
@@ -865,6 +943,9 @@ impl fuser::Filesystem for OwfsFs {
         let r = self
             .file_data(ino.0)
             .and_then(|d| d.write(&self.s.repo, offset, data).map_err(errno));
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            self.kill_suidgid_of(ino.0, req);
+        }
         match r {
             Ok(_) => {
                 self.data_changed(ino.0, data.len() as u64);
@@ -882,6 +963,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.s.count("flush");
         // ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
         reply.error(Errno::ENOSYS);
     }
@@ -896,6 +978,7 @@ impl fuser::Filesystem for OwfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.s.count("release");
         let mut t = self.s.table.lock();
         if let Some(n) = t.get_mut(ino.0) {
             n.opens = n.opens.saturating_sub(1);
@@ -912,6 +995,7 @@ impl fuser::Filesystem for OwfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.s.count("fsync");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -927,6 +1011,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.s.count("opendir");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -968,6 +1053,7 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.s.count("readdir");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -995,6 +1081,7 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.s.count("readdirplus");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -1031,6 +1118,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.s.count("releasedir");
         self.dirs.lock().remove(&fh.0);
         reply.ok();
     }
@@ -1043,6 +1131,7 @@ impl fuser::Filesystem for OwfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.s.count("fsyncdir");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -1061,6 +1150,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.s.count("statfs");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -1089,6 +1179,7 @@ impl fuser::Filesystem for OwfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.s.count("setxattr");
         let _g = self.s.gate.read();
         let name = name.as_bytes();
         if !name.starts_with(b"user.") {
@@ -1115,6 +1206,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.s.count("getxattr");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -1131,6 +1223,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.s.count("listxattr");
         if let Err(e) = self.alive() {
             return reply.error(e);
         }
@@ -1153,6 +1246,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.s.count("removexattr");
         let _g = self.s.gate.read();
         let mut t = self.s.table.lock();
         let Some(n) = t.get_mut(ino.0) else {
@@ -1176,6 +1270,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.s.count("create");
         let mut spec = NewNode::new(NKind::File, mode);
         spec.opened = true;
         match self.new_node(req, parent.0, name, spec) {
@@ -1200,6 +1295,7 @@ impl fuser::Filesystem for OwfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.s.count("fallocate");
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
             return reply.error(e);

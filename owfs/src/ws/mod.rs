@@ -118,7 +118,45 @@ pub struct Shared {
     flushing: AtomicBool,
     pub stats: Mutex<Stats>,
     started: Instant,
+    fuse_requests: [AtomicU64; FUSE_OPS.len()],
+    /// Tells the kernel to drop cached attributes the daemon changed on its own.
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
+
+/// FUSE requests counted per kind (`owfs status --json` → `fuse_requests`): every request the
+/// kernel sends costs a round trip, so these show what caching saved.
+const FUSE_OPS: [&str; 30] = [
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "readdirplus",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "setxattr",
+    "getxattr",
+    "listxattr",
+    "removexattr",
+    "create",
+    "fallocate",
+];
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -128,6 +166,12 @@ fn now_ns() -> i64 {
 }
 
 impl Shared {
+    fn count(&self, op: &'static str) {
+        if let Some(i) = FUSE_OPS.iter().position(|o| *o == op) {
+            self.fuse_requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn fail(&self, why: &str) {
         if !self.failed.swap(true, Ordering::SeqCst) {
             eprintln!("owfs: {}: stopping writes: {why}", self.ws);
@@ -317,6 +361,12 @@ impl Shared {
             "throttled_writes": st.throttled_writes,
             "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
             "requests": self.repo.store.counters(),
+            "fuse_requests": FUSE_OPS
+                .iter()
+                .zip(&self.fuse_requests)
+                .filter(|(_, n)| n.load(Ordering::Relaxed) > 0)
+                .map(|(o, n)| (o.to_string(), serde_json::json!(n.load(Ordering::Relaxed))))
+                .collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -611,6 +661,8 @@ pub fn run(
         flushing: AtomicBool::new(false),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
+        fuse_requests: Default::default(),
+        notifier: std::sync::OnceLock::new(),
     });
     shared.install_lease(lease);
     // Fail at mount time, not on first access, if the root is unreadable.
@@ -634,6 +686,7 @@ pub fn run(
     config.clone_fd = true;
     let session = fuser::Session::new(fs::OwfsFs::new(shared.clone()), &mountpoint, &config)
         .map_err(|e| Error::io(&mountpoint, e))?;
+    let _ = shared.notifier.set(session.notifier());
     eprintln!(
         "owfs: serving {} (generation {}) read-write on {}, cache {}",
         ws,
