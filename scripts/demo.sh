@@ -71,8 +71,17 @@ printf 'a file next to the database\n' >"$live/files/hello.txt"
 run "$owfs" sync "$live"
 note "sync returned: that generation is durable in the store (fsync of $live does the same)"
 run "$owfs" status "$live"
-run "$owfs" umount "$live"
-say "Another node: mount the same workspace on an empty cache; nothing is restored first"
+say "One writer: a second node is refused while this one holds the lease"
+mkdir -p "$scratch/other"
+if "$owfs" mount "$ws-live" "$scratch/other" --cache-dir "$scratch/cache2"; then
+    echo "demo: error: a second mount of a held workspace succeeded" >&2
+    exit 1
+fi
+note "(exit 11; --wait waits for the holder, --takeover fences it out)"
+run "$owfs" mount --prefetch-only "$ws-live" --cache-dir "$scratch/cache2"
+note "the next node pre-pulled the workspace while this one still serves it"
+run "$owfs" handoff "$live"
+say "Another node: mount the same workspace; it starts at once from the handed-off generation"
 run "$owfs" mount "$ws-live" "$live" --cache-dir "$scratch/cache2"
 run sqlite3 "$live/app.db" 'PRAGMA integrity_check; SELECT * FROM notes;'
 run cat "$live/files/hello.txt"
