@@ -731,36 +731,12 @@ mod cas_tests {
     /// A store in a fresh bucket of the S3 endpoint in `OWFS_TEST_S3_ENDPOINT` (e.g. a
     /// `moto_server`), optionally behind a fault injector; None (and a line saying so) if unset.
     fn s3_store(faults: Option<&str>) -> Option<Store> {
-        let Ok(endpoint) = std::env::var("OWFS_TEST_S3_ENDPOINT") else {
-            println!("OWFS_TEST_S3_ENDPOINT is unset: skipping the S3 part of this test");
-            return None;
-        };
-        let bucket = format!(
-            "owfs-cas-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
-        let ok = std::process::Command::new("curl")
-            .args(["-sf", "-o", "/dev/null", "-X", "PUT"])
-            .arg(format!("{endpoint}/{bucket}"))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "creating bucket {bucket} at {endpoint}");
-        let s3 = AmazonS3Builder::new()
-            .with_bucket_name(&bucket)
-            .with_endpoint(&endpoint)
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_region("us-east-1")
-            .with_access_key_id("testing")
-            .with_secret_access_key("testing")
-            .build()
-            .unwrap();
+        let (s3, url) = crate::testdata::s3_test_bucket("cas")?;
         let inner: Arc<dyn ObjectStore> = match faults {
-            Some(spec) => Arc::new(FaultyStore::new(Arc::new(s3), FaultConfig::parse(spec))),
-            None => Arc::new(s3),
+            Some(spec) => Arc::new(FaultyStore::new(s3, FaultConfig::parse(spec))),
+            None => s3,
         };
-        Some(Store::from_object_store(inner, &format!("s3://{bucket}")))
+        Some(Store::from_object_store(inner, &url))
     }
 
     fn counter(body: &[u8]) -> u64 {

@@ -13,3 +13,38 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A fresh bucket on the S3 server named by `OWFS_TEST_S3_ENDPOINT` (e.g. a `moto_server`),
+/// as an object store and its URL; None (and a line saying so) if the variable is unset.
+/// `tag` goes into the bucket's name.
+#[doc(hidden)]
+pub fn s3_test_bucket(
+    tag: &str,
+) -> Option<(std::sync::Arc<dyn object_store::ObjectStore>, String)> {
+    let Ok(endpoint) = std::env::var("OWFS_TEST_S3_ENDPOINT") else {
+        println!("OWFS_TEST_S3_ENDPOINT is unset: skipping the S3 part of this test");
+        return None;
+    };
+    let bucket = format!(
+        "owfs-{tag}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let ok = std::process::Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-X", "PUT"])
+        .arg(format!("{endpoint}/{bucket}"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "creating bucket {bucket} at {endpoint}");
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&bucket)
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .expect("an S3 client for the test server");
+    Some((std::sync::Arc::new(s3), format!("s3://{bucket}")))
+}

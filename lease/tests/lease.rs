@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use chunkstore::faulty::{FaultConfig, FaultyStore};
 use chunkstore::Store;
 use lease::{acquire, read, Holder, LeaseConfig, LeaseError, Mode};
-use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
 
@@ -25,35 +24,8 @@ fn stores() -> Stores {
 }
 
 fn s3_store() -> Option<Store> {
-    let Ok(endpoint) = std::env::var("OWFS_TEST_S3_ENDPOINT") else {
-        println!("OWFS_TEST_S3_ENDPOINT is unset: skipping S3");
-        return None;
-    };
-    let bucket = format!(
-        "owfs-lease-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let ok = std::process::Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", "-X", "PUT"])
-        .arg(format!("{endpoint}/{bucket}"))
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "creating bucket {bucket} at {endpoint}");
-    let s3 = AmazonS3Builder::new()
-        .with_bucket_name(&bucket)
-        .with_endpoint(&endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_region("us-east-1")
-        .with_access_key_id("testing")
-        .with_secret_access_key("testing")
-        .build()
-        .unwrap();
-    Some(Store::from_object_store(
-        Arc::new(s3),
-        &format!("s3://{bucket}"),
-    ))
+    let (s3, url) = chunkstore::testdata::s3_test_bucket("lease")?;
+    Some(Store::from_object_store(s3, &url))
 }
 
 fn faulty_file_store(dir: &std::path::Path, spec: &str) -> Store {

@@ -69,6 +69,12 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon stops by itself with status 13 (lease lost).
+    fn expect_lease_lost_exit(&mut self, case: &str) {
+        let code = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(13), "[{case}] exit status:\n{}", self.log_text());
+    }
+
     /// Waits for the daemon to exit by itself; returns its status code.
     fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let t0 = Instant::now();
@@ -273,14 +279,7 @@ fn a_zombie_is_fenced_and_stops() {
             "[{}] A's write after the takeover",
             c.name
         );
-        let code = a.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            code,
-            Some(13),
-            "[{}] A's exit status:\n{}",
-            c.name,
-            a.log_text()
-        );
+        a.expect_lease_lost_exit(c.name);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (wrote, err) = writer.join().unwrap();
         assert!(
@@ -335,14 +334,7 @@ fn a_partitioned_node_stops_before_its_lease_can_expire() {
             "[{}] A stopped {stopped:?} after the partition, after its lease could have expired",
             c.name
         );
-        let code = a.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            code,
-            Some(13),
-            "[{}] A's exit status:\n{}",
-            c.name,
-            a.log_text()
-        );
+        a.expect_lease_lost_exit(c.name);
 
         // B takes over cleanly once A's lease expired.
         let b = c.mount_rw_with("p", "b", &opts(&[]), &["--wait=60s"]);
@@ -457,14 +449,7 @@ fn a_takeover_before_expiry_fences_the_holder_out() {
         // What A writes now is never committed: its next renewal or commit finds the lease
         // taken, and it stops.
         let late = std::fs::write(a.at.join("a2"), b"late");
-        let code = a.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            code,
-            Some(13),
-            "[{}] A's exit status:\n{}",
-            c.name,
-            a.log_text()
-        );
+        a.expect_lease_lost_exit(c.name);
         let h = history(&c, "t");
         assert_epochs_monotonic(&h);
         let fence = h.iter().find(|g| g.2 == "fence").expect("a fence").clone();
