@@ -504,6 +504,11 @@ fn a_pre_pulled_node_reads_the_workspace_locally_after_the_handoff() {
             c.name
         );
         b.umount();
+        // Dropped after the answer to umount (so as not to lengthen the handoff).
+        let t0 = Instant::now();
+        while cache_b.join("blobs").exists() && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert!(
             !cache_b.join("blobs").exists(),
             "the pre-pull is dropped after use"

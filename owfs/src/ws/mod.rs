@@ -726,13 +726,17 @@ pub fn run(
             })
             .map_err(|e| Error::io("thread", e))?;
     }
-    if shared.opts.prefetch {
+    let prefetcher = if shared.opts.prefetch {
         let s = shared.clone();
-        std::thread::Builder::new()
-            .name("owfs-prefetch".into())
-            .spawn(move || s.prefetch())
-            .map_err(|e| Error::io("thread", e))?;
-    }
+        Some(
+            std::thread::Builder::new()
+                .name("owfs-prefetch".into())
+                .spawn(move || s.prefetch())
+                .map_err(|e| Error::io("thread", e))?,
+        )
+    } else {
+        None
+    };
 
     let served = session.run();
     // Unmounted: the kernel has sent every dirty page. Commit what is left, then stop.
@@ -752,10 +756,18 @@ pub fn run(
     if ok && !shared.failed.load(Ordering::SeqCst) {
         // Planned handoff: everything is in the store; the next node may start at once.
         shared.release_lease();
-        // The working copy is emptied at the next mount; so is what a pre-pull left.
+    }
+    // Answer `owfs umount`/`handoff` first: the next node may start now.
+    control.finish(ok);
+    // The prefetcher stops at its next chunk (the store's runtime must outlive it).
+    if let Some(p) = prefetcher {
+        let _ = p.join();
+    }
+    if ok && !shared.failed.load(Ordering::SeqCst) {
+        // The working copy is emptied at the next mount; so is what a pre-pull left. After
+        // the answer: deleting a GiB of blobs takes about a second.
         let _ = std::fs::remove_dir_all(blobs_dir(&cache_dir));
     }
-    control.finish(ok);
     if let Err(e) = served {
         eprintln!("owfs: the FUSE session ended with an error: {e}");
     }
