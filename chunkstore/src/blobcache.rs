@@ -9,21 +9,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
-
 use crate::error::{Error, Result};
+use crate::fetch::{fetch_blobs, FetchPlan};
 use crate::generation::GenRecord;
 use crate::hash::Hash;
-use crate::pack::{open_blob, pack_key};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::tree::{Content, Kind};
 
-/// Ranges of one pack closer than this are fetched as one request.
-const COALESCE_GAP_BYTES: u64 = 1 << 20;
-const RANGE_MAX_BYTES: u64 = 16 << 20;
-const FETCHES_IN_FLIGHT: usize = 8;
+const FETCH_PLAN: FetchPlan = FetchPlan {
+    coalesce_gap: 1 << 20,
+    max_range: 16 << 20,
+    in_flight: 8,
+};
 
 pub struct BlobCache {
     dir: PathBuf,
@@ -132,62 +130,21 @@ pub fn prepull(
         }
     }
     report.blobs = wanted.len() as u64;
-    let mut jobs = Vec::new();
+    let mut locs = Vec::new();
     for (h, len) in wanted {
         if cache.contains(&h) {
             report.blobs_already_cached += 1;
             progress.add(0, len as u64);
             continue;
         }
-        let (pack, entry) = repo.locate(&h, "pre-pull")?;
-        jobs.push((pack, entry));
+        locs.push(repo.locate(&h, "pre-pull")?);
     }
-    jobs.sort_by_key(|(p, e)| (*p, e.offset));
-    // Coalesce neighbouring blobs of a pack into one range request.
-    let mut ranges: Vec<(Hash, u64, u64, Vec<usize>)> = Vec::new();
-    for (i, (pack, e)) in jobs.iter().enumerate() {
-        let (s, end) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
-        match ranges.last_mut() {
-            Some((p, rs, re, idx))
-                if p == pack && s <= *re + COALESCE_GAP_BYTES && end - *rs <= RANGE_MAX_BYTES =>
-            {
-                *re = (*re).max(end);
-                idx.push(i);
-            }
-            _ => ranges.push((*pack, s, end, vec![i])),
-        }
-    }
-    report.requests = ranges.len() as u64;
-    let mut pending = ranges.into_iter();
-    let mut running = FuturesUnordered::new();
-    loop {
-        while running.len() < FETCHES_IN_FLIGHT {
-            let Some((pack, s, e, idx)) = pending.next() else {
-                break;
-            };
-            let store = repo.store.clone();
-            running.push(repo.rt.spawn(async move {
-                let r = store.get_range(&pack_key(&pack), s..e).await;
-                (pack, s, idx, r)
-            }));
-        }
-        let Some(done) = repo.block_on(running.next()) else {
-            break;
-        };
-        let (pack, start, idx, bytes) = done.map_err(|e| Error::Store {
-            store: repo.store.url().to_string(),
-            detail: format!("fetch task failed: {e}"),
-        })?;
-        let bytes = bytes?;
-        report.bytes_fetched += bytes.len() as u64;
-        for i in idx {
-            let entry = &jobs[i].1;
-            let off = (entry.offset as u64 - start) as usize;
-            let stored = &bytes[off..off + entry.stored_len as usize];
-            let raw = open_blob(entry, stored, &format!("pack {}", pack.short()))?;
-            cache.put(&entry.hash, &raw)?;
-            progress.add(0, raw.len() as u64);
-        }
-    }
+    report.requests = fetch_blobs(repo, &locs, FETCH_PLAN, |i, raw| {
+        let raw = raw?;
+        report.bytes_fetched += locs[i].1.stored_len as u64;
+        cache.put(&locs[i].1.hash, &raw)?;
+        progress.add(0, raw.len() as u64);
+        Ok(())
+    })?;
     Ok(report)
 }

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod commit;
 pub mod error;
 pub mod faulty;
+pub mod fetch;
 pub mod gc;
 pub mod generation;
 pub mod hash;

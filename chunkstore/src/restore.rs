@@ -11,13 +11,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
 
 use crate::error::{Error, Result};
+use crate::fetch::{fetch_blobs, FetchPlan};
 use crate::hash::Hash;
-use crate::pack::{open_blob, pack_key, PackEntry};
+use crate::pack::PackEntry;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::tree::{Entry, Kind};
@@ -30,6 +29,11 @@ const COALESCE_GAP_BYTES: u64 = 1 << 20;
 /// At most RANGE_MAX_BYTES x FETCHES_IN_FLIGHT of fetched data is buffered.
 const RANGE_MAX_BYTES: u64 = 8 << 20;
 const FETCHES_IN_FLIGHT: usize = 4;
+const FETCH_PLAN: FetchPlan = FetchPlan {
+    coalesce_gap: COALESCE_GAP_BYTES,
+    max_range: RANGE_MAX_BYTES,
+    in_flight: FETCHES_IN_FLIGHT,
+};
 const MAX_REPORTED_ERRORS: usize = 1000;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -297,83 +301,24 @@ impl Restorer<'_> {
     /// Fetches every job of the batch (coalesced ranges per pack, a bounded number in flight),
     /// verifies each blob, writes it, then sets the files' metadata.
     fn flush(&mut self) -> Result<()> {
-        let mut jobs = std::mem::take(&mut self.jobs);
-        jobs.sort_by_key(|j| (j.pack, j.entry.offset));
-        let mut ranges: Vec<(Hash, u64, u64, Vec<usize>)> = Vec::new();
-        for (i, j) in jobs.iter().enumerate() {
-            let (s, e) = (
-                j.entry.offset as u64,
-                j.entry.offset as u64 + j.entry.stored_len as u64,
-            );
-            match ranges.last_mut() {
-                Some((p, rs, re, idx))
-                    if *p == j.pack
-                        && s <= *re + COALESCE_GAP_BYTES
-                        && e - *rs <= RANGE_MAX_BYTES =>
-                {
-                    *re = (*re).max(e);
-                    idx.push(i);
-                }
-                _ => ranges.push((j.pack, s, e, vec![i])),
-            }
-        }
+        let jobs = std::mem::take(&mut self.jobs);
+        let locs: Vec<(Hash, PackEntry)> = jobs.iter().map(|j| (j.pack, j.entry)).collect();
         let repo = self.repo.clone();
-        let mut pending = ranges.into_iter();
-        let mut running = FuturesUnordered::new();
-        let mut first_err: Option<Error> = None;
-        loop {
-            while running.len() < FETCHES_IN_FLIGHT {
-                let Some((pack, s, e, idx)) = pending.next() else {
-                    break;
-                };
-                let store = repo.store.clone();
-                let h = repo.rt.spawn(async move {
-                    let r = store.get_range(&pack_key(&pack), s..e).await;
-                    (pack, s, idx, r)
-                });
-                running.push(h);
-            }
-            let Some(done) = repo.block_on(running.next()) else {
-                break;
-            };
-            let (pack, start, idx, res) = done.map_err(|e| Error::Store {
-                store: repo.store.url().to_string(),
-                detail: format!("fetch task failed: {e}"),
-            })?;
-            for i in idx {
-                let j = &jobs[i];
-                let pf = &self.files[j.file];
-                let res = res
-                    .as_ref()
-                    .map_err(|e| clone_err(e, &pack))
-                    .and_then(|bytes| {
-                        let off = (j.entry.offset as u64 - start) as usize;
-                        let stored = &bytes[off..off + j.entry.stored_len as usize];
-                        open_blob(&j.entry, stored, &format!("pack {}", pack.short()))
-                    })
-                    .and_then(|raw| {
-                        self.opts.progress.add(0, raw.len() as u64);
-                        if raw.iter().all(|b| *b == 0) {
-                            return Ok(());
-                        }
-                        pf.file
-                            .write_all_at(&raw, j.offset)
-                            .map_err(|e| Error::io(&pf.path, e))
-                    });
-                if let Err(e) = res {
-                    let rel = pf.rel.clone();
-                    if let Err(e) = self.check(Err(e), &rel) {
-                        first_err.get_or_insert(e);
-                    }
+        fetch_blobs(&repo, &locs, FETCH_PLAN, |i, raw| {
+            let j = &jobs[i];
+            let pf = &self.files[j.file];
+            let res = raw.and_then(|raw| {
+                self.opts.progress.add(0, raw.len() as u64);
+                if raw.iter().all(|b| *b == 0) {
+                    return Ok(());
                 }
-            }
-            if first_err.is_some() {
-                break;
-            }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
+                pf.file
+                    .write_all_at(&raw, j.offset)
+                    .map_err(|e| Error::io(&pf.path, e))
+            });
+            let rel = pf.rel.clone();
+            self.check(res, &rel)
+        })?;
         for pf in std::mem::take(&mut self.files) {
             let res =
                 set_meta(&pf.path, &pf.entry, self.is_root).map_err(|e| Error::io(&pf.path, e));
@@ -388,27 +333,4 @@ impl Restorer<'_> {
 
 fn libc_nofollow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
-}
-
-/// Errors are not `Clone`; a failed range fails each blob in it with the same description.
-fn clone_err(e: &Error, pack: &Hash) -> Error {
-    match e {
-        Error::Missing { key, .. } => Error::Missing {
-            key: key.clone(),
-            what: format!("pack {}", pack.short()),
-        },
-        Error::Corrupt { what } => Error::Corrupt { what: what.clone() },
-        Error::Unreachable { store, detail } => Error::Unreachable {
-            store: store.clone(),
-            detail: detail.clone(),
-        },
-        Error::AccessDenied { store, detail } => Error::AccessDenied {
-            store: store.clone(),
-            detail: detail.clone(),
-        },
-        other => Error::Store {
-            store: String::new(),
-            detail: other.to_string(),
-        },
-    }
 }

@@ -20,6 +20,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use super::state::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
+use super::Op;
 use super::{now_ns, Shared};
 use crate::fuse_util::{file_type, time};
 
@@ -200,6 +201,12 @@ impl Shared {
 }
 
 impl OwfsFs {
+    /// Every request that must be refused once the mount stopped: counts it, then `alive`.
+    fn enter(&self, op: Op) -> Result<(), Errno> {
+        self.s.count(op);
+        self.alive()
+    }
+
     /// EIO once the mount failed or its lease could have passed to another node.
     fn alive(&self) -> Result<(), Errno> {
         if self.s.serving() {
@@ -486,8 +493,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.s.count("lookup");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Lookup) {
             return reply.error(e);
         }
         let name = name.as_bytes();
@@ -508,7 +514,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.s.count("forget");
+        self.s.count(Op::Forget);
         let mut t = self.s.table.lock();
         if let Some(n) = t.get_mut(ino.0) {
             n.lookups = n.lookups.saturating_sub(nlookup);
@@ -517,8 +523,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.s.count("getattr");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Getattr) {
             return reply.error(e);
         }
         let t = self.s.table.lock();
@@ -546,7 +551,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.s.count("setattr");
+        self.s.count(Op::Setattr);
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
             return reply.error(e);
@@ -601,8 +606,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.s.count("readlink");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Readlink) {
             return reply.error(e);
         }
         let t = self.s.table.lock();
@@ -623,7 +627,7 @@ impl fuser::Filesystem for OwfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.s.count("mknod");
+        self.s.count(Op::Mknod);
         let r = match NKind::from_mode(mode) {
             Some(NKind::Dir | NKind::Symlink) | None => Err(Errno::EINVAL),
             Some(kind) => self.new_node(req, parent.0, name, NewNode::new(kind, mode).rdev(rdev)),
@@ -643,7 +647,7 @@ impl fuser::Filesystem for OwfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.s.count("mkdir");
+        self.s.count(Op::Mkdir);
         match self.new_node(req, parent.0, name, NewNode::new(NKind::Dir, mode)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -651,7 +655,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count("unlink");
+        self.s.count(Op::Unlink);
         let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
@@ -669,7 +673,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count("rmdir");
+        self.s.count(Op::Rmdir);
         let r = self.mutation(|| {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
@@ -698,7 +702,7 @@ impl fuser::Filesystem for OwfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.s.count("symlink");
+        self.s.count(Op::Symlink);
         let mut spec = NewNode::new(NKind::Symlink, 0o777);
         spec.target = Some(target.as_os_str().as_bytes().to_vec());
         match self.new_node(req, parent.0, link_name, spec) {
@@ -717,7 +721,7 @@ impl fuser::Filesystem for OwfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.s.count("rename");
+        self.s.count(Op::Rename);
         let r = self.mutation(|| {
             let (name, newname) = (name.as_bytes(), check_name(newname)?);
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
@@ -826,7 +830,7 @@ impl fuser::Filesystem for OwfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.s.count("link");
+        self.s.count(Op::Link);
         let r = self.mutation(|| {
             let newname = check_name(newname)?;
             if self.lookup_child(newparent.0, newname)?.is_some() {
@@ -864,8 +868,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.s.count("open");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Open) {
             return reply.error(e);
         }
         let writes = flags.acc_mode() != fuser::OpenAccMode::O_RDONLY;
@@ -909,8 +912,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.s.count("read");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Read) {
             return reply.error(e);
         }
         let r = self
@@ -934,7 +936,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.s.count("write");
+        self.s.count(Op::Write);
         self.s.throttle();
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
@@ -963,7 +965,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.s.count("flush");
+        self.s.count(Op::Flush);
         // ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
         reply.error(Errno::ENOSYS);
     }
@@ -978,7 +980,7 @@ impl fuser::Filesystem for OwfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.s.count("release");
+        self.s.count(Op::Release);
         let mut t = self.s.table.lock();
         if let Some(n) = t.get_mut(ino.0) {
             n.opens = n.opens.saturating_sub(1);
@@ -995,8 +997,7 @@ impl fuser::Filesystem for OwfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.s.count("fsync");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Fsync) {
             return reply.error(e);
         }
         // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
@@ -1011,8 +1012,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.s.count("opendir");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Opendir) {
             return reply.error(e);
         }
         if let Err(e) = self.s.ensure_loaded(ino.0) {
@@ -1053,8 +1053,7 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.s.count("readdir");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Readdir) {
             return reply.error(e);
         }
         let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
@@ -1081,8 +1080,7 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.s.count("readdirplus");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Readdirplus) {
             return reply.error(e);
         }
         let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
@@ -1118,7 +1116,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.s.count("releasedir");
+        self.s.count(Op::Releasedir);
         self.dirs.lock().remove(&fh.0);
         reply.ok();
     }
@@ -1131,8 +1129,7 @@ impl fuser::Filesystem for OwfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.s.count("fsyncdir");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Fsyncdir) {
             return reply.error(e);
         }
         // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
@@ -1150,8 +1147,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.s.count("statfs");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Statfs) {
             return reply.error(e);
         }
         match rustix::fs::statvfs(&self.s.cache_dir) {
@@ -1179,7 +1175,7 @@ impl fuser::Filesystem for OwfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.s.count("setxattr");
+        self.s.count(Op::Setxattr);
         let _g = self.s.gate.read();
         let name = name.as_bytes();
         if !name.starts_with(b"user.") {
@@ -1206,8 +1202,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.s.count("getxattr");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Getxattr) {
             return reply.error(e);
         }
         let t = self.s.table.lock();
@@ -1223,8 +1218,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.s.count("listxattr");
-        if let Err(e) = self.alive() {
+        if let Err(e) = self.enter(Op::Listxattr) {
             return reply.error(e);
         }
         let t = self.s.table.lock();
@@ -1246,7 +1240,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count("removexattr");
+        self.s.count(Op::Removexattr);
         let _g = self.s.gate.read();
         let mut t = self.s.table.lock();
         let Some(n) = t.get_mut(ino.0) else {
@@ -1270,7 +1264,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        self.s.count("create");
+        self.s.count(Op::Create);
         let mut spec = NewNode::new(NKind::File, mode);
         spec.opened = true;
         match self.new_node(req, parent.0, name, spec) {
@@ -1295,7 +1289,7 @@ impl fuser::Filesystem for OwfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.s.count("fallocate");
+        self.s.count(Op::Fallocate);
         let _g = self.s.gate.read();
         if let Err(e) = self.alive() {
             return reply.error(e);

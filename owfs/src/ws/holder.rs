@@ -20,7 +20,6 @@ pub struct LeaseStats {
     pub renewals: u64,
     pub renew_failures: u64,
     pub last_renew_error: Option<String>,
-    pub expires_ms: u64,
     pub lost: Option<String>,
 }
 
@@ -119,7 +118,6 @@ impl Shared {
 
     pub(super) fn install_lease(&self, lease: Lease) {
         self.set_deadline(lease.deadline());
-        self.lease_stats.lock().expires_ms = lease.record().expires_ms;
         *self.lease.lock() = Some(lease);
     }
 
@@ -210,12 +208,9 @@ impl Shared {
             match r {
                 Ok(Ok(())) => {
                     let d = lease.deadline();
-                    let exp = lease.record().expires_ms;
                     drop(guard);
                     self.set_deadline(d);
-                    let mut ls = self.lease_stats.lock();
-                    ls.renewals += 1;
-                    ls.expires_ms = exp;
+                    self.lease_stats.lock().renewals += 1;
                     next = Instant::now() + cfg.renew_every;
                 }
                 Ok(Err(LeaseError::Store(e))) => {
@@ -268,6 +263,7 @@ impl Shared {
         let ls = self.lease_stats.lock().clone();
         let g = self.lease.lock();
         let holder = g.as_ref().map(|l| l.record().holder.clone());
+        let expires_ms = g.as_ref().map_or(0, |l| l.record().expires_ms);
         let deadline_in_ms = self
             .deadline()
             .saturating_duration_since(Instant::now())
@@ -275,8 +271,8 @@ impl Shared {
         serde_json::json!({
             "epoch": self.epoch,
             "holder": holder.map(|h| serde_json::json!({"node": h.node, "host": h.host, "pid": h.pid})),
-            "expires_ms": ls.expires_ms,
-            "expires_in_ms": ls.expires_ms.saturating_sub(generation::now_ms()),
+            "expires_ms": expires_ms,
+            "expires_in_ms": expires_ms.saturating_sub(generation::now_ms()),
             "serving_for_ms": deadline_in_ms,
             "ttl_ms": self.opts.lease.ttl.as_millis() as u64,
             "renew_every_ms": self.opts.lease.renew_every.as_millis() as u64,

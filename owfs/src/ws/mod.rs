@@ -123,40 +123,50 @@ pub struct Shared {
     notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
-/// FUSE requests counted per kind (`owfs status --json` → `fuse_requests`): every request the
-/// kernel sends costs a round trip, so these show what caching saved.
-const FUSE_OPS: [&str; 30] = [
-    "lookup",
-    "forget",
-    "getattr",
-    "setattr",
-    "readlink",
-    "mknod",
-    "mkdir",
-    "unlink",
-    "rmdir",
-    "symlink",
-    "rename",
-    "link",
-    "open",
-    "read",
-    "write",
-    "flush",
-    "release",
-    "fsync",
-    "opendir",
-    "readdir",
-    "readdirplus",
-    "releasedir",
-    "fsyncdir",
-    "statfs",
-    "setxattr",
-    "getxattr",
-    "listxattr",
-    "removexattr",
-    "create",
-    "fallocate",
-];
+/// The kinds of FUSE request, counted per kind (`owfs status --json` → `fuse_requests`):
+/// every request the kernel sends costs a round trip, so these show what caching saved.
+macro_rules! fuse_ops {
+    ($($op:ident = $name:literal),* $(,)?) => {
+        #[derive(Clone, Copy)]
+        pub(crate) enum Op {
+            $($op),*
+        }
+        const FUSE_OPS: &[&str] = &[$($name),*];
+    };
+}
+
+fuse_ops! {
+    Lookup = "lookup",
+    Forget = "forget",
+    Getattr = "getattr",
+    Setattr = "setattr",
+    Readlink = "readlink",
+    Mknod = "mknod",
+    Mkdir = "mkdir",
+    Unlink = "unlink",
+    Rmdir = "rmdir",
+    Symlink = "symlink",
+    Rename = "rename",
+    Link = "link",
+    Open = "open",
+    Read = "read",
+    Write = "write",
+    Flush = "flush",
+    Release = "release",
+    Fsync = "fsync",
+    Opendir = "opendir",
+    Readdir = "readdir",
+    Readdirplus = "readdirplus",
+    Releasedir = "releasedir",
+    Fsyncdir = "fsyncdir",
+    Statfs = "statfs",
+    Setxattr = "setxattr",
+    Getxattr = "getxattr",
+    Listxattr = "listxattr",
+    Removexattr = "removexattr",
+    Create = "create",
+    Fallocate = "fallocate",
+}
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -166,10 +176,8 @@ fn now_ns() -> i64 {
 }
 
 impl Shared {
-    fn count(&self, op: &'static str) {
-        if let Some(i) = FUSE_OPS.iter().position(|o| *o == op) {
-            self.fuse_requests[i].fetch_add(1, Ordering::Relaxed);
-        }
+    fn count(&self, op: Op) {
+        self.fuse_requests[op as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn fail(&self, why: &str) {
