@@ -106,7 +106,8 @@ MD="${OUT%.jsonl}.md"
 : >"$OUT"
 
 # --- clean-up: every mount under the scratch directory, every daemon this run started -----------
-moto_pid=
+# shellcheck source=scripts/lib-moto.sh
+source "$root/scripts/lib-moto.sh"
 helper_pid=
 cleanup() {
     local rc=$? m p
@@ -135,10 +136,7 @@ cleanup() {
             fi
         done <"$W/pids"
     fi
-    if [[ -n $moto_pid ]] && kill -0 "$moto_pid" 2>/dev/null; then
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-    fi
+    stop_moto
     if ((KEEP)); then
         step "scratch kept in $W"
     elif [[ -d $W ]]; then
@@ -172,29 +170,11 @@ fi
 
 # --- the S3 server -----------------------------------------------------------------------------
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-endpoint=
 moto_log="$W/moto.log"
 moto_version=
 if [[ " ${backends[*]} " == *" s3 "* ]]; then
     moto_version=$("$PY" -c 'import moto; print(moto.__version__)' 2>/dev/null || echo '?')
-    for _try in 1 2 3; do
-        port=$("$PY" "$helper" freeport)
-        "$PY" -m moto.server -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
-        moto_pid=$!
-        for _ in $(seq 300); do
-            if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
-                endpoint="http://127.0.0.1:$port"
-                break
-            fi
-            kill -0 "$moto_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        [[ -n $endpoint ]] && break
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-        moto_pid=
-    done
-    [[ -n $endpoint ]] || die "moto_server did not start; see $moto_log"
+    start_moto "$moto_log" "$PY" -m moto.server || die "moto_server did not start; see $moto_log"
     "$PY" "$helper" mkbucket "$endpoint" hb-hand
     "$PY" "$helper" mkbucket "$endpoint" hb-hand-idle
     step "moto_server at $endpoint (pid $moto_pid), buckets hb-hand and hb-hand-idle"

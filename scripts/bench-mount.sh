@@ -165,16 +165,10 @@ else
 fi
 : >"$results"
 
-moto_pid=
+# shellcheck source=scripts/lib-moto.sh
+source "$root/scripts/lib-moto.sh"
 mounted=()    # mount points to take down on exit
 daemons=()    # pids to stop on exit if still alive
-stop_moto() {
-    if [[ -n $moto_pid ]] && kill -0 "$moto_pid" 2>/dev/null; then
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-    fi
-    moto_pid=
-}
 force_unmount() {
     local m=$1
     if mountpoint -q "$m" 2>/dev/null; then
@@ -217,27 +211,9 @@ elapsed() { "$PY" -c "import sys; print(round(float(sys.argv[2]) - float(sys.arg
 
 # --- the S3 server ---------------------------------------------------------------------------
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-endpoint=
-moto_log=
-start_moto() {
-    local dir=$1 port _try
-    moto_log="$dir/moto.log"
-    endpoint=
-    for _try in 1 2 3; do
-        port=$("$PY" "$helper" freeport)
-        "$PY" -m moto.server -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
-        moto_pid=$!
-        for _ in $(seq 300); do
-            if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
-                endpoint="http://127.0.0.1:$port"
-                return 0
-            fi
-            kill -0 "$moto_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        stop_moto
-    done
-    die "moto_server did not start; see $moto_log"
+start_moto_in() {
+    moto_log="$1/moto.log"
+    start_moto "$moto_log" "$PY" -m moto.server || die "moto_server did not start; see $moto_log"
 }
 log_bytes() { stat -c %s "$moto_log"; }
 
@@ -377,7 +353,7 @@ bench_system() {
     mkdir -p "$dir" "$mnt"
     quiet=$(quiet_for "$sys")
     if [[ $sys != native ]]; then
-        start_moto "$dir"
+        start_moto_in "$dir"
         "$PY" "$helper" mkbucket "$endpoint" "$bucket" || die "could not create bucket $bucket on $endpoint"
         step "$sys: moto_server at $endpoint (pid $moto_pid), bucket $bucket"
         before=$(log_bytes)

@@ -53,13 +53,10 @@ done
 [[ -x /usr/bin/time ]] || die "GNU time is missing (apt-get install -y time)"
 
 # --- scratch, moto, clean-up ------------------------------------------------------------------
-moto_pid=
+# shellcheck source=scripts/lib-moto.sh
+source "$root/scripts/lib-moto.sh"
 cleanup() {
-    if [[ -n $moto_pid ]] && kill -0 "$moto_pid" 2>/dev/null; then
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-    fi
-    moto_pid=
+    stop_moto
     if [[ $KEEP != 1 && -d $W ]]; then
         chmod -R u+w "$W" 2>/dev/null || true
         rm -rf "$W"
@@ -361,23 +358,7 @@ for be in $BACKENDS; do
         if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
         command -v moto_server >/dev/null || die "moto_server is missing (pip install 'moto[server]')"
         moto_log="$W/moto.log"
-        for _attempt in 1 2 3; do
-            port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-            moto_server -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
-            moto_pid=$!
-            for _ in $(seq 300); do
-                if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
-                    endpoint="http://127.0.0.1:$port"
-                    break
-                fi
-                kill -0 "$moto_pid" 2>/dev/null || break
-                sleep 0.1
-            done
-            [[ -n $endpoint ]] && break
-            kill "$moto_pid" 2>/dev/null || true
-            wait "$moto_pid" 2>/dev/null || true
-            moto_pid=
-        done
+        start_moto "$moto_log" moto_server || true
         [[ -n $endpoint ]] || die "moto_server did not start; see $moto_log"
         step "moto_server at $endpoint (pid $moto_pid)"
         export AWS_ENDPOINT_URL="$endpoint" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench

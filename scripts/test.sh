@@ -36,43 +36,15 @@ else
     die "moto's S3 server is missing: run scripts/install-deps.sh (or pip install 'moto[server]')"
 fi
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-moto_pid=
+# shellcheck source=scripts/lib-moto.sh
+source "$root/scripts/lib-moto.sh"
 moto_log="$root/target/moto-server.log"
-stop_moto() {
-    if [[ -n $moto_pid ]] && kill -0 "$moto_pid" 2>/dev/null; then
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-    fi
-    moto_pid=
-}
 trap stop_moto EXIT
 trap 'stop_moto; exit 130' INT
 trap 'stop_moto; exit 143' TERM
 
 mkdir -p "$root/target"
-endpoint=
-for attempt in 1 2 3; do
-    port=$(free_port)
-    "${moto[@]}" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
-    moto_pid=$!
-    # Up to 30 s for the server to answer (a cold Python start can be slow).
-    for _ in $(seq 300); do
-        if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
-            endpoint="http://127.0.0.1:$port"
-            break
-        fi
-        kill -0 "$moto_pid" 2>/dev/null || break # it died (port taken?): try another port
-        sleep 0.1
-    done
-    [[ -n $endpoint ]] && break
-    step "moto did not answer on port $port (attempt $attempt); its log:"
-    tail -n 20 "$moto_log" >&2 || true
-    stop_moto
-done
+start_moto "$moto_log" "${moto[@]}" || true
 [[ -n $endpoint ]] || die "could not start moto's S3 server (${moto[*]}); see $moto_log"
 step "moto S3 server at $endpoint (pid $moto_pid, log $moto_log)"
 export OWFS_TEST_S3_ENDPOINT="$endpoint"
