@@ -614,3 +614,89 @@ fn setuid_bits_drop_as_on_local_disk() {
     }
     m.umount();
 }
+
+/// Small files live in the daemon's memory, larger ones in cache files, of which the daemon
+/// keeps a bounded number open: a workspace may hold many more files than the daemon may
+/// open (here 256 descriptors for 700 files of each kind), and every byte still reads back,
+/// reaches the store and survives a fresh mount.
+#[test]
+fn more_files_than_the_daemon_may_open() {
+    use std::os::unix::process::CommandExt;
+    for c in Case::all() {
+        let args = c.mount_args("ws", "mnt", &["commit_interval_ms=200"], &[]);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let mut cmd = c.owfs_cmd(&args, &[]);
+        // SAFETY: setrlimit between fork and exec touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = rustix::process::Rlimit {
+                    current: Some(256),
+                    maximum: Some(256),
+                };
+                rustix::process::setrlimit(rustix::process::Resource::Nofile, lim)?;
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: mount: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = c.rw_handle("ws", "mnt");
+        let body = |i: usize| {
+            // Small (in memory) and large (past 64 KiB: a cache file) in turn.
+            let len = if i.is_multiple_of(2) {
+                100 + i
+            } else {
+                (64 << 10) + i
+            };
+            noise(len, i as u64)
+        };
+        const N: usize = 1400;
+        for i in 0..N {
+            std::fs::write(m.path(&format!("f{i}")), body(i)).unwrap();
+        }
+        // Rewrite the start of every file: every cache file is opened again.
+        for i in 0..N {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(m.path(&format!("f{i}")))
+                .unwrap();
+            f.write_all_at(b"rewritten", 0).unwrap();
+        }
+        let expect = |i: usize| {
+            let mut b = body(i);
+            b[..9].copy_from_slice(b"rewritten");
+            b
+        };
+        rustix::fs::sync();
+        std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+        for i in 0..N {
+            let got = std::fs::read(m.path(&format!("f{i}"))).unwrap();
+            assert!(got == expect(i), "{}: f{i} reads back wrong", c.name);
+        }
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", m.daemon_pid()))
+            .unwrap()
+            .count();
+        assert!(fds < 256, "{}: the daemon holds {fds} descriptors", c.name);
+        let n = m.sync();
+        let out = restore_gen(&c, "ws", n, "restored");
+        for i in (0..N).step_by(7) {
+            let got = std::fs::read(out.join(format!("f{i}"))).unwrap();
+            assert!(got == expect(i), "{}: restored f{i} differs", c.name);
+        }
+        m.umount();
+        let m = c.mount_rw("ws", "again", &[]);
+        for i in (0..N).step_by(5) {
+            let got = std::fs::read(m.path(&format!("f{i}"))).unwrap();
+            assert!(
+                got == expect(i),
+                "{}: f{i} on a fresh mount differs",
+                c.name
+            );
+        }
+        m.umount();
+    }
+}

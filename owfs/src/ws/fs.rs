@@ -35,8 +35,6 @@ struct NewNode {
     perm: u32,
     rdev: u64,
     target: Option<Vec<u8>>,
-    /// create: the node starts with one open handle.
-    opened: bool,
 }
 
 impl NewNode {
@@ -46,7 +44,6 @@ impl NewNode {
             perm,
             rdev: 0,
             target: None,
-            opened: false,
         }
     }
 
@@ -261,7 +258,6 @@ impl OwfsFs {
             perm,
             rdev,
             target,
-            opened,
         }: NewNode,
     ) -> Result<FileAttr, Errno> {
         let (pgid, psgid) = {
@@ -314,7 +310,6 @@ impl OwfsFs {
                 vec![parent]
             },
             lookups: 1,
-            opens: opened as u32,
             committed: None,
             touched: 0,
             local_only: kind == NKind::Socket || node_local_name(name),
@@ -477,7 +472,6 @@ impl fuser::Filesystem for OwfsFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops asking
             // for security.capability before every write (a round trip per write() call).
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
@@ -867,38 +861,14 @@ impl fuser::Filesystem for OwfsFs {
         }
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if let Err(e) = self.enter(Op::Open) {
-            return reply.error(e);
-        }
-        let writes = flags.acc_mode() != fuser::OpenAccMode::O_RDONLY;
-        let trunc = writes && flags.0 & libc::O_TRUNC != 0;
-        // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us (no SETATTR first).
-        let _g = trunc.then(|| self.s.gate.read());
-        let kind = match self.s.table.lock().get(ino.0) {
-            Some(n) => n.kind,
-            None => return reply.error(Errno::ENOENT),
-        };
-        if kind == NKind::Dir {
-            return reply.error(Errno::EISDIR);
-        }
-        if trunc && kind == NKind::File {
-            if let Err(e) = self.set_size(ino.0, 0) {
-                return reply.error(e);
-            }
-            // Without CAP_FSETID (approximated: not root) a truncation drops setuid/setgid.
-            if req.uid() != 0 {
-                self.kill_suidgid_of(ino.0, req);
-            }
-        }
-        let mut t = self.s.table.lock();
-        match t.get_mut(ino.0) {
-            Some(n) => {
-                n.opens += 1;
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            None => reply.error(Errno::ENOENT),
-        }
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.s.count(Op::Open);
+        // ENOSYS once: the kernel then opens and closes files without a request (no OPEN, no
+        // RELEASE: two round trips less per open). Nothing here needs a file handle: data is
+        // keyed by inode, and an unlinked file lives until the kernel forgets its inode, which
+        // it cannot do while the file is open. O_TRUNC then arrives as SETATTR (no
+        // FUSE_ATOMIC_O_TRUNC, see init).
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -973,19 +943,15 @@ impl fuser::Filesystem for OwfsFs {
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Files created before the first open (see `open`) are still released.
         self.s.count(Op::Release);
-        let mut t = self.s.table.lock();
-        if let Some(n) = t.get_mut(ino.0) {
-            n.opens = n.opens.saturating_sub(1);
-        }
-        t.maybe_forget(ino.0);
         reply.ok();
     }
 
@@ -1265,9 +1231,7 @@ impl fuser::Filesystem for OwfsFs {
         reply: ReplyCreate,
     ) {
         self.s.count(Op::Create);
-        let mut spec = NewNode::new(NKind::File, mode);
-        spec.opened = true;
-        match self.new_node(req, parent.0, name, spec) {
+        match self.new_node(req, parent.0, name, NewNode::new(NKind::File, mode)) {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,

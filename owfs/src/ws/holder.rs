@@ -141,6 +141,16 @@ impl Shared {
             s.err = Some(format!("lease lost: {why}"));
             self.sync_cv.notify_all();
         }
+        // The kernel opens, appends to and stats files from its caches without asking (no
+        // OPEN, attributes cached for an hour): drop every cached attribute, so that the next
+        // path walk or write asks, and gets EIO. (Not on a request thread: offset -1 touches
+        // attributes only.)
+        if let Some(n) = self.notifier.get() {
+            let inos: Vec<u64> = self.table.lock().nodes.keys().copied().collect();
+            for ino in inos {
+                let _ = n.inval_inode(fuser::INodeNo(ino), -1, 0);
+            }
+        }
         eprintln!(
             "owfs: {}: LEASE LOST: {why}. Every file operation on {} now fails with EIO; nothing written after this was committed.",
             self.ws,

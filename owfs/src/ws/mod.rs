@@ -566,7 +566,6 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
         },
         parents: Vec::new(),
         lookups: 1,
-        opens: 0,
         committed: Some(Arc::new(e)),
         touched: 0,
         local_only: false,
@@ -585,6 +584,19 @@ fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: the daemon keeps up to
+/// up to 1,024 cache files open (at most half the limit), plus the store's connections.
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
     }
 }
 
@@ -679,6 +691,7 @@ pub fn run(
         detail: format!("cannot read the root of {}: {e:?}", rec.spec()),
     })?;
     let sigset = block_signals();
+    raise_nofile_limit();
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![

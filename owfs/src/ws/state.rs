@@ -3,12 +3,13 @@
 //! last cut is tracked per node (`committed` is cleared up to the root) and per file (dirty
 //! byte ranges), so a cut visits only changed directories and reads only changed bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chunkstore::tree::{chunk_starts, ChunkRef, Content, Entry, Kind};
@@ -108,10 +109,9 @@ pub struct Node {
     pub body: Body,
     /// Directories holding a name of this node, once per name.
     pub parents: Vec<u64>,
-    /// The kernel's references (lookups not yet forgotten) and open handles: a node with
-    /// no name stays until both are zero.
+    /// The kernel's references (lookups not yet forgotten): a node with no name stays until
+    /// this is zero. An open file holds its inode in the kernel, so this covers open files too.
     pub lookups: u64,
-    pub opens: u32,
     /// This node as the last generation recorded it; `None` once it or (for a directory)
     /// anything below it changed.
     pub committed: Option<Arc<Entry>>,
@@ -202,6 +202,8 @@ pub struct Table {
     /// Hard-link groups of the mounted generation → inode, so every name gets one inode.
     links: HashMap<u64, u64>,
     pub data_dir: PathBuf,
+    /// Memory for small files and open cache files, shared by every file of the table.
+    local: Arc<LocalRes>,
     /// Names of regular files, directories, and file bytes (what generation records count).
     pub files: i64,
     pub dirs: i64,
@@ -218,6 +220,7 @@ impl Table {
             epoch: 1,
             links: HashMap::new(),
             data_dir,
+            local: Arc::new(LocalRes::new()),
             files: totals.0,
             dirs: totals.1,
             bytes: totals.2,
@@ -243,6 +246,8 @@ impl Table {
             self.data_dir.join(ino.to_string()),
             base,
             size,
+            ino,
+            self.local.clone(),
         ))
     }
 
@@ -351,19 +356,18 @@ impl Table {
                 vec![parent]
             },
             lookups: 0,
-            opens: 0,
             committed: Some(Arc::new(e)),
             touched: 0,
             local_only: false,
         }
     }
 
-    /// Drops a node that has no name, no kernel reference and no open handle.
+    /// Drops a node that has no name and no kernel reference.
     pub fn maybe_forget(&mut self, ino: u64) {
         let gone = self
             .nodes
             .get(&ino)
-            .is_some_and(|n| n.attr.nlink == 0 && n.lookups == 0 && n.opens == 0 && ino != ROOT);
+            .is_some_and(|n| n.attr.nlink == 0 && n.lookups == 0 && ino != ROOT);
         if gone {
             if let Some(n) = self.nodes.remove(&ino) {
                 if let Body::File(d) = n.body {
@@ -391,9 +395,84 @@ pub struct Frozen {
     bytes: BTreeMap<u64, Vec<u8>>,
 }
 
+/// A file smaller than this is kept in memory until it grows, is fsynced or is fallocated:
+/// creating (and later deleting) an inode of the local file system costs more than the
+/// FUSE request that writes a small file, and on some file systems much more (ext4 without a
+/// journal scans recently deleted inodes on every create).
+const INLINE_MAX: u64 = 64 << 10;
+/// At most this many bytes of small files are in memory at once; past it, files go to disk.
+const INLINE_BUDGET: u64 = 64 << 20;
+
+/// At most this many cache files are open at once (a workspace can hold far more files than
+/// a process may open), and at most half the process's limit on open files: the least
+/// recently opened is closed first and reopened on next use.
+const MAX_OPEN: usize = 1024;
+
+/// Where a file's local bytes are: nowhere yet (all zeros), in memory, or in its cache file.
+/// Bytes past the end of what is held read as zeros, up to the logical length.
+enum Local {
+    None,
+    Mem(Vec<u8>),
+    Disk,
+}
+
+/// Open cache files by file id, and the order they were opened in.
+type OpenFiles = (HashMap<u64, Arc<File>>, VecDeque<u64>);
+
+/// Local resources all files of a table share.
+pub struct LocalRes {
+    /// Bytes of small files held in memory (`Local::Mem`), by capacity.
+    inline: AtomicU64,
+    open: Mutex<OpenFiles>,
+    max_open: usize,
+}
+
+impl LocalRes {
+    fn new() -> LocalRes {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        LocalRes {
+            inline: AtomicU64::new(0),
+            open: Mutex::default(),
+            max_open: MAX_OPEN.min((limit / 2) as usize).max(16),
+        }
+    }
+
+    fn cached(&self, id: u64) -> Option<Arc<File>> {
+        self.open.lock().0.get(&id).cloned()
+    }
+
+    fn keep(&self, id: u64, f: File) -> Arc<File> {
+        let f = Arc::new(f);
+        let mut g = self.open.lock();
+        let (map, order) = &mut *g;
+        if map.insert(id, f.clone()).is_none() {
+            order.push_back(id);
+        }
+        // A file in use elsewhere keeps its descriptor until that use ends.
+        while map.len() > self.max_open {
+            match order.pop_front() {
+                Some(old) => {
+                    map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        f
+    }
+
+    fn forget(&self, id: u64) {
+        let mut g = self.open.lock();
+        if g.0.remove(&id).is_some() {
+            g.1.retain(|&x| x != id);
+        }
+    }
+}
+
 pub struct FileState {
-    file: Option<File>,
-    /// Logical length (equals the cache file's length once it exists).
+    local: Local,
+    /// Logical length (the cache file's or the buffer's length is at most this).
     pub len: u64,
     remote: Option<Remote>,
     /// Bytes below `remote.end` already local.
@@ -409,6 +488,9 @@ pub struct FileState {
 pub struct FileData {
     pub path: PathBuf,
     pub st: Mutex<FileState>,
+    /// Key of this file's descriptor in `local`.
+    id: u64,
+    local: Arc<LocalRes>,
 }
 
 fn eio(what: impl std::fmt::Display) -> io::Error {
@@ -416,7 +498,7 @@ fn eio(what: impl std::fmt::Display) -> io::Error {
 }
 
 impl FileData {
-    fn new(path: PathBuf, base: Content, size: u64) -> FileData {
+    fn new(path: PathBuf, base: Content, size: u64, id: u64, local: Arc<LocalRes>) -> FileData {
         let remote = (size > 0).then(|| Remote {
             content: base.clone(),
             chunks: None,
@@ -424,8 +506,10 @@ impl FileData {
         });
         FileData {
             path,
+            id,
+            local,
             st: Mutex::new(FileState {
-                file: None,
+                local: Local::None,
                 len: size,
                 remote,
                 present: RangeSet::default(),
@@ -439,22 +523,116 @@ impl FileData {
 
     fn discard(&self) {
         let mut st = self.st.lock();
-        st.file = None;
-        let _ = std::fs::remove_file(&self.path);
+        self.set_inline(&mut st, None);
+        if let Local::Disk = std::mem::replace(&mut st.local, Local::None) {
+            self.local.forget(self.id);
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
-    fn file<'a>(&self, st: &'a mut FileState) -> io::Result<&'a File> {
-        if st.file.is_none() {
+    /// Replaces the in-memory bytes (`None`: no longer in memory), keeping the budget count.
+    fn set_inline(&self, st: &mut FileState, new: Option<Vec<u8>>) {
+        let old = match &st.local {
+            Local::Mem(v) => v.capacity() as u64,
+            _ => 0,
+        };
+        let add = new.as_ref().map_or(0, |v| v.capacity() as u64);
+        if add >= old {
+            self.local.inline.fetch_add(add - old, Ordering::Relaxed);
+        } else {
+            self.local.inline.fetch_sub(old - add, Ordering::Relaxed);
+        }
+        match new {
+            Some(v) => st.local = Local::Mem(v),
+            None if matches!(st.local, Local::Mem(_)) => st.local = Local::None,
+            None => {}
+        }
+    }
+
+    /// The cache file, created (from the in-memory bytes, if any) on first need, reopened if
+    /// it was closed to stay under `MAX_OPEN`.
+    fn file(&self, st: &mut FileState) -> io::Result<Arc<File>> {
+        if let Local::Disk = st.local {
+            if let Some(f) = self.local.cached(self.id) {
+                return Ok(f);
+            }
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(false)
                 .open(&self.path)?;
-            f.set_len(st.len)?;
-            st.file = Some(f);
+            return Ok(self.local.keep(self.id, f));
         }
-        Ok(st.file.as_ref().expect("just opened"))
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)?;
+        if let Local::Mem(v) = &st.local {
+            f.write_all_at(v, 0)?;
+        }
+        f.set_len(st.len)?;
+        self.set_inline(st, None);
+        st.local = Local::Disk;
+        Ok(self.local.keep(self.id, f))
+    }
+
+    /// Stores `data` at `off` locally: in memory while the file stays small, else on disk.
+    fn put(&self, st: &mut FileState, data: &[u8], off: u64) -> io::Result<()> {
+        let end = off + data.len() as u64;
+        let small = end.max(st.len) <= INLINE_MAX;
+        match &mut st.local {
+            Local::Disk => {}
+            Local::Mem(v) if small => {
+                if v.len() < end as usize {
+                    let before = v.capacity();
+                    v.resize(end as usize, 0);
+                    let grown = (v.capacity() - before) as u64;
+                    self.local.inline.fetch_add(grown, Ordering::Relaxed);
+                }
+                v[off as usize..end as usize].copy_from_slice(data);
+                return Ok(());
+            }
+            Local::None if small && self.local.inline.load(Ordering::Relaxed) < INLINE_BUDGET => {
+                let mut v = vec![0u8; end as usize];
+                v[off as usize..].copy_from_slice(data);
+                self.set_inline(st, Some(v));
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.file(st)?.write_all_at(data, off)
+    }
+
+    /// Reads local bytes at `off`; what was never stored reads as zeros.
+    fn get(&self, st: &mut FileState, buf: &mut [u8], off: u64) -> io::Result<()> {
+        match &st.local {
+            Local::Disk => read_padded(&*self.file(st)?, buf, off),
+            Local::Mem(v) => {
+                let have = v.len().saturating_sub(off as usize).min(buf.len());
+                if have > 0 {
+                    buf[..have].copy_from_slice(&v[off as usize..off as usize + have]);
+                }
+                buf[have..].fill(0);
+                Ok(())
+            }
+            Local::None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sets the local length: bytes past it go, bytes up to it read as zeros.
+    fn set_local_len(&self, st: &mut FileState, new_len: u64) -> io::Result<()> {
+        match &mut st.local {
+            Local::Mem(v) if new_len <= INLINE_MAX => {
+                v.truncate(new_len as usize);
+                Ok(())
+            }
+            Local::None if new_len <= INLINE_MAX => Ok(()),
+            _ => self.file(st)?.set_len(new_len),
+        }
     }
 
     /// Fetches from the store whatever of `[start, end)` is not local yet.
@@ -498,11 +676,10 @@ impl FileData {
                     let data = repo
                         .read_blob(&list[i].hash, &format!("{}", self.path.display()))
                         .map_err(eio)?;
-                    let f = self.file(st)?;
                     for m in &missing {
                         let a = (m.start - cs) as usize;
                         let b = (m.end - cs) as usize;
-                        f.write_all_at(&data[a..b], m.start)?;
+                        self.put(st, &data[a..b], m.start)?;
                     }
                     st.present.insert(cs, ce_clip);
                 }
@@ -538,7 +715,7 @@ impl FileData {
         for g in gaps {
             self.ensure_present(st, repo, g.start, g.end)?;
             let mut buf = vec![0u8; (g.end - g.start) as usize];
-            read_padded(self.file(st)?, &mut buf, g.start)?;
+            self.get(st, &mut buf, g.start)?;
             let fz = st.frozen.as_mut().expect("frozen");
             fz.saved.insert(g.start, g.end);
             fz.bytes.insert(g.start, buf);
@@ -551,7 +728,7 @@ impl FileData {
         let end = off + data.len() as u64;
         self.preserve(&mut st, repo, off, end)?;
         let old_len = st.len;
-        self.file(&mut st)?.write_all_at(data, off)?;
+        self.put(&mut st, data, off)?;
         st.present.insert(off, end);
         st.dirty.insert(off.min(old_len), end);
         st.len = st.len.max(end);
@@ -566,7 +743,7 @@ impl FileData {
         }
         self.ensure_present(&mut st, repo, off, end)?;
         let mut buf = vec![0u8; (end - off) as usize];
-        read_padded(self.file(&mut st)?, &mut buf, off)?;
+        self.get(&mut st, &mut buf, off)?;
         Ok(buf)
     }
 
@@ -577,7 +754,7 @@ impl FileData {
             return Ok(());
         }
         self.preserve(&mut st, repo, new_len, old)?;
-        self.file(&mut st)?.set_len(new_len)?;
+        self.set_local_len(&mut st, new_len)?;
         if new_len < old {
             st.present.remove(new_len, u64::MAX);
             st.dirty.remove(new_len, u64::MAX);
@@ -624,12 +801,13 @@ impl FileData {
         self.st.lock().len
     }
 
+    /// fsync: the bytes go to the cache file (made now if the file was in memory) and to disk.
     pub fn sync_data(&self) -> io::Result<()> {
-        let st = self.st.lock();
-        match &st.file {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
+        let mut st = self.st.lock();
+        if matches!(st.local, Local::None) && st.len == 0 {
+            return Ok(());
         }
+        self.file(&mut st)?.sync_data()
     }
 
     /// Freezes the file for a cut: returns the ranges written since the last cut.
@@ -667,7 +845,7 @@ impl FileData {
         let mut st = self.st.lock();
         let end = off + buf.len() as u64;
         self.ensure_present(&mut st, repo, off, end)?;
-        read_padded(self.file(&mut st)?, buf, off)?;
+        self.get(&mut st, buf, off)?;
         let fz = st.frozen.as_ref().expect("file is frozen");
         // Saved extents are disjoint and sorted: walk back from `end` until one ends before
         // `off`, copying each one's part inside [off, end).
@@ -701,6 +879,17 @@ impl FileData {
                     st.dirty.insert(r.start.min(len), r.end.min(len));
                 }
             }
+        }
+    }
+}
+
+impl Drop for FileData {
+    fn drop(&mut self) {
+        let st = self.st.get_mut();
+        if let Local::Mem(v) = &st.local {
+            self.local
+                .inline
+                .fetch_sub(v.capacity() as u64, Ordering::Relaxed);
         }
     }
 }
