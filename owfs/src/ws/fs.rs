@@ -908,22 +908,40 @@ impl fuser::Filesystem for OwfsFs {
     ) {
         self.s.count(Op::Write);
         self.s.throttle();
-        let _g = self.s.gate.read();
-        if let Err(e) = self.alive() {
-            return reply.error(e);
-        }
-        let r = self
-            .file_data(ino.0)
-            .and_then(|d| d.write(&self.s.repo, offset, data).map_err(errno));
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            self.kill_suidgid_of(ino.0, req);
-        }
-        match r {
-            Ok(_) => {
-                self.data_changed(ino.0, data.len() as u64);
-                reply.written(data.len() as u32)
+        // The state change happens under the cut gate; copying the bytes into the cache file
+        // does not, so a cut never waits for it (see FileData::write_begin).
+        let (d, inflight) = {
+            let _g = self.s.gate.read();
+            if let Err(e) = self.alive() {
+                return reply.error(e);
             }
-            Err(e) => reply.error(e),
+            let r = self.file_data(ino.0).and_then(|d| {
+                let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
+                Ok((d, w))
+            });
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.kill_suidgid_of(ino.0, req);
+            }
+            match r {
+                Ok(x) => {
+                    self.data_changed(ino.0, data.len() as u64);
+                    x
+                }
+                Err(e) => return reply.error(e),
+            }
+        };
+        let r = match inflight {
+            Some(w) => d.write_end(w, offset, data).map_err(errno),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                // The length may have gone back: the attributes follow it.
+                let _g = self.s.gate.read();
+                self.data_changed(ino.0, 0);
+                reply.error(e)
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use chunkstore::tree::{chunk_starts, ChunkRef, Content, Entry, Kind};
 use chunkstore::{Hash, Repo};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::ranges::RangeSet;
 
@@ -483,11 +483,29 @@ pub struct FileState {
     pub base: Content,
     base_chunks: Option<Arc<Vec<ChunkRef>>>,
     pub frozen: Option<Frozen>,
+    /// Writes copying their bytes into the cache file outside the lock (see `write`): those
+    /// begun since the last cut, and those begun before it (the cut's view waits for them).
+    inflight: u32,
+    inflight_before_cut: u32,
+    /// Number of the current cut period: a write records it when it begins.
+    period: u64,
+}
+
+/// A write whose state change is recorded and whose bytes are on their way to the cache file.
+#[must_use]
+pub struct WriteInFlight {
+    file: Arc<File>,
+    period: u64,
+    /// The length before this write, and after it: undone on failure if nothing changed since.
+    old_len: u64,
+    new_len: u64,
 }
 
 pub struct FileData {
     pub path: PathBuf,
     pub st: Mutex<FileState>,
+    /// Signalled when a write in flight ends.
+    landed: Condvar,
     /// Key of this file's descriptor in `local`.
     id: u64,
     local: Arc<LocalRes>,
@@ -508,6 +526,7 @@ impl FileData {
             path,
             id,
             local,
+            landed: Condvar::new(),
             st: Mutex::new(FileState {
                 local: Local::None,
                 len: size,
@@ -517,6 +536,9 @@ impl FileData {
                 base,
                 base_chunks: None,
                 frozen: None,
+                inflight: 0,
+                inflight_before_cut: 0,
+                period: 0,
             }),
         }
     }
@@ -703,7 +725,13 @@ impl FileData {
     }
 
     /// Before bytes of a frozen file change, keeps their values at the cut.
-    fn preserve(&self, st: &mut FileState, repo: &Repo, start: u64, end: u64) -> io::Result<()> {
+    fn preserve(
+        &self,
+        st: &mut parking_lot::MutexGuard<'_, FileState>,
+        repo: &Repo,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
         let Some(fz) = st.frozen.as_ref() else {
             return Ok(());
         };
@@ -712,6 +740,10 @@ impl FileData {
             return Ok(());
         }
         let gaps = fz.saved.gaps(start, end);
+        if !gaps.is_empty() {
+            // The bytes at the cut include those of writes begun before it.
+            self.wait_landed(st, true);
+        }
         for g in gaps {
             self.ensure_present(st, repo, g.start, g.end)?;
             let mut buf = vec![0u8; (g.end - g.start) as usize];
@@ -723,16 +755,65 @@ impl FileData {
         Ok(())
     }
 
-    pub fn write(&self, repo: &Repo, off: u64, data: &[u8]) -> io::Result<u64> {
+    /// Waits until the writes in flight have landed: those begun before the last cut
+    /// (`before_cut`), or all of them.
+    fn wait_landed(&self, st: &mut parking_lot::MutexGuard<'_, FileState>, before_cut: bool) {
+        while st.inflight_before_cut > 0 || (!before_cut && st.inflight > 0) {
+            self.landed.wait(st);
+        }
+    }
+
+    /// A write, in two steps so that a cut never waits for bytes being copied: `write_begin`
+    /// (under the cut gate) records the new length and dirty range and saves what a frozen
+    /// file's bytes were; `write_end` (outside it) copies the bytes into the cache file. A
+    /// small file's write is done entirely by `write_begin` (`None`). Until the bytes land,
+    /// the committer's view of the cut (`read_frozen`) waits for writes begun before the cut;
+    /// writes begun after it overwrite only bytes it has saved.
+    pub fn write_begin(
+        &self,
+        repo: &Repo,
+        off: u64,
+        data: &[u8],
+    ) -> io::Result<Option<WriteInFlight>> {
         let mut st = self.st.lock();
         let end = off + data.len() as u64;
         self.preserve(&mut st, repo, off, end)?;
         let old_len = st.len;
-        self.put(&mut st, data, off)?;
+        let inflight = if matches!(st.local, Local::Disk) || end.max(old_len) > INLINE_MAX {
+            let file = self.file(&mut st)?;
+            st.inflight += 1;
+            Some(WriteInFlight {
+                file,
+                period: st.period,
+                old_len,
+                new_len: old_len.max(end),
+            })
+        } else {
+            self.put(&mut st, data, off)?;
+            None
+        };
         st.present.insert(off, end);
         st.dirty.insert(off.min(old_len), end);
         st.len = st.len.max(end);
-        Ok(st.len)
+        Ok(inflight)
+    }
+
+    pub fn write_end(&self, w: WriteInFlight, off: u64, data: &[u8]) -> io::Result<()> {
+        let r = w.file.write_all_at(data, off);
+        let mut st = self.st.lock();
+        if w.period == st.period {
+            st.inflight -= 1;
+        } else {
+            st.inflight_before_cut -= 1;
+        }
+        if r.is_err() && st.len == w.new_len && w.new_len > w.old_len {
+            // Nothing extended the file since: it keeps its old length (a failed write must not
+            // leave zeros behind). The dirty range stays: it costs a re-read, nothing more.
+            st.len = w.old_len;
+        }
+        drop(st);
+        self.landed.notify_all();
+        r
     }
 
     pub fn read(&self, repo: &Repo, off: u64, size: u32) -> io::Result<Vec<u8>> {
@@ -749,6 +830,7 @@ impl FileData {
 
     pub fn truncate(&self, repo: &Repo, new_len: u64) -> io::Result<()> {
         let mut st = self.st.lock();
+        self.wait_landed(&mut st, false);
         let old = st.len;
         if new_len == old {
             return Ok(());
@@ -771,6 +853,7 @@ impl FileData {
     /// fallocate(2): allocation (maybe extending), hole punching and zeroing.
     pub fn fallocate(&self, repo: &Repo, off: u64, len: u64, mode: i32) -> io::Result<u64> {
         let mut st = self.st.lock();
+        self.wait_landed(&mut st, false);
         let end = off + len;
         let zeroes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         if zeroes {
@@ -815,6 +898,8 @@ impl FileData {
         let mut st = self.st.lock();
         let dirty = std::mem::take(&mut st.dirty).to_vec();
         let size = st.len;
+        st.inflight_before_cut += std::mem::take(&mut st.inflight);
+        st.period += 1;
         st.frozen = Some(Frozen {
             size,
             saved: RangeSet::default(),
@@ -840,12 +925,23 @@ impl FileData {
         Ok(list)
     }
 
-    /// Reads bytes as they were at the cut.
+    /// Reads bytes as they were at the cut. The cache file is read without the lock, so that
+    /// writers are not held up by the committer: a write after the cut saves the bytes it
+    /// overwrites before it starts, so whatever such a write changes during this read is
+    /// replaced from the saved bytes afterwards.
     pub fn read_frozen(&self, repo: &Repo, buf: &mut [u8], off: u64) -> io::Result<()> {
         let mut st = self.st.lock();
+        self.wait_landed(&mut st, true);
         let end = off + buf.len() as u64;
         self.ensure_present(&mut st, repo, off, end)?;
-        self.get(&mut st, buf, off)?;
+        if let Local::Disk = st.local {
+            let f = self.file(&mut st)?;
+            drop(st);
+            read_padded(&f, buf, off)?;
+            st = self.st.lock();
+        } else {
+            self.get(&mut st, buf, off)?;
+        }
         let fz = st.frozen.as_ref().expect("file is frozen");
         // Saved extents are disjoint and sorted: walk back from `end` until one ends before
         // `off`, copying each one's part inside [off, end).
