@@ -21,5 +21,15 @@ trials=${1:-250}
 stores=${2:-file}
 cargo build --workspace --all-targets --quiet
 export OWFS_CRASH_TRIALS=$trials OWFS_CRASH_STORES=$stores
-exec cargo nextest run -p owfs-tests --test crash --no-capture --slow-timeout 3600s 2>&1 |
+log=$(mktemp /tmp/owfs-crash-soak.XXXXXX.log)
+set +e
+cargo nextest run -p owfs-tests --test crash --no-capture 2>&1 | tee "$log" |
     grep --line-buffered -E '^\[|crash trials|FAIL|panicked'
+rc=${PIPESTATUS[0]}
+set -e
+if ! grep -q 'crash trials:' "$log"; then
+    # nextest or the build failed before any trial: show why instead of nothing.
+    echo "crash-soak: no trial ran (exit $rc); the end of $log:" >&2
+    tail -n 30 "$log" >&2
+fi
+exit "$rc"
