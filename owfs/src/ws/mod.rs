@@ -3,6 +3,7 @@
 
 mod commit;
 pub mod control;
+mod flusher;
 mod fs;
 mod holder;
 mod ranges;
@@ -116,6 +117,8 @@ pub struct Shared {
     /// The committer is flushing the kernel's dirty pages: throttled writers must go on, or
     /// the flush (which needs request threads) could never finish.
     flushing: AtomicBool,
+    /// Does the committer's syncfs in a child process (see flusher.rs); `None`: in-thread.
+    flusher: Option<flusher::Flusher>,
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
@@ -245,8 +248,11 @@ impl Shared {
             // Opening the mount point is a request too: release throttled writers first.
             self.flushing.store(true, Ordering::SeqCst);
             self.backpressure.notify_all();
-            if let Ok(f) = std::fs::File::open(&self.mountpoint) {
-                let _ = rustix::fs::syncfs(&f);
+            let flushed = self.flusher.as_ref().map(|f| f.flush());
+            if !matches!(flushed, Some(Ok(()))) {
+                if let Ok(f) = std::fs::File::open(&self.mountpoint) {
+                    let _ = rustix::fs::syncfs(&f);
+                }
             }
             self.flushing.store(false, Ordering::SeqCst);
         }
@@ -647,6 +653,14 @@ pub fn run(
             &blobs_dir(&cache_dir),
         )?)));
     }
+    // Forked before /dev/fuse is opened, so that the child never holds it.
+    let flusher = match flusher::Flusher::spawn(&mountpoint) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("owfs: {ws}: no flusher process ({e}); the committer flushes itself");
+            None
+        }
+    };
     let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
     let table = Table::new(data_dir, root_node(&rec)?, totals);
     let threads = opts.threads;
@@ -679,6 +693,7 @@ pub fn run(
         renew_stop: Mutex::new(false),
         renew_cv: Condvar::new(),
         flushing: AtomicBool::new(false),
+        flusher,
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),
