@@ -346,6 +346,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                     cache_dir.as_deref(),
                     &extra,
                     opts.ws.wait.is_some(),
+                    !opts.read_only,
                 );
             }
             if opts.read_only {

@@ -92,7 +92,10 @@ pub fn run_read_only(repo: Arc<Repo>, rec: GenRecord, mountpoint: &Path) -> Resu
     Ok(0)
 }
 
-/// Starts `owfs mount -f` as a detached daemon and returns once the mount is visible.
+/// Starts `owfs mount -f` as a detached daemon and returns once the mount is visible and, for
+/// a read-write mount (`control`), its control socket answers (`owfs status`, `sync` and
+/// `umount` work the moment this returns).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_and_wait(
     store: Option<&str>,
     spec: &str,
@@ -101,6 +104,7 @@ pub fn spawn_and_wait(
     cache_dir: Option<&Path>,
     extra: &[String],
     waits: bool,
+    control: bool,
 ) -> Result<i32> {
     clear_dead_mount(mountpoint);
     let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
@@ -131,8 +135,17 @@ pub fn spawn_and_wait(
     }
     let mut child = cmd.spawn().map_err(|e| Error::io("owfs mount -f", e))?;
     let t0 = Instant::now();
+    let socket = std::fs::canonicalize(mountpoint)
+        .ok()
+        .map(|m| crate::ws::control::socket_path(&m));
     loop {
-        if is_owfs_mount(mountpoint) {
+        // A stale socket of a killed daemon may still be there: it must answer.
+        let answers = || {
+            socket
+                .as_ref()
+                .is_none_or(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
+        };
+        if is_owfs_mount(mountpoint) && (!control || answers()) {
             println!(
                 "mounted {spec} on {} (log: {})",
                 mountpoint.display(),

@@ -95,7 +95,8 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condv
         Err(_) => return,
     });
     let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
+    if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        // A readiness probe (`owfs mount` connects and closes) or a client gone.
         return;
     }
     let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);

@@ -707,6 +707,12 @@ pub fn run(
     })?;
     let sigset = block_signals();
     raise_nofile_limit();
+    // A client of the control socket that goes away mid-answer must not end the daemon
+    // (the CLI restores SIGPIPE's default to end quietly on a closed pipe).
+    // SAFETY: setting a signal's disposition to ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
