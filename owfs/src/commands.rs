@@ -331,22 +331,23 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 })?)),
             };
             if !*foreground {
-                let mut extra: Vec<String> = Vec::new();
+                let mut forwarded: Vec<String> = Vec::new();
+                if let Some(o) = options {
+                    forwarded.extend(["-o".into(), o.clone()]);
+                }
                 if let Some(w) = wait {
-                    extra.push(format!("--wait={w}"));
+                    forwarded.push(format!("--wait={w}"));
                 }
                 if *takeover {
-                    extra.push("--takeover".into());
+                    forwarded.push("--takeover".into());
                 }
                 return crate::mount::spawn_and_wait(
                     cli.store.as_deref(),
                     spec,
                     mountpoint,
-                    options.as_deref(),
                     cache_dir.as_deref(),
-                    &extra,
-                    opts.ws.wait.is_some(),
-                    !opts.read_only,
+                    &forwarded,
+                    &opts,
                 );
             }
             if opts.read_only {

@@ -92,19 +92,17 @@ pub fn run_read_only(repo: Arc<Repo>, rec: GenRecord, mountpoint: &Path) -> Resu
     Ok(0)
 }
 
-/// Starts `owfs mount -f` as a detached daemon and returns once the mount is visible and, for
-/// a read-write mount (`control`), its control socket answers (`owfs status`, `sync` and
+/// Starts `owfs mount -f` as a detached daemon (with `forwarded`: the `-o`, `--wait` and
+/// `--takeover` arguments, which `opts` holds parsed) and returns once the mount is visible
+/// and, for a read-write mount, its control socket answers (`owfs status`, `sync` and
 /// `umount` work the moment this returns).
-#[allow(clippy::too_many_arguments)]
 pub fn spawn_and_wait(
     store: Option<&str>,
     spec: &str,
     mountpoint: &Path,
-    options: Option<&str>,
     cache_dir: Option<&Path>,
-    extra: &[String],
-    waits: bool,
-    control: bool,
+    forwarded: &[String],
+    opts: &MountOpts,
 ) -> Result<i32> {
     clear_dead_mount(mountpoint);
     let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
@@ -115,13 +113,10 @@ pub fn spawn_and_wait(
         cmd.arg("--store").arg(s);
     }
     cmd.args(["mount", "-f", spec]).arg(mountpoint);
-    if let Some(o) = options {
-        cmd.args(["-o", o]);
-    }
     if let Some(c) = cache_dir {
         cmd.arg("--cache-dir").arg(c);
     }
-    cmd.args(extra);
+    cmd.args(forwarded);
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
         .stderr(log_file);
@@ -138,14 +133,15 @@ pub fn spawn_and_wait(
     let socket = std::fs::canonicalize(mountpoint)
         .ok()
         .map(|m| crate::ws::control::socket_path(&m));
-    loop {
-        // A stale socket of a killed daemon may still be there: it must answer.
-        let answers = || {
-            socket
+    // A stale socket of a killed daemon may still be there: it must answer.
+    let answers = || {
+        opts.read_only
+            || socket
                 .as_ref()
                 .is_none_or(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
-        };
-        if is_owfs_mount(mountpoint) && (!control || answers()) {
+    };
+    loop {
+        if is_owfs_mount(mountpoint) && answers() {
             println!(
                 "mounted {spec} on {} (log: {})",
                 mountpoint.display(),
@@ -159,7 +155,7 @@ pub fn spawn_and_wait(
             return Ok(status.code().unwrap_or(1).max(1));
         }
         // With --wait the daemon may wait for the holder's lease as long as it was told to.
-        if !waits && t0.elapsed() > READY_TIMEOUT {
+        if opts.ws.wait.is_none() && t0.elapsed() > READY_TIMEOUT {
             let _ = child.kill();
             return Err(Error::io(
                 mountpoint,

@@ -217,6 +217,25 @@ impl Case {
         serde_json::from_str(&self.ok(&a)).expect("owfs --json prints JSON")
     }
 
+    /// `owfs log WS` as (number, epoch, kind), oldest first.
+    pub fn history(&self, ws: &str) -> Vec<(u64, u64, String)> {
+        let v = self.json(&["log", ws]);
+        let mut out: Vec<(u64, u64, String)> = v
+            .as_array()
+            .expect("log --json is a list")
+            .iter()
+            .map(|g| {
+                (
+                    g["number"].as_u64().unwrap(),
+                    g["epoch"].as_u64().unwrap(),
+                    g["kind"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn store(&self) -> Store {
         if let Some(m) = &self._moto {
             set_s3_env(&m.endpoint);
@@ -434,6 +453,19 @@ impl Case {
             at: self.dir(name),
             cache: self.dir(&format!("{name}.cache")),
         }
+    }
+
+    /// `owfs mount` as `mount_args` gives it, with `env`, not yet run.
+    pub fn mount_cmd(
+        &self,
+        ws: &str,
+        name: &str,
+        opts: &[&str],
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Command {
+        let args = self.mount_args(ws, name, opts, flags);
+        self.owfs_cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), env)
     }
 
     /// `mount_rw` with extra command-line flags (e.g. `--takeover`).

@@ -83,21 +83,7 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
     // Another node recovers at once: --takeover instead of waiting for the lease to expire.
     let m2 = c.mount_rw_with(ws, &format!("r{n}"), &[], &["--takeover"]);
     let check = (|| -> Result<String, String> {
-        let log = c.json(&["log", ws]);
-        let mut epochs: Vec<(u64, u64, String)> = log
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| {
-                let kind = g["kind"].as_str().unwrap_or_default().to_string();
-                (
-                    g["number"].as_u64().unwrap(),
-                    g["epoch"].as_u64().unwrap(),
-                    kind,
-                )
-            })
-            .collect();
-        epochs.sort();
+        let epochs = c.history(ws);
         if epochs.windows(2).any(|w| w[1].1 < w[0].1) {
             return Err(format!("epochs go down along the history: {epochs:?}"));
         }

@@ -38,13 +38,11 @@ impl Daemon {
         flags: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        let mut args = c.mount_args(ws, name, o, flags);
-        args.insert(1, "-f".into());
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let flags: Vec<&str> = flags.iter().copied().chain(["-f"]).collect();
         let at = c.dir(name);
         let log = c.dir(&format!("{name}.log"));
         let child = c
-            .owfs_cmd(&args, env)
+            .mount_cmd(ws, name, o, &flags, env)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -109,24 +107,6 @@ impl Drop for Daemon {
 }
 
 /// Every generation of `ws`: (number, epoch, kind), oldest first.
-fn history(c: &Case, ws: &str) -> Vec<(u64, u64, String)> {
-    let v = c.json(&["log", ws]);
-    let mut out: Vec<(u64, u64, String)> = v
-        .as_array()
-        .expect("log --json is a list")
-        .iter()
-        .map(|g| {
-            (
-                g["number"].as_u64().unwrap(),
-                g["epoch"].as_u64().unwrap(),
-                g["kind"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// Epochs never go down along the history.
 fn assert_epochs_monotonic(h: &[(u64, u64, String)]) {
     for w in h.windows(2) {
@@ -154,9 +134,10 @@ fn a_held_workspace_is_refused_waited_for_and_taken_after_expiry() {
         let pid_a = a.daemon_pid();
 
         // Refused at once, naming the holder and the expiry.
-        let args = c.mount_args("w", "b", &opts(&[]), &[]);
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let out = c.owfs(&args);
+        let out = c
+            .mount_cmd("w", "b", &opts(&[]), &[], &[])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(11), "[{}] {err}", c.name);
         assert!(
@@ -171,8 +152,7 @@ fn a_held_workspace_is_refused_waited_for_and_taken_after_expiry() {
 
         // --wait: proceeds as soon as A hands off, and sees A's last write.
         let waiter = {
-            let args = c.mount_args("w", "b", &opts(&[]), &["--wait=60s"]);
-            let mut cmd = c.owfs_cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
+            let mut cmd = c.mount_cmd("w", "b", &opts(&[]), &["--wait=60s"], &[]);
             std::thread::spawn(move || cmd.output().unwrap())
         };
         std::thread::sleep(Duration::from_millis(500));
@@ -192,7 +172,7 @@ fn a_held_workspace_is_refused_waited_for_and_taken_after_expiry() {
         let st = b.status();
         assert_eq!(st["lease"]["epoch"].as_u64(), Some(epoch_a + 1));
         // A released its lease: B needed no fence.
-        assert!(history(&c, "w").iter().all(|g| g.2 != "fence"));
+        assert!(c.history("w").iter().all(|g| g.2 != "fence"));
         std::fs::write(b.path("b.txt"), b"from B").unwrap();
         b.sync();
 
@@ -208,7 +188,7 @@ fn a_held_workspace_is_refused_waited_for_and_taken_after_expiry() {
             "took over a live lease after {waited:?}"
         );
         assert_eq!(std::fs::read(m.path("b.txt")).unwrap(), b"from B");
-        let h = history(&c, "w");
+        let h = c.history("w");
         let last = h.last().unwrap();
         assert_eq!(last.2, "fence", "[{}] {h:?}", c.name);
         assert_eq!(last.1, epoch_a + 2);
@@ -291,7 +271,7 @@ fn a_zombie_is_fenced_and_stops() {
         assert!(!reason.trim().is_empty(), "the hook ran with OWFS_REASON");
 
         // Nothing from A after B's fence; epochs never go down.
-        let h = history(&c, "z");
+        let h = c.history("z");
         assert_epochs_monotonic(&h);
         let fence = h.iter().find(|g| g.2 == "fence").expect("a fence");
         assert_eq!(fence.1, fence_epoch);
@@ -346,7 +326,7 @@ fn a_partitioned_node_stops_before_its_lease_can_expire() {
         assert_eq!(std::fs::read(b.path("x")).unwrap(), b"before the partition");
         std::fs::write(b.path("z"), b"B").unwrap();
         b.sync();
-        assert_epochs_monotonic(&history(&c, "p"));
+        assert_epochs_monotonic(&c.history("p"));
         b.umount();
         eprintln!(
             "[{}] partitioned A stopped after {stopped:?}; B took over after {took:?}",
@@ -391,8 +371,7 @@ fn a_planned_handoff_under_a_running_workload_loses_nothing() {
         });
         std::thread::sleep(Duration::from_millis(1500));
         let waiter = {
-            let args = c.mount_args("h", "b", &opts(&[]), &["--wait=60s"]);
-            let mut cmd = c.owfs_cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
+            let mut cmd = c.mount_cmd("h", "b", &opts(&[]), &["--wait=60s"], &[]);
             std::thread::spawn(move || cmd.output().unwrap())
         };
         let t0 = Instant::now();
@@ -450,7 +429,7 @@ fn a_takeover_before_expiry_fences_the_holder_out() {
         // taken, and it stops.
         let late = std::fs::write(a.at.join("a2"), b"late");
         a.expect_lease_lost_exit(c.name);
-        let h = history(&c, "t");
+        let h = c.history("t");
         assert_epochs_monotonic(&h);
         let fence = h.iter().find(|g| g.2 == "fence").expect("a fence").clone();
         assert!(

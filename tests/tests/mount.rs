@@ -623,9 +623,7 @@ fn setuid_bits_drop_as_on_local_disk() {
 fn more_files_than_the_daemon_may_open() {
     use std::os::unix::process::CommandExt;
     for c in Case::all() {
-        let args = c.mount_args("ws", "mnt", &["commit_interval_ms=200"], &[]);
-        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let mut cmd = c.owfs_cmd(&args, &[]);
+        let mut cmd = c.mount_cmd("ws", "mnt", &["commit_interval_ms=200"], &[], &[]);
         // SAFETY: setrlimit between fork and exec touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {

@@ -226,12 +226,13 @@ impl OwfsFs {
     /// mknod, mkdir, symlink and create: a new node named `name` in `parent`.
     fn new_node(
         &self,
+        op: Op,
         req: &Request,
         parent: u64,
         name: &OsStr,
         spec: NewNode,
     ) -> Result<FileAttr, Errno> {
-        self.mutation(|| {
+        self.mutation(op, || {
             let name = check_name(name)?;
             self.s.ensure_loaded(parent)?;
             let mut t = self.s.table.lock();
@@ -239,9 +240,10 @@ impl OwfsFs {
         })
     }
 
-    /// Runs a mutation inside the cut gate (a cut sees it whole or not at all), refusing it
-    /// once the mount has stopped serving writes.
-    fn mutation<T>(&self, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+    /// Every request that changes the file system: counts it, then runs it inside the cut
+    /// gate (a cut sees it whole or not at all), refusing it with EIO once the mount stopped.
+    fn mutation<T>(&self, op: Op, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+        self.s.count(op);
         let _g = self.s.gate.read();
         self.alive()?;
         f()
@@ -545,58 +547,56 @@ impl fuser::Filesystem for OwfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.s.count(Op::Setattr);
-        let _g = self.s.gate.read();
-        if let Err(e) = self.alive() {
-            return reply.error(e);
-        }
-        let ino = ino.0;
-        if let Some(sz) = size {
-            if let Err(e) = self.set_size(ino, sz) {
-                return reply.error(e);
+        let r = self.mutation(Op::Setattr, || {
+            let ino = ino.0;
+            if let Some(sz) = size {
+                self.set_size(ino, sz)?;
             }
-        }
-        let mut t = self.s.table.lock();
-        let Some(n) = t.get_mut(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let now = now_ns();
-        if let Some(m) = mode {
-            n.attr.perm = m & 0o7777;
-        }
-        if let Some(u) = uid {
-            n.attr.uid = u;
-        }
-        if let Some(g) = gid {
-            n.attr.gid = g;
-        }
-        // chown drops setuid/setgid of a file for everyone; truncation without CAP_FSETID
-        // (approximated: not root) too. An explicit mode in the same request wins.
-        if mode.is_none() {
-            if uid.is_some() || gid.is_some() {
-                // chown: as if the caller were in the group (only group execution counts).
-                kill_suidgid(n, |_| true);
-            } else if size.is_some() && req.uid() != 0 {
-                kill_suidgid(n, |g| in_group(req, g));
+            let mut t = self.s.table.lock();
+            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+            let now = now_ns();
+            if let Some(m) = mode {
+                n.attr.perm = m & 0o7777;
             }
+            if let Some(u) = uid {
+                n.attr.uid = u;
+            }
+            if let Some(g) = gid {
+                n.attr.gid = g;
+            }
+            // chown drops setuid/setgid of a file for everyone; truncation without CAP_FSETID
+            // (approximated: not root) too. An explicit mode in the same request wins.
+            if mode.is_none() {
+                if uid.is_some() || gid.is_some() {
+                    // chown: as if the caller were in the group (only group execution counts).
+                    kill_suidgid(n, |_| true);
+                } else if size.is_some() && req.uid() != 0 {
+                    kill_suidgid(n, |g| in_group(req, g));
+                }
+            }
+            let t_of = |x: TimeOrNow| match x {
+                TimeOrNow::Now => now,
+                TimeOrNow::SpecificTime(s) => ns_of(s),
+            };
+            if let Some(a) = atime {
+                n.attr.atime_ns = t_of(a);
+            }
+            if let Some(m) = mtime {
+                n.attr.mtime_ns = t_of(m);
+            }
+            n.attr.ctime_ns = ctime.map(ns_of).unwrap_or(now);
+            let attr = attr_of(ino, n);
+            // atime alone is not worth a commit.
+            if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() || mtime.is_some()
+            {
+                t.touch(ino);
+            }
+            Ok(attr)
+        });
+        match r {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
         }
-        let t_of = |x: TimeOrNow| match x {
-            TimeOrNow::Now => now,
-            TimeOrNow::SpecificTime(s) => ns_of(s),
-        };
-        if let Some(a) = atime {
-            n.attr.atime_ns = t_of(a);
-        }
-        if let Some(m) = mtime {
-            n.attr.mtime_ns = t_of(m);
-        }
-        n.attr.ctime_ns = ctime.map(ns_of).unwrap_or(now);
-        let attr = attr_of(ino, n);
-        // atime alone is not worth a commit.
-        if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() || mtime.is_some() {
-            t.touch(ino);
-        }
-        reply.attr(&TTL, &attr);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -621,10 +621,18 @@ impl fuser::Filesystem for OwfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.s.count(Op::Mknod);
         let r = match NKind::from_mode(mode) {
-            Some(NKind::Dir | NKind::Symlink) | None => Err(Errno::EINVAL),
-            Some(kind) => self.new_node(req, parent.0, name, NewNode::new(kind, mode).rdev(rdev)),
+            Some(NKind::Dir | NKind::Symlink) | None => {
+                self.s.count(Op::Mknod);
+                Err(Errno::EINVAL)
+            }
+            Some(kind) => self.new_node(
+                Op::Mknod,
+                req,
+                parent.0,
+                name,
+                NewNode::new(kind, mode).rdev(rdev),
+            ),
         };
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -641,16 +649,20 @@ impl fuser::Filesystem for OwfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.s.count(Op::Mkdir);
-        match self.new_node(req, parent.0, name, NewNode::new(NKind::Dir, mode)) {
+        match self.new_node(
+            Op::Mkdir,
+            req,
+            parent.0,
+            name,
+            NewNode::new(NKind::Dir, mode),
+        ) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count(Op::Unlink);
-        let r = self.mutation(|| {
+        let r = self.mutation(Op::Unlink, || {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
             let mut t = self.s.table.lock();
@@ -667,8 +679,7 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count(Op::Rmdir);
-        let r = self.mutation(|| {
+        let r = self.mutation(Op::Rmdir, || {
             let name = name.as_bytes();
             let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
             self.s.ensure_loaded(child)?;
@@ -696,10 +707,9 @@ impl fuser::Filesystem for OwfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.s.count(Op::Symlink);
         let mut spec = NewNode::new(NKind::Symlink, 0o777);
         spec.target = Some(target.as_os_str().as_bytes().to_vec());
-        match self.new_node(req, parent.0, link_name, spec) {
+        match self.new_node(Op::Symlink, req, parent.0, link_name, spec) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -715,8 +725,7 @@ impl fuser::Filesystem for OwfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.s.count(Op::Rename);
-        let r = self.mutation(|| {
+        let r = self.mutation(Op::Rename, || {
             let (name, newname) = (name.as_bytes(), check_name(newname)?);
             if flags.contains(RenameFlags::RENAME_WHITEOUT) {
                 return Err(Errno::EINVAL);
@@ -824,8 +833,7 @@ impl fuser::Filesystem for OwfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.s.count(Op::Link);
-        let r = self.mutation(|| {
+        let r = self.mutation(Op::Link, || {
             let newname = check_name(newname)?;
             if self.lookup_child(newparent.0, newname)?.is_some() {
                 return Err(Errno::EEXIST);
@@ -906,29 +914,21 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.s.count(Op::Write);
         self.s.throttle();
         // The state change happens under the cut gate; copying the bytes into the cache file
         // does not, so a cut never waits for it (see FileData::write_begin).
-        let (d, inflight) = {
-            let _g = self.s.gate.read();
-            if let Err(e) = self.alive() {
-                return reply.error(e);
-            }
-            let r = self.file_data(ino.0).and_then(|d| {
-                let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
-                Ok((d, w))
-            });
+        let r = self.mutation(Op::Write, || {
+            let d = self.file_data(ino.0)?;
+            let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 self.kill_suidgid_of(ino.0, req);
             }
-            match r {
-                Ok(x) => {
-                    self.data_changed(ino.0, data.len() as u64);
-                    x
-                }
-                Err(e) => return reply.error(e),
-            }
+            self.data_changed(ino.0, data.len() as u64);
+            Ok((d, w))
+        });
+        let (d, inflight) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
         };
         let r = match inflight {
             Some(w) => d.write_end(w, offset, data).map_err(errno),
@@ -1159,30 +1159,32 @@ impl fuser::Filesystem for OwfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.s.count(Op::Setxattr);
-        let _g = self.s.gate.read();
-        let name = name.as_bytes();
-        if !name.starts_with(b"user.") {
-            return reply.error(Errno::EOPNOTSUPP);
+        let r = self.mutation(Op::Setxattr, || {
+            let name = name.as_bytes();
+            if !name.starts_with(b"user.") {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if value.len() > XATTR_MAX {
+                return Err(Errno::E2BIG);
+            }
+            let mut t = self.s.table.lock();
+            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
+            let exists = n.xattrs.contains_key(name);
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(Errno::EEXIST);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(Errno::ENODATA);
+            }
+            n.xattrs.insert(name.to_vec(), value.to_vec());
+            n.attr.ctime_ns = now_ns();
+            t.touch(ino.0);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        if value.len() > XATTR_MAX {
-            return reply.error(Errno::E2BIG);
-        }
-        let mut t = self.s.table.lock();
-        let Some(n) = t.get_mut(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let exists = n.xattrs.contains_key(name);
-        if flags & libc::XATTR_CREATE != 0 && exists {
-            return reply.error(Errno::EEXIST);
-        }
-        if flags & libc::XATTR_REPLACE != 0 && !exists {
-            return reply.error(Errno::ENODATA);
-        }
-        n.xattrs.insert(name.to_vec(), value.to_vec());
-        n.attr.ctime_ns = now_ns();
-        t.touch(ino.0);
-        reply.ok();
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1224,18 +1226,18 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.s.count(Op::Removexattr);
-        let _g = self.s.gate.read();
-        let mut t = self.s.table.lock();
-        let Some(n) = t.get_mut(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        if n.xattrs.remove(name.as_bytes()).is_none() {
-            return reply.error(Errno::ENODATA);
+        let r = self.mutation(Op::Removexattr, || {
+            let mut t = self.s.table.lock();
+            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
+            n.xattrs.remove(name.as_bytes()).ok_or(Errno::ENODATA)?;
+            n.attr.ctime_ns = now_ns();
+            t.touch(ino.0);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        n.attr.ctime_ns = now_ns();
-        t.touch(ino.0);
-        reply.ok();
     }
 
     fn create(
@@ -1248,8 +1250,13 @@ impl fuser::Filesystem for OwfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        self.s.count(Op::Create);
-        match self.new_node(req, parent.0, name, NewNode::new(NKind::File, mode)) {
+        match self.new_node(
+            Op::Create,
+            req,
+            parent.0,
+            name,
+            NewNode::new(NKind::File, mode),
+        ) {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,
@@ -1271,28 +1278,20 @@ impl fuser::Filesystem for OwfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.s.count(Op::Fallocate);
-        let _g = self.s.gate.read();
-        if let Err(e) = self.alive() {
-            return reply.error(e);
-        }
-        let known =
-            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
-        if mode & !known != 0 {
-            return reply.error(Errno::EOPNOTSUPP);
-        }
-        let r = self
-            .file_data(ino.0)
-            .map_err(|_| Errno::ENODEV)
-            .and_then(|d| {
-                d.fallocate(&self.s.repo, offset, length, mode)
-                    .map_err(errno)
-            });
-        match r {
-            Ok(_) => {
-                self.data_changed(ino.0, 0);
-                reply.ok()
+        let r = self.mutation(Op::Fallocate, || {
+            let known =
+                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+            if mode & !known != 0 {
+                return Err(Errno::EOPNOTSUPP);
             }
+            let d = self.file_data(ino.0).map_err(|_| Errno::ENODEV)?;
+            d.fallocate(&self.s.repo, offset, length, mode)
+                .map_err(errno)?;
+            self.data_changed(ino.0, 0);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }

@@ -7,9 +7,9 @@ mod flusher;
 mod fs;
 mod holder;
 mod ranges;
+mod state;
 
 pub use holder::lease_error;
-mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,8 +248,9 @@ impl Shared {
             // Opening the mount point is a request too: release throttled writers first.
             self.flushing.store(true, Ordering::SeqCst);
             self.backpressure.notify_all();
-            let flushed = self.flusher.as_ref().map(|f| f.flush());
-            if !matches!(flushed, Some(Ok(()))) {
+            // In the flusher child (see flusher.rs); here only if it could not be started or
+            // has died.
+            if self.flusher.as_ref().is_none_or(|f| f.flush().is_err()) {
                 if let Ok(f) = std::fs::File::open(&self.mountpoint) {
                     let _ = rustix::fs::syncfs(&f);
                 }
@@ -593,17 +594,31 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit: the daemon keeps up to
-/// up to 1,024 cache files open (at most half the limit), plus the store's connections.
+/// Raises the soft limit on open files to the hard limit: the daemon keeps up to 1,024 cache
+/// files open (at most half the limit), plus the store's connections.
 fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let r = getrlimit(Resource::Nofile);
+    if r.current != r.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            rustix::process::Rlimit {
+                current: r.maximum,
+                ..r
+            },
+        );
     }
+}
+
+/// A named daemon thread.
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io("thread", e))
 }
 
 /// Runs the read-write mount in this process until it is unmounted; returns the exit status.
@@ -737,45 +752,25 @@ pub fn run(
         cache_dir.display()
     );
 
-    let committer = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("owfs-commit".into())
-            .spawn(move || s.committer())
-            .map_err(|e| Error::io("thread", e))?
-    };
-    let renewer = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("owfs-lease".into())
-            .spawn(move || s.renewer())
-            .map_err(|e| Error::io("thread", e))?
-    };
+    let s = shared.clone();
+    let committer = spawn("owfs-commit", move || s.committer())?;
+    let s = shared.clone();
+    let renewer = spawn("owfs-lease", move || s.renewer())?;
     let control = control::serve(shared.clone())?;
-    {
-        let mp = mountpoint.clone();
-        std::thread::Builder::new()
-            .name("owfs-signals".into())
-            .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: waits on the set blocked above.
-                if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
-                    eprintln!("owfs: signal {sig}: committing and unmounting");
-                    if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
-                        let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
-                    }
-                }
-            })
-            .map_err(|e| Error::io("thread", e))?;
-    }
+    let mp = mountpoint.clone();
+    spawn("owfs-signals", move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits on the set blocked above.
+        if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
+            eprintln!("owfs: signal {sig}: committing and unmounting");
+            if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
+                let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+    })?;
+    let s = shared.clone();
     let prefetcher = if shared.opts.prefetch {
-        let s = shared.clone();
-        Some(
-            std::thread::Builder::new()
-                .name("owfs-prefetch".into())
-                .spawn(move || s.prefetch())
-                .map_err(|e| Error::io("thread", e))?,
-        )
+        Some(spawn("owfs-prefetch", move || s.prefetch())?)
     } else {
         None
     };

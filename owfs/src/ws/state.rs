@@ -599,10 +599,15 @@ impl FileData {
         Ok(self.local.keep(self.id, f))
     }
 
+    /// Whether the file, once bytes up to `end` are written, is small enough for memory.
+    fn small(st: &FileState, end: u64) -> bool {
+        end.max(st.len) <= INLINE_MAX
+    }
+
     /// Stores `data` at `off` locally: in memory while the file stays small, else on disk.
     fn put(&self, st: &mut FileState, data: &[u8], off: u64) -> io::Result<()> {
         let end = off + data.len() as u64;
-        let small = end.max(st.len) <= INLINE_MAX;
+        let small = Self::small(st, end);
         match &mut st.local {
             Local::Disk => {}
             Local::Mem(v) if small => {
@@ -779,7 +784,7 @@ impl FileData {
         let end = off + data.len() as u64;
         self.preserve(&mut st, repo, off, end)?;
         let old_len = st.len;
-        let inflight = if matches!(st.local, Local::Disk) || end.max(old_len) > INLINE_MAX {
+        let inflight = if matches!(st.local, Local::Disk) || !Self::small(&st, end) {
             let file = self.file(&mut st)?;
             st.inflight += 1;
             Some(WriteInFlight {
