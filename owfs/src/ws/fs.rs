@@ -240,6 +240,23 @@ impl OwfsFs {
         })
     }
 
+    /// setxattr and removexattr: `f` changes the node's xattrs; its ctime and change mark follow.
+    fn change_xattrs(
+        &self,
+        op: Op,
+        ino: u64,
+        f: impl FnOnce(&mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
+        self.mutation(op, || {
+            let mut t = self.s.table.lock();
+            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+            f(&mut n.xattrs)?;
+            n.attr.ctime_ns = now_ns();
+            t.touch(ino);
+            Ok(())
+        })
+    }
+
     /// Every request that changes the file system: counts it, then runs it inside the cut
     /// gate (a cut sees it whole or not at all), refusing it with EIO once the mount stopped.
     fn mutation<T>(&self, op: Op, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
@@ -1159,26 +1176,22 @@ impl fuser::Filesystem for OwfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.mutation(Op::Setxattr, || {
-            let name = name.as_bytes();
+        let name = name.as_bytes();
+        let r = self.change_xattrs(Op::Setxattr, ino.0, |x| {
             if !name.starts_with(b"user.") {
                 return Err(Errno::EOPNOTSUPP);
             }
             if value.len() > XATTR_MAX {
                 return Err(Errno::E2BIG);
             }
-            let mut t = self.s.table.lock();
-            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
-            let exists = n.xattrs.contains_key(name);
+            let exists = x.contains_key(name);
             if flags & libc::XATTR_CREATE != 0 && exists {
                 return Err(Errno::EEXIST);
             }
             if flags & libc::XATTR_REPLACE != 0 && !exists {
                 return Err(Errno::ENODATA);
             }
-            n.xattrs.insert(name.to_vec(), value.to_vec());
-            n.attr.ctime_ns = now_ns();
-            t.touch(ino.0);
+            x.insert(name.to_vec(), value.to_vec());
             Ok(())
         });
         match r {
@@ -1226,13 +1239,8 @@ impl fuser::Filesystem for OwfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.mutation(Op::Removexattr, || {
-            let mut t = self.s.table.lock();
-            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
-            n.xattrs.remove(name.as_bytes()).ok_or(Errno::ENODATA)?;
-            n.attr.ctime_ns = now_ns();
-            t.touch(ino.0);
-            Ok(())
+        let r = self.change_xattrs(Op::Removexattr, ino.0, |x| {
+            x.remove(name.as_bytes()).map(|_| ()).ok_or(Errno::ENODATA)
         });
         match r {
             Ok(()) => reply.ok(),
