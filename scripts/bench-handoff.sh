@@ -46,8 +46,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 helper="$root/scripts/bench_handoff.py"
 orig_args=("$@")
 
-RUNS= CRASH_RUNS= IDLE= FILES= QUICK=0 BACKENDS=file,s3 FULL_READ_RUNS=3 DROP=1
-OUT= OWFS_BIN= W=/var/tmp/owfs-bench-handoff KEEP=0
+RUNS='' CRASH_RUNS='' IDLE='' FILES='' QUICK=0 BACKENDS=file,s3 FULL_READ_RUNS=3 DROP=1
+OUT='' OWFS_BIN='' W=/var/tmp/owfs-bench-handoff KEEP=0
 
 die() {
     echo "bench-handoff: error: $*" >&2
@@ -109,6 +109,7 @@ MD="${OUT%.jsonl}.md"
 # shellcheck source=scripts/lib-moto.sh
 source "$root/scripts/lib-moto.sh"
 helper_pid=
+# shellcheck disable=SC2317 # run by the EXIT trap (shellcheck 0.9 takes the script's last exit for its end)
 cleanup() {
     local rc=$? m p
     trap - EXIT INT TERM

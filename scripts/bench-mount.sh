@@ -211,10 +211,6 @@ elapsed() { "$PY" -c "import sys; print(round(float(sys.argv[2]) - float(sys.arg
 
 # --- the S3 server ---------------------------------------------------------------------------
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-start_moto_in() {
-    moto_log="$1/moto.log"
-    start_moto "$moto_log" "$PY" -m moto.server || die "moto_server did not start; see $moto_log"
-}
 log_bytes() { stat -c %s "$moto_log"; }
 
 # --- the systems -----------------------------------------------------------------------------
@@ -353,7 +349,8 @@ bench_system() {
     mkdir -p "$dir" "$mnt"
     quiet=$(quiet_for "$sys")
     if [[ $sys != native ]]; then
-        start_moto_in "$dir"
+        moto_log="$dir/moto.log"
+        start_moto "$moto_log" "$PY" -m moto.server || die "moto_server did not start; see $moto_log"
         "$PY" "$helper" mkbucket "$endpoint" "$bucket" || die "could not create bucket $bucket on $endpoint"
         step "$sys: moto_server at $endpoint (pid $moto_pid), bucket $bucket"
         before=$(log_bytes)

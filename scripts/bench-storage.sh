@@ -358,8 +358,7 @@ for be in $BACKENDS; do
         if command -v pyenv >/dev/null; then pyenv rehash >/dev/null 2>&1 || true; fi
         command -v moto_server >/dev/null || die "moto_server is missing (pip install 'moto[server]')"
         moto_log="$W/moto.log"
-        start_moto "$moto_log" moto_server || true
-        [[ -n $endpoint ]] || die "moto_server did not start; see $moto_log"
+        start_moto "$moto_log" moto_server || die "moto_server did not start; see $moto_log"
         step "moto_server at $endpoint (pid $moto_pid)"
         export AWS_ENDPOINT_URL="$endpoint" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
         export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
@@ -370,9 +369,7 @@ for be in $BACKENDS; do
         fi
         bench_backend s3 "$s3tree"
         record s3 moto_peak_rss_kib moto "$(awk '/VmHWM/ {print $2}' "/proc/$moto_pid/status" 2>/dev/null || echo 0)"
-        kill "$moto_pid" 2>/dev/null || true
-        wait "$moto_pid" 2>/dev/null || true
-        moto_pid=
+        stop_moto
         ;;
     *) die "unknown backend $be (file, s3)" ;;
     esac

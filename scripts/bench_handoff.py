@@ -64,13 +64,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
+
+sys.dont_write_bytecode = True  # no scripts/__pycache__ in the checkout
+from benchlib import MOTO_REQUEST, add_store_commands, proc_cpu_s, write_report  # noqa: E402
 
 MIB = 1 << 20
 FILE_MIB = 16
@@ -90,16 +91,6 @@ def drop_caches(enabled):
         return
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
-
-
-def proc_cpu_s(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-        fields = s[s.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def alive(pid):
@@ -575,11 +566,8 @@ class Runner:
         r = rec["requests"]
         say(f"{self.be.name}: {n} commits: {r['puts']} PUT, {r['gets']} GET, {r['lists']} LIST "
             f"({rec['commits_counted']} commits counted by the daemon, {rec['renewals']} lease renewals)")
-        dt, _ = src.handoff()
+        src.handoff()
         self.retire(src)
-
-
-REQ = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d+)')
 
 
 def count_log(path, start, end, bucket):
@@ -589,7 +577,7 @@ def count_log(path, start, end, bucket):
         f.seek(start)
         chunk = f.read(end - start)
     for line in chunk.decode("utf-8", "replace").splitlines():
-        m = REQ.search(line)
+        m = MOTO_REQUEST.search(line)
         if not m:
             continue
         method, p = m.group(1), m.group(2).split("?", 1)[0].strip("/")
@@ -602,7 +590,7 @@ def count_log(path, start, end, bucket):
     return counts
 
 
-def idle_thread(a, be, reqlog, out, lock, errors):
+def idle_thread(a, be, reqlog, out, errors):
     """A mount left alone: its store requests over --idle-seconds."""
     try:
         node = be.node(ws="idle", store=be.idle_store, name="idle")
@@ -677,11 +665,6 @@ def cmd_run(a):
             backends.append((be, a.moto_log))
         else:
             sys.exit(f"unknown backend {name}")
-    has_prepull = "--prefetch-only" in subprocess.run([a.owfs, "mount", "--help"], capture_output=True,
-                                                      text=True).stdout
-    if not has_prepull:
-        raise SystemExit("this owfs has no `mount --prefetch-only` (the pre-pull variant needs it)")
-
     meminfo = open("/proc/meminfo").read()
     mem_gib = int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1)) / 1048576
     out.write(json.dumps({
@@ -692,7 +675,7 @@ def cmd_run(a):
         "host": f"{os.cpu_count()} CPUs, {mem_gib:.0f} GiB RAM, kernel {os.uname().release}",
         "command": a.command, "owfs": a.version, "moto": a.moto_version}) + "\n")
     errors = []
-    idlers = [threading.Thread(target=idle_thread, args=(a, be, log, out, lock, errors), daemon=True)
+    idlers = [threading.Thread(target=idle_thread, args=(a, be, log, out, errors), daemon=True)
               for be, log in backends if a.idle_seconds > 0]
     for t in idlers:
         t.start()
@@ -769,20 +752,6 @@ def cmd_append(a):
     print(n, why)
 
 
-def cmd_freeport(_a):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    print(s.getsockname()[1])
-    s.close()
-
-
-def cmd_mkbucket(a):
-    req = urllib.request.Request(f"{a.endpoint.rstrip('/')}/{a.name}", method="PUT")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        if r.status != 200:
-            sys.exit(f"creating bucket {a.name}: HTTP {r.status}")
-
-
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -811,6 +780,15 @@ def cmd_report(a):
     info = next((r for r in recs if r.get("kind") == "info"), {})
     backends = [b for b in info.get("backends", "file,s3").split(",")]
     label = {"file": "file://", "s3": "S3 (moto)"}
+
+    def variant_runs(kind, variants):
+        """(backend, variant label, its records) for every backend and variant that has any."""
+        for b in backends:
+            for v, vl in variants:
+                rs = [r for r in recs if r.get("kind") == kind and r["backend"] == b and r["variant"] == v]
+                if rs:
+                    yield b, vl, rs
+
     o = []
     w = o.append
     mib = info.get("files", 0) * FILE_MIB
@@ -832,20 +810,16 @@ def cmd_report(a):
     w("| store | variant | runs | pause P50 | P95 | max | handoff P50 | mount P50 | first read P50 | "
       "first write P50 | whole read P50 | whole read max (n) | pre-pull P50 | generations |")
     w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b in backends:
-        for v, vl in (("prepull", "(a) pre-pulled"), ("none", "(b) empty cache")):
-            rs = [r for r in recs if r.get("kind") == "handoff" and r["backend"] == b and r["variant"] == v]
-            if not rs:
-                continue
-            p = [r["pause_s"] for r in rs]
-            ra = [r["read_all_s"] for r in rs if "read_all_s" in r]
-            pp = [r["prepull_s"] for r in rs if "prepull_s" in r]
-            med = lambda k: statistics.median(r[k] for r in rs)
-            w(f"| {label[b]} | {vl} | {len(rs)} | **{ms(statistics.median(p))}** | {ms(pct(p, 95))} | "
-              f"{ms(max(p))} | {ms(med('handoff_s'))} | {ms(med('mount_s'))} | {ms(med('read_s'))} | "
-              f"{ms(med('write_s'))} | **{ms(statistics.median(ra)) if ra else '—'}** | "
-              f"{(ms(max(ra)) + f' ({len(ra)})') if ra else '—'} | {ms(statistics.median(pp)) if pp else '—'} | "
-              f"{min(r['generation'] for r in rs)}–{max(r['generation'] for r in rs)} |")
+    for b, vl, rs in variant_runs("handoff", (("prepull", "(a) pre-pulled"), ("none", "(b) empty cache"))):
+        p = [r["pause_s"] for r in rs]
+        ra = [r["read_all_s"] for r in rs if "read_all_s" in r]
+        pp = [r["prepull_s"] for r in rs if "prepull_s" in r]
+        med = lambda k: statistics.median(r[k] for r in rs)
+        w(f"| {label[b]} | {vl} | {len(rs)} | **{ms(statistics.median(p))}** | {ms(pct(p, 95))} | "
+          f"{ms(max(p))} | {ms(med('handoff_s'))} | {ms(med('mount_s'))} | {ms(med('read_s'))} | "
+          f"{ms(med('write_s'))} | **{ms(statistics.median(ra)) if ra else '—'}** | "
+          f"{(ms(max(ra)) + f' ({len(ra)})') if ra else '—'} | {ms(statistics.median(pp)) if pp else '—'} | "
+          f"{min(r['generation'] for r in rs)}–{max(r['generation'] for r in rs)} |")
     w("")
     w("Chains: in (a) every source node had itself been pre-pulled (the previous target); in (b) "
       "no node ever was (the first source is the node that wrote the data).")
@@ -870,17 +844,13 @@ def cmd_report(a):
     w("")
     w("| store | variant | runs | first read P50 | max | first write P50 | max | mount P50 | lines lost P50 | max |")
     w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b in backends:
-        for v, vl in (("takeover", "`--takeover`"), ("wait", "`--wait`, ttl 5 s")):
-            rs = [r for r in recs if r.get("kind") == "crash" and r["backend"] == b and r["variant"] == v]
-            if not rs:
-                continue
-            fr = [r["first_read_s"] for r in rs]
-            fw = [r["first_write_s"] for r in rs]
-            lo = [r["lines_lost"] for r in rs]
-            w(f"| {label[b]} | {vl} | {len(rs)} | {ms(statistics.median(fr))} | {ms(max(fr))} | "
-              f"**{ms(statistics.median(fw))}** | {ms(max(fw))} | {ms(statistics.median(r['mount_s'] for r in rs))} | "
-              f"{statistics.median(lo):.0f} | {max(lo)} |")
+    for b, vl, rs in variant_runs("crash", (("takeover", "`--takeover`"), ("wait", "`--wait`, ttl 5 s"))):
+        fr = [r["first_read_s"] for r in rs]
+        fw = [r["first_write_s"] for r in rs]
+        lo = [r["lines_lost"] for r in rs]
+        w(f"| {label[b]} | {vl} | {len(rs)} | {ms(statistics.median(fr))} | {ms(max(fr))} | "
+          f"**{ms(statistics.median(fw))}** | {ms(max(fw))} | {ms(statistics.median(r['mount_s'] for r in rs))} | "
+          f"{statistics.median(lo):.0f} | {max(lo)} |")
     w("")
     w("**Store requests of an idle mount** (default options: lease renewed every 10 s; counters of the "
       "daemon, `owfs status MNT --json` → requests; S3 also moto's log lines for the bucket).")
@@ -932,11 +902,7 @@ def cmd_report(a):
                 w(f"- {r['text']}")
     for (b, what), nodes in panics.items():
         w(f"- {label.get(b, b)}: the daemon{'' if len(nodes) == 1 else 's'} of {len(nodes)} node{'' if len(nodes) == 1 else 's'} ({', '.join(nodes)}) logged a panic at exit: {what}")
-    text = "\n".join(o).rstrip() + "\n"
-    sys.stdout.write(text)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(text)
+    write_report(o, a.md)
 
 
 def main():
@@ -969,12 +935,7 @@ def main():
     q.add_argument("results")
     q.add_argument("--md")
     q.set_defaults(fn=cmd_report)
-    q = sub.add_parser("freeport")
-    q.set_defaults(fn=cmd_freeport)
-    q = sub.add_parser("mkbucket")
-    q.add_argument("endpoint")
-    q.add_argument("name")
-    q.set_defaults(fn=cmd_mkbucket)
+    add_store_commands(sub)
     a = p.parse_args()
     a.fn(a)
 

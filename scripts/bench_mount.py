@@ -36,14 +36,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
+
+sys.dont_write_bytecode = True  # no scripts/__pycache__ in the checkout
+from benchlib import MOTO_REQUEST, add_store_commands, proc_cpu_s, write_report  # noqa: E402
 
 # --- workloads (run in a child process) --------------------------------------------------------
 
@@ -323,16 +323,6 @@ def proc_rss_kib(pid, field="VmRSS"):
     return 0
 
 
-def proc_cpu_s(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-        fields = s[s.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def reset_hwm(pids):
     for p in pids:
         try:
@@ -340,9 +330,6 @@ def reset_hwm(pids):
                 f.write("5\n")  # resets VmHWM to the current RSS
         except OSError:
             pass
-
-
-REQ = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d+)')
 
 
 def classify(method, path):
@@ -377,7 +364,7 @@ class Meter:
         return sum(proc_rss_kib(p) for p in self.pids)
 
     def cpu(self):
-        return sum(proc_cpu_s(p) for p in self.pids)
+        return sum(proc_cpu_s(p) or 0.0 for p in self.pids)
 
     def sample(self):
         self.peak = max(self.peak, self.rss())
@@ -417,7 +404,7 @@ class Meter:
             end = chunk.rfind(b"\n") + 1
             self.pos += end
             for line in chunk[:end].decode("utf-8", "replace").splitlines():
-                m = REQ.search(line)
+                m = MOTO_REQUEST.search(line)
                 if m:
                     counts[classify(m.group(1), m.group(2))] += 1
             out["req"] = counts
@@ -537,20 +524,6 @@ def cmd_pids(a):
         if any(w.rstrip("/") in paths or w.split("=", 1)[-1].rstrip("/") in paths for w in words):
             out.append(e)
     print(",".join(sorted(out, key=int)))
-
-
-def cmd_freeport(_a):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    print(s.getsockname()[1])
-    s.close()
-
-
-def cmd_mkbucket(a):
-    req = urllib.request.Request(f"{a.endpoint.rstrip('/')}/{a.name}", method="PUT")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        if r.status != 200:
-            sys.exit(f"creating bucket {a.name}: HTTP {r.status}")
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -782,11 +755,7 @@ def cmd_report(a):
     w("")
     for n in notes:
         w(f"- {n}")
-    text = "\n".join(out).rstrip() + "\n"
-    sys.stdout.write(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_report(out, a.out)
 
 
 def main():
@@ -830,13 +799,7 @@ def main():
     q.add_argument("paths", nargs="+", metavar="PATH")
     q.set_defaults(fn=cmd_pids)
 
-    q = sub.add_parser("freeport")
-    q.set_defaults(fn=cmd_freeport)
-
-    q = sub.add_parser("mkbucket")
-    q.add_argument("endpoint")
-    q.add_argument("name")
-    q.set_defaults(fn=cmd_mkbucket)
+    add_store_commands(sub)
 
     q = sub.add_parser("report")
     q.add_argument("results")

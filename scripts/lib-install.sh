@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/install-deps.sh and scripts/install-bench-deps.sh (sourced, not run).
 # The caller defines say MESSAGE and die MESSAGE.
 

@@ -2,10 +2,10 @@
 # shellcheck disable=SC2034 # endpoint and moto_pid are for the sourcing script
 # moto's S3 server on a free loopback port, for scripts/test.sh and the benchmarks. Source it.
 #
-#   start_moto LOG [COMMAND...]   start it (default command: moto_server if on PATH, else
-#                                 python3 -m moto.server); tries three ports, up to 30 s each;
-#                                 sets $endpoint (http://127.0.0.1:PORT) and $moto_pid;
-#                                 returns 1 (its log's tail on stderr) if it never answered
+#   start_moto LOG COMMAND...     start it (COMMAND: moto_server, or python3 -m moto.server);
+#                                 tries three ports, up to 30 s each; sets $endpoint
+#                                 (http://127.0.0.1:PORT) and $moto_pid; returns 1 (its log's
+#                                 tail on stderr) if it never answered
 #   stop_moto                     stop it (safe to call twice, or when it never started)
 
 moto_pid=
@@ -22,14 +22,10 @@ stop_moto() {
 start_moto() {
     local log=$1 port attempt
     shift
-    local cmd=("$@")
-    if ((${#cmd[@]} == 0)); then
-        if command -v moto_server >/dev/null; then cmd=(moto_server); else cmd=(python3 -m moto.server); fi
-    fi
     endpoint=
     for attempt in 1 2 3; do
         port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        "${cmd[@]}" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+        "$@" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
         moto_pid=$!
         # A cold Python start can be slow.
         for _ in $(seq 300); do
