@@ -280,8 +280,7 @@ impl ObjectStore for FaultyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
-    use object_store::local::LocalFileSystem;
+    use crate::testdata::faulty_file_store;
 
     #[tokio::test]
     async fn down_file_cuts_the_store_off_while_it_exists() {
@@ -289,12 +288,11 @@ mod tests {
         let root = dir.path().join("store");
         std::fs::create_dir_all(&root).unwrap();
         let flag = dir.path().join("partition");
-        let cfg = FaultConfig::parse(&format!("seed=1,down_file={}", flag.display()));
+        let spec = format!("seed=1,down_file={}", flag.display());
+        let cfg = FaultConfig::parse(&spec);
         assert_eq!(cfg.down_file.as_deref(), Some(flag.as_path()));
         assert!(!cfg.down);
-        let fs = LocalFileSystem::new_with_prefix(&root).unwrap();
-        let url = format!("file://{}", root.display());
-        let store = Store::from_object_store(Arc::new(FaultyStore::new(Arc::new(fs), cfg)), &url);
+        let store = faulty_file_store(&root, &spec);
 
         store.put("a", Bytes::from_static(b"1")).await.unwrap();
         assert_eq!(store.get("a").await.unwrap(), Bytes::from_static(b"1"));

@@ -250,10 +250,10 @@ impl Repo {
         if let Some(raw) = cache.as_ref().and_then(|c| c.get(hash)) {
             return Ok(raw);
         }
-        let raw = self.read_blob_from_store(hash, what)?;
+        let (raw, kind) = self.read_blob_from_store(hash, what)?;
         if let Some(c) = cache {
             // Trees and segment lists are small and read again at the next mount.
-            if self.with_index(|i| i.kind_of(hash)) != Some(BlobKind::Data) {
+            if kind != BlobKind::Data {
                 let _ = c.put(hash, &raw);
             }
         }
@@ -265,7 +265,8 @@ impl Repo {
         *self.blob_cache.write().expect("blob cache") = cache;
     }
 
-    fn read_blob_from_store(&self, hash: &Hash, what: &str) -> Result<Vec<u8>> {
+    /// The blob's bytes, verified, and its kind (from the index entry that located it).
+    fn read_blob_from_store(&self, hash: &Hash, what: &str) -> Result<(Vec<u8>, BlobKind)> {
         let (pack, entry) = self.locate(hash, what)?;
         let stored = self.block_on(async {
             if entry.kind == BlobKind::Data {
@@ -295,7 +296,7 @@ impl Repo {
             },
             other => other,
         })?;
-        open_blob(&entry, &stored, what)
+        Ok((open_blob(&entry, &stored, what)?, entry.kind))
     }
 
     pub fn read_tree(&self, hash: &Hash, dir: &str) -> Result<Tree> {

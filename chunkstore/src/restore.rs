@@ -24,15 +24,12 @@ use crate::tree::{Entry, Kind};
 /// A batch is fetched when it holds this much raw data or this many files.
 const BATCH_BYTES: u64 = 64 << 20;
 const BATCH_FILES: usize = 256;
-/// Two blobs of one pack are fetched with one request when the gap between them is small.
-const COALESCE_GAP_BYTES: u64 = 1 << 20;
-/// At most RANGE_MAX_BYTES x FETCHES_IN_FLIGHT of fetched data is buffered.
-const RANGE_MAX_BYTES: u64 = 8 << 20;
-const FETCHES_IN_FLIGHT: usize = 4;
+/// Blobs of one pack less than 1 MiB apart are fetched with one request; at most
+/// 8 MiB x 4 of fetched data is buffered.
 const FETCH_PLAN: FetchPlan = FetchPlan {
-    coalesce_gap: COALESCE_GAP_BYTES,
-    max_range: RANGE_MAX_BYTES,
-    in_flight: FETCHES_IN_FLIGHT,
+    coalesce_gap: 1 << 20,
+    max_range: 8 << 20,
+    in_flight: 4,
 };
 const MAX_REPORTED_ERRORS: usize = 1000;
 

@@ -313,13 +313,31 @@ impl Store {
     /// Create-if-absent (S3 `If-None-Match: *`, a hard link on local disk). After a retried
     /// ambiguous failure `AlreadyExists` may be our own first attempt: callers re-read.
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created> {
+        let created = self.put_conditional(key, PutMode::Create, data).await?;
+        Ok(if created.is_some() {
+            Created::Yes
+        } else {
+            Created::AlreadyExists
+        })
+    }
+
+    /// A conditional write (`mode`: create, or update from an ETag): `Some(ETag of the reply)`
+    /// when written, `None` when a precondition refused it (maybe after our own earlier
+    /// attempt landed: callers re-read).
+    async fn put_conditional(
+        &self,
+        key: &str,
+        mode: PutMode,
+        data: Bytes,
+    ) -> Result<Option<Option<String>>> {
         let path = self.path(key);
         let len = data.len() as u64;
+        let update = matches!(mode, PutMode::Update(_));
         let res = self
             .retry(key, || async {
                 self.counters.puts.fetch_add(1, Ordering::Relaxed);
                 let opts = PutOptions {
-                    mode: PutMode::Create,
+                    mode: mode.clone(),
                     ..Default::default()
                 };
                 match self
@@ -327,14 +345,16 @@ impl Store {
                     .put_opts(&path, PutPayload::from(data.clone()), opts)
                     .await
                 {
-                    Ok(_) => Ok(Created::Yes),
+                    Ok(r) => Ok(Some(r.e_tag)),
                     Err(object_store::Error::AlreadyExists { .. })
-                    | Err(object_store::Error::Precondition { .. }) => Ok(Created::AlreadyExists),
+                    | Err(object_store::Error::Precondition { .. }) => Ok(None),
+                    // An update of an object that is gone.
+                    Err(object_store::Error::NotFound { .. }) if update => Ok(None),
                     Err(e) => Err(e),
                 }
             })
             .await?;
-        if res == Created::Yes {
+        if res.is_some() {
             self.counters.bytes_put.fetch_add(len, Ordering::Relaxed);
         }
         Ok(res)
@@ -534,8 +554,6 @@ impl Store {
                 None => CasOutcome::Lost,
             });
         }
-        let path = self.path(key);
-        let len = data.len() as u64;
         let mode = match expected {
             None => PutMode::Create,
             Some(v) => PutMode::Update(object_store::UpdateVersion {
@@ -543,35 +561,11 @@ impl Store {
                 version: None,
             }),
         };
-        // Some(e_tag) = written; None = a precondition refused it (maybe after our own
-        // earlier attempt landed: the re-read below decides).
-        let res = self
-            .retry(key, || async {
-                self.counters.puts.fetch_add(1, Ordering::Relaxed);
-                let opts = PutOptions {
-                    mode: mode.clone(),
-                    ..Default::default()
-                };
-                match self
-                    .inner
-                    .put_opts(&path, PutPayload::from(data.clone()), opts)
-                    .await
-                {
-                    Ok(r) => Ok(Some(r.e_tag)),
-                    Err(object_store::Error::AlreadyExists { .. })
-                    | Err(object_store::Error::Precondition { .. })
-                    | Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        let written = res.is_some();
-        if let Some(e_tag) = res {
-            self.counters.bytes_put.fetch_add(len, Ordering::Relaxed);
-            if let Some(e_tag) = e_tag {
-                return Ok(CasOutcome::Won(Some(Version(e_tag))));
-            }
-        }
+        let written = match self.put_conditional(key, mode, data.clone()).await? {
+            Some(Some(e_tag)) => return Ok(CasOutcome::Won(Some(Version(e_tag)))),
+            Some(None) => true,
+            None => false,
+        };
         // Refused, or written without an ETag in the reply: what is there now?
         Ok(match self.get_versioned(key).await? {
             Some((bytes, version)) if bytes == data => CasOutcome::Won(Some(version)),
@@ -717,15 +711,10 @@ pub fn block_on<F: std::future::Future>(handle: &tokio::runtime::Handle, f: F) -
 mod cas_tests {
     use super::*;
     use crate::faulty::{FaultConfig, FaultyStore};
+    use crate::testdata::faulty_file_store;
 
     fn file_store(dir: &std::path::Path) -> Store {
         Store::open(&format!("file://{}", dir.display())).unwrap()
-    }
-
-    fn faulty_file_store(dir: &std::path::Path, spec: &str) -> Store {
-        let fs = LocalFileSystem::new_with_prefix(dir).unwrap();
-        let inner = FaultyStore::new(Arc::new(fs), FaultConfig::parse(spec));
-        Store::from_object_store(Arc::new(inner), &format!("file://{}", dir.display()))
     }
 
     /// A store in a fresh bucket of the S3 endpoint in `OWFS_TEST_S3_ENDPOINT` (e.g. a

@@ -48,3 +48,17 @@ pub fn s3_test_bucket(
         .expect("an S3 client for the test server");
     Some((std::sync::Arc::new(s3), format!("s3://{bucket}")))
 }
+
+/// A `file://` store at `root` (which must exist) behind the fault injector, configured by
+/// `spec` in the syntax of `OWFS_FAULTS` (see `faulty`).
+#[doc(hidden)]
+pub fn faulty_file_store(root: &std::path::Path, spec: &str) -> crate::Store {
+    use crate::faulty::{FaultConfig, FaultyStore};
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(root)
+        .expect("a local object store at an existing directory");
+    let inner = FaultyStore::new(std::sync::Arc::new(fs), FaultConfig::parse(spec));
+    crate::Store::from_object_store(
+        std::sync::Arc::new(inner),
+        &format!("file://{}", root.display()),
+    )
+}

@@ -12,9 +12,10 @@
 // once per renewal, so the size of its `Result`s does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chunkstore::generation::{new_nonce, now_ms};
 use chunkstore::store::Version;
 use chunkstore::Store;
 use serde::{Deserialize, Serialize};
@@ -207,19 +208,8 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-fn new_nonce() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 fn encode(record: &LeaseRecord) -> Bytes {
@@ -265,9 +255,17 @@ fn until_free(record: &LeaseRecord, wall_ms: u64, cfg: &LeaseConfig) -> Duration
 
 /// The current lease record of `ws`; None if it never had one.
 pub async fn read(store: &Store, ws: &str) -> Result<Option<LeaseRecord>, LeaseError> {
+    Ok(read_versioned(store, ws).await?.map(|(record, _)| record))
+}
+
+/// The current lease record of `ws` with its version (for the next CAS); None if absent.
+async fn read_versioned(
+    store: &Store,
+    ws: &str,
+) -> Result<Option<(LeaseRecord, Version)>, LeaseError> {
     match store.get_versioned(&lease_key(ws)).await? {
         None => Ok(None),
-        Some((bytes, _)) => Ok(Some(decode(&bytes, ws)?)),
+        Some((bytes, version)) => Ok(Some((decode(&bytes, ws)?, version))),
     }
 }
 
@@ -291,10 +289,7 @@ pub async fn acquire(
     };
     let mut force = mode == Mode::Takeover;
     loop {
-        let (prev, version) = match store.get_versioned(&key).await? {
-            None => (None, None),
-            Some((bytes, version)) => (Some(decode(&bytes, ws)?), Some(version)),
-        };
+        let (prev, version) = read_versioned(store, ws).await?.unzip();
         let wall = now_ms();
         let take = match &prev {
             None => true,
@@ -491,15 +486,11 @@ impl Lease {
     /// try again from it), else `Lost` saying who has it now.
     async fn changed_under_us(&mut self) -> Result<(), LeaseError> {
         let ws = self.record.workspace.clone();
-        let current = match self.store.get_versioned(&self.key).await? {
-            Some((bytes, version)) => (decode(&bytes, &ws)?, version),
-            None => {
-                return Err(LeaseError::Lost {
-                    reason: format!("workspace {ws}: the lease record was deleted"),
-                })
-            }
+        let Some((record, version)) = read_versioned(&self.store, &ws).await? else {
+            return Err(LeaseError::Lost {
+                reason: format!("workspace {ws}: the lease record was deleted"),
+            });
         };
-        let (record, version) = current;
         if record.epoch == self.record.epoch
             && !record.released
             && self.unresolved.contains(&record.nonce)

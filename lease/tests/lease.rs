@@ -1,14 +1,10 @@
 //! The lease against `file://` (a temporary directory) and, when `OWFS_TEST_S3_ENDPOINT` is
 //! set (e.g. `http://127.0.0.1:5998` of a `moto_server`), against a fresh S3 bucket.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chunkstore::faulty::{FaultConfig, FaultyStore};
 use chunkstore::Store;
-use lease::{acquire, read, Holder, LeaseConfig, LeaseError, Mode};
-use object_store::local::LocalFileSystem;
-use object_store::ObjectStore;
+use lease::{acquire, read, Holder, Lease, LeaseConfig, LeaseError, Mode};
 
 struct Stores {
     stores: Vec<Store>,
@@ -28,12 +24,11 @@ fn s3_store() -> Option<Store> {
     Some(Store::from_object_store(s3, &url))
 }
 
+/// A `file://` store in `dir/store` behind the fault injector (`spec`: `OWFS_FAULTS` syntax).
 fn faulty_file_store(dir: &std::path::Path, spec: &str) -> Store {
     let root = dir.join("store");
     std::fs::create_dir_all(&root).unwrap();
-    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&root).unwrap());
-    let inner = FaultyStore::new(fs, FaultConfig::parse(spec));
-    Store::from_object_store(Arc::new(inner), &format!("file://{}", root.display()))
+    chunkstore::testdata::faulty_file_store(&root, spec)
 }
 
 fn node(name: &str) -> Holder {
@@ -54,6 +49,16 @@ fn short() -> LeaseConfig {
     }
 }
 
+/// `who` acquires workspace w.
+async fn acquire_w(
+    store: &Store,
+    who: &str,
+    cfg: &LeaseConfig,
+    mode: Mode,
+) -> Result<Lease, LeaseError> {
+    acquire(store, "w", node(who), cfg, mode).await
+}
+
 fn held_by(e: LeaseError, who: &str) {
     match e {
         LeaseError::Held { record, .. } => assert_eq!(record.holder.node, who),
@@ -66,16 +71,12 @@ async fn acquire_held_renew_release_reacquire() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
         assert!(read(store, "w").await.unwrap().is_none());
-        let mut a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         assert_eq!(a.epoch(), 1);
         assert!(a.took_over().is_none());
         assert!(a.deadline() > Instant::now() + Duration::from_secs(24));
 
-        let e = acquire(store, "w", node("b"), &cfg, Mode::Normal)
-            .await
-            .unwrap_err();
+        let e = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap_err();
         let text = e.to_string();
         assert!(
             text.starts_with("workspace w is held by node a (host a-host, pid 4242), epoch 1;")
@@ -110,15 +111,11 @@ async fn acquire_held_renew_release_reacquire() {
         assert_eq!(released.epoch, 1);
 
         // Released: taken at once, no fence needed.
-        let b = acquire(store, "w", node("b"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap();
         assert_eq!(b.epoch(), 2);
         assert!(b.took_over().is_none());
         b.release().await.unwrap();
-        let a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         assert_eq!(a.epoch(), 3);
         // Another workspace is independent.
         let other = acquire(store, "v", node("b"), &cfg, Mode::Normal)
@@ -132,20 +129,14 @@ async fn acquire_held_renew_release_reacquire() {
 async fn expired_lease_is_taken_over_and_the_old_holder_loses() {
     let cfg = short();
     for store in &stores().stores {
-        let mut a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         held_by(
-            acquire(store, "w", node("b"), &cfg, Mode::Normal)
-                .await
-                .unwrap_err(),
+            acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap_err(),
             "a",
         );
         // a stops renewing (crashed, partitioned): free after ttl + skew.
         tokio::time::sleep(Duration::from_millis(750)).await;
-        let b = acquire(store, "w", node("b"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap();
         assert_eq!(b.epoch(), 2);
         let prev = b
             .took_over()
@@ -165,12 +156,8 @@ async fn expired_lease_is_taken_over_and_the_old_holder_loses() {
 async fn takeover_fences_out_a_live_holder() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let mut a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
-        let b = acquire(store, "w", node("b"), &cfg, Mode::Takeover)
-            .await
-            .unwrap();
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Takeover).await.unwrap();
         assert_eq!(b.epoch(), 2);
         assert_eq!(b.took_over().map(|r| r.epoch), Some(1));
 
@@ -192,9 +179,7 @@ async fn takeover_fences_out_a_live_holder() {
 
         // Takeover of a released lease needs no fence.
         b.release().await.unwrap();
-        let c = acquire(store, "w", node("c"), &cfg, Mode::Takeover)
-            .await
-            .unwrap();
+        let c = acquire_w(store, "c", &cfg, Mode::Takeover).await.unwrap();
         assert_eq!(c.epoch(), 3);
         assert!(c.took_over().is_none());
     }
@@ -204,21 +189,12 @@ async fn takeover_fences_out_a_live_holder() {
 async fn wait_succeeds_after_release() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         let t0 = Instant::now();
         let waiter = {
             let (store, cfg) = (store.clone(), cfg.clone());
             tokio::spawn(async move {
-                acquire(
-                    &store,
-                    "w",
-                    node("b"),
-                    &cfg,
-                    Mode::Wait(Some(Duration::from_secs(10))),
-                )
-                .await
+                acquire_w(&store, "b", &cfg, Mode::Wait(Some(Duration::from_secs(10)))).await
             })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -239,20 +215,12 @@ async fn wait_succeeds_after_release() {
 async fn wait_succeeds_after_expiry() {
     let cfg = short();
     for store in &stores().stores {
-        let a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         drop(a); // crashed: never renews, never releases
         let t0 = Instant::now();
-        let b = acquire(
-            store,
-            "w",
-            node("b"),
-            &cfg,
-            Mode::Wait(Some(Duration::from_secs(5))),
-        )
-        .await
-        .unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Wait(Some(Duration::from_secs(5))))
+            .await
+            .unwrap();
         assert!(
             t0.elapsed() >= Duration::from_millis(500),
             "{:?}",
@@ -267,14 +235,11 @@ async fn wait_succeeds_after_expiry() {
 async fn wait_times_out_on_a_live_holder() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let _a = acquire(store, "w", node("a"), &cfg, Mode::Normal)
-            .await
-            .unwrap();
+        let _a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
         let t0 = Instant::now();
-        let e = acquire(
+        let e = acquire_w(
             store,
-            "w",
-            node("b"),
+            "b",
             &cfg,
             Mode::Wait(Some(Duration::from_millis(300))),
         )
@@ -307,7 +272,7 @@ async fn concurrent_acquirers_exactly_one_wins() {
             for i in 0..8 {
                 let (store, cfg) = (store.clone(), cfg.clone());
                 tasks.push(tokio::spawn(async move {
-                    acquire(&store, "w", node(&format!("n{i}")), &cfg, Mode::Normal).await
+                    acquire_w(&store, &format!("n{i}"), &cfg, Mode::Normal).await
                 }));
             }
             let mut winners = Vec::new();
@@ -338,9 +303,7 @@ async fn partition_makes_renew_fail_and_the_deadline_passes() {
         margin: Duration::from_millis(500),
         max_skew: Duration::from_millis(100),
     };
-    let mut a = acquire(&store, "w", node("a"), &cfg, Mode::Normal)
-        .await
-        .unwrap();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
     a.renew().await.unwrap();
 
     std::fs::write(&flag, b"").unwrap();
@@ -376,21 +339,17 @@ async fn lost_acks_are_resolved() {
     let dir = tempfile::tempdir().unwrap();
     let store = faulty_file_store(dir.path(), "put_lost_ack=1");
     let cfg = LeaseConfig::default();
-    let mut a = acquire(&store, "w", node("a"), &cfg, Mode::Normal)
-        .await
-        .unwrap();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
     a.renew().await.unwrap();
     a.renew().await.unwrap();
     held_by(
-        acquire(&store, "w", node("b"), &cfg, Mode::Normal)
+        acquire_w(&store, "b", &cfg, Mode::Normal)
             .await
             .unwrap_err(),
         "a",
     );
     a.release().await.unwrap();
-    let b = acquire(&store, "w", node("b"), &cfg, Mode::Normal)
-        .await
-        .unwrap();
+    let b = acquire_w(&store, "b", &cfg, Mode::Normal).await.unwrap();
     assert_eq!(b.epoch(), 2);
 }
 
@@ -439,7 +398,7 @@ async fn invalid_config_is_refused_by_acquire() {
         renew_every: Duration::from_secs(60),
         ..Default::default()
     };
-    let e = acquire(&store, "w", node("a"), &cfg, Mode::Normal)
+    let e = acquire_w(&store, "a", &cfg, Mode::Normal)
         .await
         .unwrap_err();
     assert!(matches!(e, LeaseError::Config(_)), "{e}");
@@ -450,15 +409,9 @@ async fn invalid_config_is_refused_by_acquire() {
 async fn record_is_pretty_json_at_ws_lease() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
-    let a = acquire(
-        &store,
-        "w",
-        node("a"),
-        &LeaseConfig::default(),
-        Mode::Normal,
-    )
-    .await
-    .unwrap();
+    let a = acquire_w(&store, "a", &LeaseConfig::default(), Mode::Normal)
+        .await
+        .unwrap();
     let (bytes, _) = store.get_versioned("ws/w/lease").await.unwrap().unwrap();
     let text = std::str::from_utf8(&bytes).unwrap();
     assert!(text.starts_with("{\n  \"format\": 1,\n"), "{text}");
