@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: format and lint checks (fail fast), a build of every target,
 # then the whole test suite with cargo-nextest against a real S3 server (moto) started here on
-# a free loopback port and stopped on exit. Exits with nextest's status.
+# a free loopback port and stopped on exit, and the mount tests a second time through
+# /dev/fuse instead of io_uring. Exits non-zero if any run failed.
 #
 # Usage: scripts/test.sh [extra arguments for cargo nextest run]
 # Needs: cargo with rustfmt and clippy, cargo-nextest, curl, and moto's server
@@ -50,8 +51,14 @@ step "moto S3 server at $endpoint (pid $moto_pid, log $moto_log)"
 export OWFS_TEST_S3_ENDPOINT="$endpoint"
 
 # --- the tests -------------------------------------------------------------------------------
+# Mounts serve FUSE requests through io_uring where the kernel has it (the default, which as
+# root turns on the fuse module's enable_uring): the whole suite runs that way, then the mount
+# tests again with every request through /dev/fuse (older kernels, -o uring=off).
 step "cargo nextest run --workspace --no-fail-fast $*"
 status=0
 cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 step "nextest exited with status $status"
+step "OWFS_TEST_URING=off cargo nextest run -p owfs-tests --no-fail-fast $*"
+OWFS_TEST_URING=off cargo nextest run -p owfs-tests --no-fail-fast "$@" || status=$?
+step "nextest (/dev/fuse) done; status $status"
 exit "$status"

@@ -488,6 +488,9 @@ fn status(cli: &Cli, rt: &tokio::runtime::Handle, target: &str) -> Result<i32> {
             ),
         );
     }
+    if let Some(t) = st["fuse_transport"].as_str() {
+        line("transport", t.into());
+    }
     if let Some(e) = st["last_error"].as_str() {
         line("last error", e.into());
     }

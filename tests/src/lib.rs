@@ -436,6 +436,13 @@ impl Case {
             .map(|s| s.to_string())
             .collect();
         args.push(cache.to_str().unwrap().to_string());
+        let mut opts: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+        // OWFS_TEST_URING=off: the suite again with every request through /dev/fuse.
+        if let Ok(u) = std::env::var("OWFS_TEST_URING") {
+            if !opts.iter().any(|o| o == "ro") {
+                opts.push(format!("uring={u}"));
+            }
+        }
         if !opts.is_empty() {
             args.push("-o".into());
             args.push(opts.join(","));

@@ -444,6 +444,41 @@ fn read_gen_file(c: &Case, ws: &str, n: u64, path: &str) -> Result<Vec<u8>, Stri
     }
 }
 
+/// Where the kernel has FUSE over io_uring, requests go through its queues, not /dev/fuse:
+/// the transport in `owfs status`, and the answers are the mount's, byte for byte.
+#[test]
+fn requests_go_through_io_uring_where_the_kernel_has_it() {
+    let param = "/sys/module/fuse/parameters/enable_uring";
+    let off = std::env::var("OWFS_TEST_URING").is_ok_and(|v| v == "off");
+    if !Path::new(param).exists() || off {
+        eprintln!("skipped: no {param} here, or OWFS_TEST_URING=off");
+        return;
+    }
+    let c = Case::file();
+    let m = c.mount_rw("ur", "mnt", &[]);
+    std::fs::create_dir(m.path("d")).unwrap();
+    std::fs::write(m.path("d/f"), vec![7u8; 3 << 20]).unwrap();
+    std::fs::rename(m.path("d/f"), m.path("d/g")).unwrap();
+    assert_eq!(std::fs::read(m.path("d/g")).unwrap(), vec![7u8; 3 << 20]);
+    let names: Vec<_> = std::fs::read_dir(m.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["g"]);
+    let st = m.status();
+    let transport = st["fuse_transport"].as_str().unwrap().to_string();
+    assert!(
+        transport.starts_with("io_uring"),
+        "transport {transport}, status {st}"
+    );
+    assert_eq!(std::fs::read_to_string(param).unwrap().trim(), "Y");
+    let g = m.umount();
+    assert_eq!(
+        read_gen_file(&c, "ur", g, "d/g").unwrap(),
+        vec![7u8; 3 << 20]
+    );
+}
+
 #[test]
 fn fsync_of_the_root_directory_is_sync() {
     for c in Case::all() {

@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -24,7 +25,12 @@ use super::Op;
 use super::{now_ns, Shared};
 use crate::fuse_util::{file_type, time};
 
-const TTL: Duration = Duration::from_secs(3600);
+pub(super) const TTL: Duration = Duration::from_secs(3600);
+/// The largest WRITE the kernel sends (it caps max_write at 1 MiB).
+pub(super) const MAX_WRITE: u32 = 1 << 20;
+/// Directory listings stay cached in the kernel: every change comes through it.
+pub(super) const DIR_OPEN_FLAGS: FopenFlags =
+    FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_CACHE_DIR);
 const XATTR_MAX: usize = 64 << 10;
 
 type Listing = Vec<(Vec<u8>, u64, FileType)>;
@@ -53,18 +59,25 @@ impl NewNode {
     }
 }
 
+/// The file system; clones share everything (fuser's loop owns one, each io_uring queue
+/// thread another).
+#[derive(Clone)]
 pub struct OwfsFs {
-    s: Arc<Shared>,
-    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
-    next_fh: AtomicU64,
+    pub(super) s: Arc<Shared>,
+    /// The /dev/fuse connection, for the io_uring queues (set right after fuser's INIT
+    /// handshake, which calls `init` before the descriptor is ours; the queues wait for it).
+    pub(super) dev: Arc<OnceLock<OwnedFd>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
+    next_fh: Arc<AtomicU64>,
 }
 
 impl OwfsFs {
     pub fn new(s: Arc<Shared>) -> OwfsFs {
         OwfsFs {
             s,
-            dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            dev: Default::default(),
+            dirs: Default::default(),
+            next_fh: Arc::new(AtomicU64::new(1)),
         }
     }
 }
@@ -112,12 +125,11 @@ fn errno(e: std::io::Error) -> Errno {
 }
 
 /// Names the kernel passes are already single components; refuse what a tree cannot hold.
-fn check_name(name: &OsStr) -> Result<&[u8], Errno> {
-    let b = name.as_bytes();
-    if b.len() > 255 {
+fn check_name(name: &[u8]) -> Result<&[u8], Errno> {
+    if name.len() > 255 {
         return Err(Errno::ENAMETOOLONG);
     }
-    Ok(b)
+    Ok(name)
 }
 
 impl Shared {
@@ -227,16 +239,16 @@ impl OwfsFs {
     fn new_node(
         &self,
         op: Op,
-        req: &Request,
+        c: &Caller,
         parent: u64,
-        name: &OsStr,
+        name: &[u8],
         spec: NewNode,
     ) -> Result<FileAttr, Errno> {
         self.mutation(op, || {
             let name = check_name(name)?;
             self.s.ensure_loaded(parent)?;
             let mut t = self.s.table.lock();
-            self.make_node(&mut t, req, parent, name, spec)
+            self.make_node(&mut t, c, parent, name, spec)
         })
     }
 
@@ -269,7 +281,7 @@ impl OwfsFs {
     fn make_node(
         &self,
         t: &mut Table,
-        req: &Request,
+        c: &Caller,
         parent: u64,
         name: &[u8],
         NewNode {
@@ -290,7 +302,7 @@ impl OwfsFs {
         let ino = t.alloc();
         let now = now_ns();
         let mut perm = perm & 0o7777;
-        let gid = if psgid { pgid } else { req.gid() };
+        let gid = if psgid { pgid } else { c.gid };
         if psgid && kind == NKind::Dir {
             perm |= libc::S_ISGID;
         }
@@ -308,7 +320,7 @@ impl OwfsFs {
             kind,
             attr: Attr {
                 perm,
-                uid: req.uid(),
+                uid: c.uid,
                 gid,
                 size: match kind {
                     NKind::Dir => 4096,
@@ -451,12 +463,12 @@ fn kill_suidgid(n: &mut super::state::Node, caller_in_group: impl FnOnce(u32) ->
     before != n.attr.perm
 }
 
-/// Whether the process behind `req` is in group `gid` (primary or supplementary).
-fn in_group(req: &Request, gid: u32) -> bool {
-    if req.gid() == gid {
+/// Whether the calling process is in group `gid` (primary or supplementary).
+fn in_group(c: &Caller, gid: u32) -> bool {
+    if c.gid == gid {
         return true;
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", c.pid)) else {
         return false;
     };
     status
@@ -466,10 +478,10 @@ fn in_group(req: &Request, gid: u32) -> bool {
 }
 
 impl OwfsFs {
-    fn kill_suidgid_of(&self, ino: u64, req: &Request) {
+    fn kill_suidgid_of(&self, ino: u64, c: &Caller) {
         let mut t = self.s.table.lock();
         if t.get_mut(ino)
-            .is_some_and(|n| kill_suidgid(n, |g| in_group(req, g)))
+            .is_some_and(|n| kill_suidgid(n, |g| in_group(c, g)))
         {
             t.touch(ino);
             drop(t);
@@ -482,6 +494,601 @@ impl OwfsFs {
     }
 }
 
+/// Who asks: the identity the kernel sends with every request.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    fn of(r: &Request) -> Caller {
+        Caller {
+            uid: r.uid(),
+            gid: r.gid(),
+            pid: r.pid(),
+        }
+    }
+}
+
+/// What a SETATTR changes.
+#[derive(Default)]
+pub(super) struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub ctime: Option<SystemTime>,
+}
+
+/// A getxattr or listxattr answer: the size asked for, or the bytes.
+pub(super) enum Xattr {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
+    if size == 0 {
+        Ok(Xattr::Size(v.len() as u32))
+    } else if v.len() > size as usize {
+        Err(Errno::ERANGE)
+    } else {
+        Ok(Xattr::Data(v.to_vec()))
+    }
+}
+
+/// The operations, independent of the transport that carries them (fuser's /dev/fuse loop
+/// below, or the io_uring queues in `uring`). Each returns what the reply carries.
+impl OwfsFs {
+    pub(super) fn op_lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        self.enter(Op::Lookup)?;
+        let ino = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
+        let mut t = self.s.table.lock();
+        let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+        n.lookups += 1;
+        Ok(attr_of(ino, n))
+    }
+
+    pub(super) fn op_forget(&self, ino: u64, nlookup: u64) {
+        self.s.count(Op::Forget);
+        let mut t = self.s.table.lock();
+        if let Some(n) = t.get_mut(ino) {
+            n.lookups = n.lookups.saturating_sub(nlookup);
+        }
+        t.maybe_forget(ino);
+    }
+
+    pub(super) fn op_getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.enter(Op::Getattr)?;
+        let t = self.s.table.lock();
+        t.get(ino).map(|n| attr_of(ino, n)).ok_or(Errno::ENOENT)
+    }
+
+    pub(super) fn op_setattr(&self, c: &Caller, ino: u64, a: SetAttr) -> Result<FileAttr, Errno> {
+        self.mutation(Op::Setattr, || {
+            if let Some(sz) = a.size {
+                self.set_size(ino, sz)?;
+            }
+            let mut t = self.s.table.lock();
+            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+            let now = now_ns();
+            if let Some(m) = a.mode {
+                n.attr.perm = m & 0o7777;
+            }
+            if let Some(u) = a.uid {
+                n.attr.uid = u;
+            }
+            if let Some(g) = a.gid {
+                n.attr.gid = g;
+            }
+            // chown drops setuid/setgid of a file for everyone; truncation without CAP_FSETID
+            // (approximated: not root) too. An explicit mode in the same request wins.
+            if a.mode.is_none() {
+                if a.uid.is_some() || a.gid.is_some() {
+                    // chown: as if the caller were in the group (only group execution counts).
+                    kill_suidgid(n, |_| true);
+                } else if a.size.is_some() && c.uid != 0 {
+                    kill_suidgid(n, |g| in_group(c, g));
+                }
+            }
+            let t_of = |x: TimeOrNow| match x {
+                TimeOrNow::Now => now,
+                TimeOrNow::SpecificTime(s) => ns_of(s),
+            };
+            if let Some(x) = a.atime {
+                n.attr.atime_ns = t_of(x);
+            }
+            if let Some(x) = a.mtime {
+                n.attr.mtime_ns = t_of(x);
+            }
+            n.attr.ctime_ns = a.ctime.map(ns_of).unwrap_or(now);
+            let attr = attr_of(ino, n);
+            // atime alone is not worth a commit.
+            if a.mode.is_some()
+                || a.uid.is_some()
+                || a.gid.is_some()
+                || a.size.is_some()
+                || a.mtime.is_some()
+            {
+                t.touch(ino);
+            }
+            Ok(attr)
+        })
+    }
+
+    pub(super) fn op_readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.enter(Op::Readlink)?;
+        let t = self.s.table.lock();
+        match t.get(ino).map(|n| &n.body) {
+            Some(Body::Symlink(target)) => Ok(target.clone()),
+            Some(_) => Err(Errno::EINVAL),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    pub(super) fn op_mknod(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<FileAttr, Errno> {
+        match NKind::from_mode(mode) {
+            Some(NKind::Dir | NKind::Symlink) | None => {
+                self.s.count(Op::Mknod);
+                Err(Errno::EINVAL)
+            }
+            Some(kind) => self.new_node(
+                Op::Mknod,
+                c,
+                parent,
+                name,
+                NewNode::new(kind, mode).rdev(rdev),
+            ),
+        }
+    }
+
+    pub(super) fn op_mkdir(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<FileAttr, Errno> {
+        self.new_node(Op::Mkdir, c, parent, name, NewNode::new(NKind::Dir, mode))
+    }
+
+    pub(super) fn op_symlink(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<FileAttr, Errno> {
+        let mut spec = NewNode::new(NKind::Symlink, 0o777);
+        spec.target = Some(target.to_vec());
+        self.new_node(Op::Symlink, c, parent, name, spec)
+    }
+
+    pub(super) fn op_create(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<FileAttr, Errno> {
+        self.new_node(Op::Create, c, parent, name, NewNode::new(NKind::File, mode))
+    }
+
+    pub(super) fn op_unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.mutation(Op::Unlink, || {
+            let child = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
+            let mut t = self.s.table.lock();
+            if t.get(child).is_some_and(|c| c.kind == NKind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            self.remove_name(&mut t, parent, name, child);
+            Ok(())
+        })
+    }
+
+    pub(super) fn op_rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.mutation(Op::Rmdir, || {
+            let child = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
+            self.s.ensure_loaded(child)?;
+            let mut t = self.s.table.lock();
+            let c = t.get(child).ok_or(Errno::ENOENT)?;
+            match c.children() {
+                None => return Err(Errno::ENOTDIR),
+                Some(ch) if !ch.is_empty() => return Err(Errno::ENOTEMPTY),
+                _ => {}
+            }
+            self.remove_name(&mut t, parent, name, child);
+            Ok(())
+        })
+    }
+
+    pub(super) fn op_rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        self.mutation(Op::Rename, || {
+            let newname = check_name(newname)?;
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(Errno::EINVAL);
+            }
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            let child = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
+            let target = self.lookup_child(newparent, newname)?;
+            if let Some(tg) = target {
+                self.s.ensure_loaded(tg).or_else(|e| {
+                    if e == Errno::ENOTDIR {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+            }
+            let mut t = self.s.table.lock();
+            let ckind = t.get(child).ok_or(Errno::ENOENT)?.kind;
+            if target == Some(child) {
+                return Ok(());
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) && target.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if exchange {
+                let tg = target.ok_or(Errno::ENOENT)?;
+                let tkind = t.get(tg).ok_or(Errno::ENOENT)?.kind;
+                t.get_mut(parent)
+                    .and_then(|p| p.children_mut())
+                    .ok_or(Errno::ENOENT)?
+                    .insert(name.to_vec(), tg);
+                t.get_mut(newparent)
+                    .and_then(|p| p.children_mut())
+                    .ok_or(Errno::ENOENT)?
+                    .insert(newname.to_vec(), child);
+                reparent(&mut t, child, ckind, parent, newparent);
+                reparent(&mut t, tg, tkind, newparent, parent);
+                let now = now_ns();
+                for i in [child, tg, parent, newparent] {
+                    if let Some(n) = t.get_mut(i) {
+                        n.attr.ctime_ns = now;
+                    }
+                    t.touch(i);
+                }
+                return Ok(());
+            }
+            if let Some(tg) = target {
+                let tn = t.get(tg).ok_or(Errno::ENOENT)?;
+                match (ckind == NKind::Dir, tn.kind == NKind::Dir) {
+                    (true, false) => return Err(Errno::ENOTDIR),
+                    (false, true) => return Err(Errno::EISDIR),
+                    (true, true) if tn.children().is_some_and(|c| !c.is_empty()) => {
+                        return Err(Errno::ENOTEMPTY)
+                    }
+                    _ => {}
+                }
+                self.remove_name(&mut t, newparent, newname, tg);
+            }
+            let now = now_ns();
+            if let Some(ch) = t.get_mut(parent).and_then(|p| p.children_mut()) {
+                ch.remove(name);
+            }
+            t.get_mut(newparent)
+                .and_then(|p| p.children_mut())
+                .ok_or(Errno::ENOENT)?
+                .insert(newname.to_vec(), child);
+            reparent(&mut t, child, ckind, parent, newparent);
+            if ckind == NKind::Dir && parent != newparent {
+                if let Some(p) = t.get_mut(parent) {
+                    p.attr.nlink = p.attr.nlink.saturating_sub(1);
+                }
+                if let Some(p) = t.get_mut(newparent) {
+                    p.attr.nlink += 1;
+                }
+            }
+            for i in [parent, newparent] {
+                if let Some(n) = t.get_mut(i) {
+                    n.attr.mtime_ns = now;
+                    n.attr.ctime_ns = now;
+                }
+            }
+            if let Some(n) = t.get_mut(child) {
+                n.attr.ctime_ns = now;
+                if n.kind == NKind::File {
+                    n.local_only = node_local_name(newname);
+                }
+            }
+            // The old parent first: touching the child marks only its new place.
+            t.touch(parent);
+            t.touch(newparent);
+            t.touch(child);
+            Ok(())
+        })
+    }
+
+    pub(super) fn op_link(
+        &self,
+        ino: u64,
+        newparent: u64,
+        newname: &[u8],
+    ) -> Result<FileAttr, Errno> {
+        self.mutation(Op::Link, || {
+            let newname = check_name(newname)?;
+            if self.lookup_child(newparent, newname)?.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            let mut t = self.s.table.lock();
+            let now = now_ns();
+            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
+            if n.kind == NKind::Dir {
+                return Err(Errno::EPERM);
+            }
+            n.attr.nlink += 1;
+            n.attr.ctime_ns = now;
+            n.parents.push(newparent);
+            n.lookups += 1;
+            let is_file = n.kind == NKind::File;
+            let attr = attr_of(ino, n);
+            let p = t.get_mut(newparent).ok_or(Errno::ENOENT)?;
+            p.children_mut()
+                .ok_or(Errno::ENOTDIR)?
+                .insert(newname.to_vec(), ino);
+            p.attr.mtime_ns = now;
+            p.attr.ctime_ns = now;
+            if is_file {
+                t.files += 1;
+            }
+            t.touch(newparent);
+            t.touch(ino);
+            Ok(attr)
+        })
+    }
+
+    /// ENOSYS once: the kernel then opens and closes files without a request (no OPEN, no
+    /// RELEASE: two round trips less per open). Nothing here needs a file handle: data is
+    /// keyed by inode, and an unlinked file lives until the kernel forgets its inode, which
+    /// it cannot do while the file is open. O_TRUNC then arrives as SETATTR (no
+    /// FUSE_ATOMIC_O_TRUNC, see init).
+    pub(super) fn op_open(&self) -> Errno {
+        self.s.count(Op::Open);
+        Errno::ENOSYS
+    }
+
+    pub(super) fn op_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.enter(Op::Read)?;
+        self.file_data(ino)
+            .and_then(|d| d.read(&self.s.repo, offset, size).map_err(errno))
+    }
+
+    pub(super) fn op_write(
+        &self,
+        c: &Caller,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        kill_priv: bool,
+    ) -> Result<u32, Errno> {
+        self.s.throttle();
+        // The state change happens under the cut gate; copying the bytes into the cache file
+        // does not, so a cut never waits for it (see FileData::write_begin).
+        let (d, inflight) = self.mutation(Op::Write, || {
+            let d = self.file_data(ino)?;
+            let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
+            if kill_priv {
+                self.kill_suidgid_of(ino, c);
+            }
+            self.data_changed(ino, data.len() as u64);
+            Ok((d, w))
+        })?;
+        let r = match inflight {
+            Some(w) => d.write_end(w, offset, data).map_err(errno),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => Ok(data.len() as u32),
+            Err(e) => {
+                // The length may have gone back: the attributes follow it.
+                let _g = self.s.gate.read();
+                self.data_changed(ino, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
+    pub(super) fn op_flush(&self) -> Errno {
+        self.s.count(Op::Flush);
+        Errno::ENOSYS
+    }
+
+    /// Files created before the first open (see `op_open`) are still released.
+    pub(super) fn op_release(&self) {
+        self.s.count(Op::Release);
+    }
+
+    pub(super) fn op_fsync(&self, ino: u64) -> Result<(), Errno> {
+        self.enter(Op::Fsync)?;
+        // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
+        let d = {
+            let t = self.s.table.lock();
+            t.get(ino).and_then(|n| n.data()).cloned()
+        };
+        d.map(|d| d.sync_data()).unwrap_or(Ok(())).map_err(errno)
+    }
+
+    /// A snapshot of the directory's entries, read by READDIR(PLUS) at offsets into it.
+    pub(super) fn op_opendir(&self, ino: u64) -> Result<u64, Errno> {
+        self.enter(Op::Opendir)?;
+        self.s.ensure_loaded(ino)?;
+        let listing = {
+            let t = self.s.table.lock();
+            let n = t.get(ino).ok_or(Errno::ENOENT)?;
+            let parent = match &n.body {
+                Body::Dir { parent, .. } => *parent,
+                _ => return Err(Errno::ENOTDIR),
+            };
+            let mut l: Listing = Vec::with_capacity(n.children().map(|c| c.len()).unwrap_or(0) + 2);
+            l.push((b".".to_vec(), ino, FileType::Directory));
+            l.push((b"..".to_vec(), parent, FileType::Directory));
+            for (name, &c) in n.children().into_iter().flatten() {
+                if let Some(cn) = t.get(c) {
+                    l.push((name.clone(), c, ftype(cn.kind)));
+                }
+            }
+            l
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(listing));
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on, until `add` says the reply is full.
+    pub(super) fn op_readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &[u8]) -> bool,
+    ) -> Result<(), Errno> {
+        self.enter(Op::Readdir)?;
+        let l = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        for (i, (name, ino, kind)) in l.iter().enumerate().skip(offset as usize) {
+            if add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like `op_readdir` with attributes; each entry added counts as a lookup.
+    pub(super) fn op_readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, &[u8], &FileAttr) -> bool,
+    ) -> Result<(), Errno> {
+        self.enter(Op::Readdirplus)?;
+        let l = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let mut t = self.s.table.lock();
+        for (i, (name, ino, _)) in l.iter().enumerate().skip(offset as usize) {
+            let Some(n) = t.get_mut(*ino) else { continue };
+            if add((i + 1) as u64, name, &attr_of(*ino, n)) {
+                break;
+            }
+            if name != b"." && name != b".." {
+                n.lookups += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn op_releasedir(&self, fh: u64) {
+        self.s.count(Op::Releasedir);
+        self.dirs.lock().remove(&fh);
+    }
+
+    pub(super) fn op_fsyncdir(&self, ino: u64, datasync: bool) -> Result<(), Errno> {
+        self.enter(Op::Fsyncdir)?;
+        // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
+        // of a directory is what SQLite does after every rollback-journal commit: local.
+        if ino != ROOT || datasync {
+            return Ok(());
+        }
+        self.s.sync_now().map(|_| ()).map_err(|e| {
+            eprintln!("owfs: {}: sync failed: {e}", self.s.ws);
+            Errno::EIO
+        })
+    }
+
+    pub(super) fn op_statfs(&self) -> Result<rustix::fs::StatVfs, Errno> {
+        self.enter(Op::Statfs)?;
+        rustix::fs::statvfs(&self.s.cache_dir).map_err(|e| Errno::from_i32(e.raw_os_error()))
+    }
+
+    pub(super) fn op_setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), Errno> {
+        self.change_xattrs(Op::Setxattr, ino, |x| {
+            if !name.starts_with(b"user.") {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if value.len() > XATTR_MAX {
+                return Err(Errno::E2BIG);
+            }
+            let exists = x.contains_key(name);
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(Errno::EEXIST);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(Errno::ENODATA);
+            }
+            x.insert(name.to_vec(), value.to_vec());
+            Ok(())
+        })
+    }
+
+    pub(super) fn op_getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
+        self.enter(Op::Getxattr)?;
+        let t = self.s.table.lock();
+        let n = t.get(ino).ok_or(Errno::ENOENT)?;
+        xattr_answer(n.xattrs.get(name).ok_or(Errno::ENODATA)?, size)
+    }
+
+    pub(super) fn op_listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
+        self.enter(Op::Listxattr)?;
+        let t = self.s.table.lock();
+        let n = t.get(ino).ok_or(Errno::ENOENT)?;
+        let mut buf = Vec::new();
+        for k in n.xattrs.keys() {
+            buf.extend_from_slice(k);
+            buf.push(0);
+        }
+        xattr_answer(&buf, size)
+    }
+
+    pub(super) fn op_removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+        self.change_xattrs(Op::Removexattr, ino, |x| {
+            x.remove(name).map(|_| ()).ok_or(Errno::ENODATA)
+        })
+    }
+
+    pub(super) fn op_fallocate(
+        &self,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        self.mutation(Op::Fallocate, || {
+            let known =
+                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+            if mode & !known != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let d = self.file_data(ino).map_err(|_| Errno::ENODEV)?;
+            d.fallocate(&self.s.repo, offset, length, mode)
+                .map_err(errno)?;
+            self.data_changed(ino, 0);
+            Ok(())
+        })
+    }
+}
+
+/// The kernel's requests as fuser delivers them from /dev/fuse: INIT, FORGET and INTERRUPT
+/// always, everything else until (and unless) the io_uring queues take over.
 impl fuser::Filesystem for OwfsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let want = InitFlags::FUSE_WRITEBACK_CACHE
@@ -499,50 +1106,39 @@ impl fuser::Filesystem for OwfsFs {
                 eprintln!("owfs: the kernel lacks {f:?}; continuing without it");
             }
         }
-        let _ = config.set_max_write(1 << 20);
+        // The kernel offers io_uring only where its module parameter allows it; the queues
+        // register once this INIT is answered, and take over every request but FORGET and
+        // INTERRUPT.
+        if self.s.opts.uring != super::Uring::Off {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => super::uring::start(self.clone()),
+                Err(_) => eprintln!(
+                    "owfs: FUSE over io_uring is off in this kernel \
+                     (/sys/module/fuse/parameters/enable_uring); serving through /dev/fuse"
+                ),
+            }
+        }
+        let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if let Err(e) = self.enter(Op::Lookup) {
-            return reply.error(e);
-        }
-        let name = name.as_bytes();
-        match self.lookup_child(parent.0, name) {
-            Ok(Some(ino)) => {
-                let mut t = self.s.table.lock();
-                match t.get_mut(ino) {
-                    Some(n) => {
-                        n.lookups += 1;
-                        reply.entry(&TTL, &attr_of(ino, n), Generation(0));
-                    }
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
-            Ok(None) => reply.error(Errno::ENOENT),
+        match self.op_lookup(parent.0, name.as_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.s.count(Op::Forget);
-        let mut t = self.s.table.lock();
-        if let Some(n) = t.get_mut(ino.0) {
-            n.lookups = n.lookups.saturating_sub(nlookup);
-        }
-        t.maybe_forget(ino.0);
+        self.op_forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if let Err(e) = self.enter(Op::Getattr) {
-            return reply.error(e);
-        }
-        let t = self.s.table.lock();
-        match t.get(ino.0) {
-            Some(n) => reply.attr(&TTL, &attr_of(ino.0, n)),
-            None => reply.error(Errno::ENOENT),
+        match self.op_getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -564,67 +1160,25 @@ impl fuser::Filesystem for OwfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let r = self.mutation(Op::Setattr, || {
-            let ino = ino.0;
-            if let Some(sz) = size {
-                self.set_size(ino, sz)?;
-            }
-            let mut t = self.s.table.lock();
-            let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
-            let now = now_ns();
-            if let Some(m) = mode {
-                n.attr.perm = m & 0o7777;
-            }
-            if let Some(u) = uid {
-                n.attr.uid = u;
-            }
-            if let Some(g) = gid {
-                n.attr.gid = g;
-            }
-            // chown drops setuid/setgid of a file for everyone; truncation without CAP_FSETID
-            // (approximated: not root) too. An explicit mode in the same request wins.
-            if mode.is_none() {
-                if uid.is_some() || gid.is_some() {
-                    // chown: as if the caller were in the group (only group execution counts).
-                    kill_suidgid(n, |_| true);
-                } else if size.is_some() && req.uid() != 0 {
-                    kill_suidgid(n, |g| in_group(req, g));
-                }
-            }
-            let t_of = |x: TimeOrNow| match x {
-                TimeOrNow::Now => now,
-                TimeOrNow::SpecificTime(s) => ns_of(s),
-            };
-            if let Some(a) = atime {
-                n.attr.atime_ns = t_of(a);
-            }
-            if let Some(m) = mtime {
-                n.attr.mtime_ns = t_of(m);
-            }
-            n.attr.ctime_ns = ctime.map(ns_of).unwrap_or(now);
-            let attr = attr_of(ino, n);
-            // atime alone is not worth a commit.
-            if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() || mtime.is_some()
-            {
-                t.touch(ino);
-            }
-            Ok(attr)
-        });
-        match r {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+        };
+        match self.op_setattr(&Caller::of(req), ino.0, a) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        if let Err(e) = self.enter(Op::Readlink) {
-            return reply.error(e);
-        }
-        let t = self.s.table.lock();
-        match t.get(ino.0).map(|n| &n.body) {
-            Some(Body::Symlink(target)) => reply.data(target),
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+        match self.op_readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -638,23 +1192,10 @@ impl fuser::Filesystem for OwfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = match NKind::from_mode(mode) {
-            Some(NKind::Dir | NKind::Symlink) | None => {
-                self.s.count(Op::Mknod);
-                Err(Errno::EINVAL)
-            }
-            Some(kind) => self.new_node(
-                Op::Mknod,
-                req,
-                parent.0,
-                name,
-                NewNode::new(kind, mode).rdev(rdev),
-            ),
-        };
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        entry(
+            reply,
+            self.op_mknod(&Caller::of(req), parent.0, name.as_bytes(), mode, rdev),
+        );
     }
 
     fn mkdir(
@@ -666,54 +1207,18 @@ impl fuser::Filesystem for OwfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.new_node(
-            Op::Mkdir,
-            req,
-            parent.0,
-            name,
-            NewNode::new(NKind::Dir, mode),
-        ) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        entry(
+            reply,
+            self.op_mkdir(&Caller::of(req), parent.0, name.as_bytes(), mode),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.mutation(Op::Unlink, || {
-            let name = name.as_bytes();
-            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
-            let mut t = self.s.table.lock();
-            if t.get(child).is_some_and(|c| c.kind == NKind::Dir) {
-                return Err(Errno::EISDIR);
-            }
-            self.remove_name(&mut t, parent.0, name, child);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.op_unlink(parent.0, name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.mutation(Op::Rmdir, || {
-            let name = name.as_bytes();
-            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
-            self.s.ensure_loaded(child)?;
-            let mut t = self.s.table.lock();
-            let c = t.get(child).ok_or(Errno::ENOENT)?;
-            match c.children() {
-                None => return Err(Errno::ENOTDIR),
-                Some(ch) if !ch.is_empty() => return Err(Errno::ENOTEMPTY),
-                _ => {}
-            }
-            self.remove_name(&mut t, parent.0, name, child);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.op_rmdir(parent.0, name.as_bytes()));
     }
 
     fn symlink(
@@ -724,12 +1229,11 @@ impl fuser::Filesystem for OwfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let mut spec = NewNode::new(NKind::Symlink, 0o777);
-        spec.target = Some(target.as_os_str().as_bytes().to_vec());
-        match self.new_node(Op::Symlink, req, parent.0, link_name, spec) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let target = target.as_os_str().as_bytes();
+        entry(
+            reply,
+            self.op_symlink(&Caller::of(req), parent.0, link_name.as_bytes(), target),
+        );
     }
 
     fn rename(
@@ -742,104 +1246,14 @@ impl fuser::Filesystem for OwfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.mutation(Op::Rename, || {
-            let (name, newname) = (name.as_bytes(), check_name(newname)?);
-            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-                return Err(Errno::EINVAL);
-            }
-            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-            let child = self.lookup_child(parent.0, name)?.ok_or(Errno::ENOENT)?;
-            let target = self.lookup_child(newparent.0, newname)?;
-            if let Some(tg) = target {
-                self.s.ensure_loaded(tg).or_else(|e| {
-                    if e == Errno::ENOTDIR {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })?;
-            }
-            let mut t = self.s.table.lock();
-            let ckind = t.get(child).ok_or(Errno::ENOENT)?.kind;
-            if target == Some(child) {
-                return Ok(());
-            }
-            if flags.contains(RenameFlags::RENAME_NOREPLACE) && target.is_some() {
-                return Err(Errno::EEXIST);
-            }
-            if exchange {
-                let tg = target.ok_or(Errno::ENOENT)?;
-                let tkind = t.get(tg).ok_or(Errno::ENOENT)?.kind;
-                t.get_mut(parent.0)
-                    .and_then(|p| p.children_mut())
-                    .ok_or(Errno::ENOENT)?
-                    .insert(name.to_vec(), tg);
-                t.get_mut(newparent.0)
-                    .and_then(|p| p.children_mut())
-                    .ok_or(Errno::ENOENT)?
-                    .insert(newname.to_vec(), child);
-                reparent(&mut t, child, ckind, parent.0, newparent.0);
-                reparent(&mut t, tg, tkind, newparent.0, parent.0);
-                let now = now_ns();
-                for i in [child, tg, parent.0, newparent.0] {
-                    if let Some(n) = t.get_mut(i) {
-                        n.attr.ctime_ns = now;
-                    }
-                    t.touch(i);
-                }
-                return Ok(());
-            }
-            if let Some(tg) = target {
-                let tn = t.get(tg).ok_or(Errno::ENOENT)?;
-                match (ckind == NKind::Dir, tn.kind == NKind::Dir) {
-                    (true, false) => return Err(Errno::ENOTDIR),
-                    (false, true) => return Err(Errno::EISDIR),
-                    (true, true) if tn.children().is_some_and(|c| !c.is_empty()) => {
-                        return Err(Errno::ENOTEMPTY)
-                    }
-                    _ => {}
-                }
-                self.remove_name(&mut t, newparent.0, newname, tg);
-            }
-            let now = now_ns();
-            if let Some(ch) = t.get_mut(parent.0).and_then(|p| p.children_mut()) {
-                ch.remove(name);
-            }
-            t.get_mut(newparent.0)
-                .and_then(|p| p.children_mut())
-                .ok_or(Errno::ENOENT)?
-                .insert(newname.to_vec(), child);
-            reparent(&mut t, child, ckind, parent.0, newparent.0);
-            if ckind == NKind::Dir && parent != newparent {
-                if let Some(p) = t.get_mut(parent.0) {
-                    p.attr.nlink = p.attr.nlink.saturating_sub(1);
-                }
-                if let Some(p) = t.get_mut(newparent.0) {
-                    p.attr.nlink += 1;
-                }
-            }
-            for i in [parent.0, newparent.0] {
-                if let Some(n) = t.get_mut(i) {
-                    n.attr.mtime_ns = now;
-                    n.attr.ctime_ns = now;
-                }
-            }
-            if let Some(n) = t.get_mut(child) {
-                n.attr.ctime_ns = now;
-                if n.kind == NKind::File {
-                    n.local_only = node_local_name(newname);
-                }
-            }
-            // The old parent first: touching the child marks only its new place.
-            t.touch(parent.0);
-            t.touch(newparent.0);
-            t.touch(child);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.op_rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags,
+        );
+        empty(reply, r);
     }
 
     fn link(
@@ -850,50 +1264,11 @@ impl fuser::Filesystem for OwfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.mutation(Op::Link, || {
-            let newname = check_name(newname)?;
-            if self.lookup_child(newparent.0, newname)?.is_some() {
-                return Err(Errno::EEXIST);
-            }
-            let mut t = self.s.table.lock();
-            let now = now_ns();
-            let n = t.get_mut(ino.0).ok_or(Errno::ENOENT)?;
-            if n.kind == NKind::Dir {
-                return Err(Errno::EPERM);
-            }
-            n.attr.nlink += 1;
-            n.attr.ctime_ns = now;
-            n.parents.push(newparent.0);
-            n.lookups += 1;
-            let is_file = n.kind == NKind::File;
-            let attr = attr_of(ino.0, n);
-            let p = t.get_mut(newparent.0).ok_or(Errno::ENOENT)?;
-            p.children_mut()
-                .ok_or(Errno::ENOTDIR)?
-                .insert(newname.to_vec(), ino.0);
-            p.attr.mtime_ns = now;
-            p.attr.ctime_ns = now;
-            if is_file {
-                t.files += 1;
-            }
-            t.touch(newparent.0);
-            t.touch(ino.0);
-            Ok(attr)
-        });
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        entry(reply, self.op_link(ino.0, newparent.0, newname.as_bytes()));
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.s.count(Op::Open);
-        // ENOSYS once: the kernel then opens and closes files without a request (no OPEN, no
-        // RELEASE: two round trips less per open). Nothing here needs a file handle: data is
-        // keyed by inode, and an unlinked file lives until the kernel forgets its inode, which
-        // it cannot do while the file is open. O_TRUNC then arrives as SETATTR (no
-        // FUSE_ATOMIC_O_TRUNC, see init).
-        reply.error(Errno::ENOSYS);
+        reply.error(self.op_open());
     }
 
     fn read(
@@ -907,13 +1282,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Err(e) = self.enter(Op::Read) {
-            return reply.error(e);
-        }
-        let r = self
-            .file_data(ino.0)
-            .and_then(|d| d.read(&self.s.repo, offset, size).map_err(errno));
-        match r {
+        match self.op_read(ino.0, offset, size) {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(e),
         }
@@ -931,34 +1300,10 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.s.throttle();
-        // The state change happens under the cut gate; copying the bytes into the cache file
-        // does not, so a cut never waits for it (see FileData::write_begin).
-        let r = self.mutation(Op::Write, || {
-            let d = self.file_data(ino.0)?;
-            let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
-            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                self.kill_suidgid_of(ino.0, req);
-            }
-            self.data_changed(ino.0, data.len() as u64);
-            Ok((d, w))
-        });
-        let (d, inflight) = match r {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
-        let r = match inflight {
-            Some(w) => d.write_end(w, offset, data).map_err(errno),
-            None => Ok(()),
-        };
-        match r {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => {
-                // The length may have gone back: the attributes follow it.
-                let _g = self.s.gate.read();
-                self.data_changed(ino.0, 0);
-                reply.error(e)
-            }
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.op_write(&Caller::of(req), ino.0, offset, data, kill) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -970,9 +1315,7 @@ impl fuser::Filesystem for OwfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.s.count(Op::Flush);
-        // ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
-        reply.error(Errno::ENOSYS);
+        reply.error(self.op_flush());
     }
 
     fn release(
@@ -985,8 +1328,7 @@ impl fuser::Filesystem for OwfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Files created before the first open (see `open`) are still released.
-        self.s.count(Op::Release);
+        self.op_release();
         reply.ok();
     }
 
@@ -998,52 +1340,14 @@ impl fuser::Filesystem for OwfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if let Err(e) = self.enter(Op::Fsync) {
-            return reply.error(e);
-        }
-        // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
-        let d = {
-            let t = self.s.table.lock();
-            t.get(ino.0).and_then(|n| n.data()).cloned()
-        };
-        match d.map(|d| d.sync_data()).unwrap_or(Ok(())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.op_fsync(ino.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if let Err(e) = self.enter(Op::Opendir) {
-            return reply.error(e);
+        match self.op_opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), DIR_OPEN_FLAGS),
+            Err(e) => reply.error(e),
         }
-        if let Err(e) = self.s.ensure_loaded(ino.0) {
-            return reply.error(e);
-        }
-        let listing = {
-            let t = self.s.table.lock();
-            let Some(n) = t.get(ino.0) else {
-                return reply.error(Errno::ENOENT);
-            };
-            let parent = match &n.body {
-                Body::Dir { parent, .. } => *parent,
-                _ => return reply.error(Errno::ENOTDIR),
-            };
-            let mut l: Listing = Vec::with_capacity(n.children().map(|c| c.len()).unwrap_or(0) + 2);
-            l.push((b".".to_vec(), ino.0, FileType::Directory));
-            l.push((b"..".to_vec(), parent, FileType::Directory));
-            for (name, &c) in n.children().into_iter().flatten() {
-                if let Some(cn) = t.get(c) {
-                    l.push((name.clone(), c, ftype(cn.kind)));
-                }
-            }
-            l
-        };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(fh, Arc::new(listing));
-        reply.opened(
-            FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-        );
     }
 
     fn readdir(
@@ -1054,23 +1358,13 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if let Err(e) = self.enter(Op::Readdir) {
-            return reply.error(e);
+        let r = self.op_readdir(fh.0, offset, |ino, off, kind, name| {
+            reply.add(INodeNo(ino), off, kind, OsStr::from_bytes(name))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        for (i, (name, ino, kind)) in l.iter().enumerate().skip(offset as usize) {
-            if reply.add(
-                INodeNo(*ino),
-                (i + 1) as u64,
-                *kind,
-                OsStr::from_bytes(name),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -1081,32 +1375,20 @@ impl fuser::Filesystem for OwfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if let Err(e) = self.enter(Op::Readdirplus) {
-            return reply.error(e);
-        }
-        let Some(l) = self.dirs.lock().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut t = self.s.table.lock();
-        for (i, (name, ino, _)) in l.iter().enumerate().skip(offset as usize) {
-            let Some(n) = t.get_mut(*ino) else { continue };
-            let attr = attr_of(*ino, n);
-            let dots = name == b"." || name == b"..";
-            if reply.add(
-                INodeNo(*ino),
-                (i + 1) as u64,
+        let r = self.op_readdirplus(fh.0, offset, |off, name, attr| {
+            reply.add(
+                attr.ino,
+                off,
                 OsStr::from_bytes(name),
                 &TTL,
-                &attr,
+                attr,
                 Generation(0),
-            ) {
-                break;
-            }
-            if !dots {
-                n.lookups += 1;
-            }
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -1117,8 +1399,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.s.count(Op::Releasedir);
-        self.dirs.lock().remove(&fh.0);
+        self.op_releasedir(fh.0);
         reply.ok();
     }
 
@@ -1130,28 +1411,11 @@ impl fuser::Filesystem for OwfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if let Err(e) = self.enter(Op::Fsyncdir) {
-            return reply.error(e);
-        }
-        // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
-        // of a directory is what SQLite does after every rollback-journal commit: local.
-        if ino.0 != ROOT || datasync {
-            return reply.ok();
-        }
-        match self.s.sync_now() {
-            Ok(_) => reply.ok(),
-            Err(e) => {
-                eprintln!("owfs: {}: sync failed: {e}", self.s.ws);
-                reply.error(Errno::EIO)
-            }
-        }
+        empty(reply, self.op_fsyncdir(ino.0, datasync));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        if let Err(e) = self.enter(Op::Statfs) {
-            return reply.error(e);
-        }
-        match rustix::fs::statvfs(&self.s.cache_dir) {
+        match self.op_statfs() {
             Ok(v) => reply.statfs(
                 v.f_blocks,
                 v.f_bfree,
@@ -1162,7 +1426,7 @@ impl fuser::Filesystem for OwfsFs {
                 255,
                 v.f_frsize as u32,
             ),
-            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1176,76 +1440,22 @@ impl fuser::Filesystem for OwfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let name = name.as_bytes();
-        let r = self.change_xattrs(Op::Setxattr, ino.0, |x| {
-            if !name.starts_with(b"user.") {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            if value.len() > XATTR_MAX {
-                return Err(Errno::E2BIG);
-            }
-            let exists = x.contains_key(name);
-            if flags & libc::XATTR_CREATE != 0 && exists {
-                return Err(Errno::EEXIST);
-            }
-            if flags & libc::XATTR_REPLACE != 0 && !exists {
-                return Err(Errno::ENODATA);
-            }
-            x.insert(name.to_vec(), value.to_vec());
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(
+            reply,
+            self.op_setxattr(ino.0, name.as_bytes(), value, flags),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if let Err(e) = self.enter(Op::Getxattr) {
-            return reply.error(e);
-        }
-        let t = self.s.table.lock();
-        let Some(n) = t.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match n.xattrs.get(name.as_bytes()) {
-            None => reply.error(Errno::ENODATA),
-            Some(v) if size == 0 => reply.size(v.len() as u32),
-            Some(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Some(v) => reply.data(v),
-        }
+        xattr(reply, self.op_getxattr(ino.0, name.as_bytes(), size));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if let Err(e) = self.enter(Op::Listxattr) {
-            return reply.error(e);
-        }
-        let t = self.s.table.lock();
-        let Some(n) = t.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let mut buf = Vec::new();
-        for k in n.xattrs.keys() {
-            buf.extend_from_slice(k);
-            buf.push(0);
-        }
-        if size == 0 {
-            reply.size(buf.len() as u32)
-        } else if buf.len() > size as usize {
-            reply.error(Errno::ERANGE)
-        } else {
-            reply.data(&buf)
-        }
+        xattr(reply, self.op_listxattr(ino.0, size));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.change_xattrs(Op::Removexattr, ino.0, |x| {
-            x.remove(name.as_bytes()).map(|_| ()).ok_or(Errno::ENODATA)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.op_removexattr(ino.0, name.as_bytes()));
     }
 
     fn create(
@@ -1258,13 +1468,7 @@ impl fuser::Filesystem for OwfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.new_node(
-            Op::Create,
-            req,
-            parent.0,
-            name,
-            NewNode::new(NKind::File, mode),
-        ) {
+        match self.op_create(&Caller::of(req), parent.0, name.as_bytes(), mode) {
             Ok(attr) => reply.created(
                 &TTL,
                 &attr,
@@ -1286,22 +1490,29 @@ impl fuser::Filesystem for OwfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.mutation(Op::Fallocate, || {
-            let known =
-                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
-            if mode & !known != 0 {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            let d = self.file_data(ino.0).map_err(|_| Errno::ENODEV)?;
-            d.fallocate(&self.s.repo, offset, length, mode)
-                .map_err(errno)?;
-            self.data_changed(ino.0, 0);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        empty(reply, self.op_fallocate(ino.0, offset, length, mode));
+    }
+}
+
+fn entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn xattr(reply: ReplyXattr, r: Result<Xattr, Errno>) {
+    match r {
+        Ok(Xattr::Size(n)) => reply.size(n),
+        Ok(Xattr::Data(v)) => reply.data(&v),
+        Err(e) => reply.error(e),
     }
 }
 

@@ -8,6 +8,8 @@ mod fs;
 mod holder;
 mod ranges;
 mod state;
+mod uring;
+mod wire;
 
 pub use holder::lease_error;
 
@@ -29,6 +31,8 @@ pub struct WsOptions {
     pub max_backlog_bytes: u64,
     pub prefetch: bool,
     pub threads: usize,
+    /// `-o uring=`: serve FUSE requests through io_uring queues.
+    pub uring: Uring,
     pub lease: lease::LeaseConfig,
     /// Shell command run when the lease is lost (before the daemon exits).
     pub on_lease_loss: Option<String>,
@@ -45,6 +49,7 @@ impl Default for WsOptions {
             max_backlog_bytes: 512 << 20,
             prefetch: true,
             threads: 4,
+            uring: Uring::Auto,
             lease: lease::LeaseConfig::default(),
             on_lease_loss: None,
             wait: None,
@@ -63,6 +68,16 @@ impl WsOptions {
             lease::Mode::Normal
         }
     }
+}
+
+/// `-o uring=auto|off`: FUSE over io_uring (docs/decisions/fuse-over-io-uring.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uring {
+    /// Use it where the kernel has it; as root, turn on the fuse module's `enable_uring`
+    /// parameter first (it only lets servers that ask for io_uring use it).
+    Auto,
+    /// Serve everything through /dev/fuse.
+    Off,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -122,6 +137,8 @@ pub struct Shared {
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
+    /// io_uring queue threads that have served a request (0: all through /dev/fuse).
+    pub(crate) uring_threads: std::sync::atomic::AtomicU32,
     /// Tells the kernel to drop cached attributes the daemon changed on its own.
     notifier: std::sync::OnceLock<fuser::Notifier>,
 }
@@ -376,6 +393,10 @@ impl Shared {
             "throttled_writes": st.throttled_writes,
             "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
             "requests": self.repo.store.counters(),
+            "fuse_transport": match self.uring_threads.load(Ordering::Relaxed) {
+                0 => "/dev/fuse".to_string(),
+                n => format!("io_uring ({n} queue threads)"),
+            },
             "fuse_requests": FUSE_OPS
                 .iter()
                 .zip(&self.fuse_requests)
@@ -402,6 +423,18 @@ impl WsOptions {
             "max_backlog_mb" => self.max_backlog_bytes = parse_number(v, key)?.max(1) << 20,
             "prefetch" => self.prefetch = v != "0" && v != "false" && v != "no",
             "threads" => self.threads = parse_number(v, key)?.clamp(1, 64) as usize,
+            "uring" => {
+                self.uring = match v {
+                    "auto" | "on" | "1" | "yes" | "true" => Uring::Auto,
+                    "off" | "0" | "no" | "false" => Uring::Off,
+                    _ => {
+                        return Err(Error::BadName {
+                            name: format!("{key}={v}"),
+                            reason: "expected auto or off".into(),
+                        })
+                    }
+                }
+            }
             "lease_ttl_ms" => self.lease.ttl = Duration::from_millis(parse_number(v, key)?),
             "lease_renew_ms" => {
                 self.lease.renew_every = Duration::from_millis(parse_number(v, key)?)
@@ -412,7 +445,7 @@ impl WsOptions {
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
-                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
+                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
                 })
             }
         }
@@ -712,6 +745,7 @@ pub fn run(
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),
+        uring_threads: Default::default(),
         notifier: std::sync::OnceLock::new(),
     });
     shared.install_lease(lease);
@@ -741,8 +775,20 @@ pub fn run(
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads);
     config.clone_fd = true;
-    let session = fuser::Session::new(fs::OwfsFs::new(shared.clone()), &mountpoint, &config)
-        .map_err(|e| Error::io(&mountpoint, e))?;
+    if shared.opts.uring == Uring::Auto && rustix::process::geteuid().is_root() {
+        uring::enable_in_kernel();
+    }
+    let fs = fs::OwfsFs::new(shared.clone());
+    let dev = fs.dev.clone();
+    let session =
+        fuser::Session::new(fs, &mountpoint, &config).map_err(|e| Error::io(&mountpoint, e))?;
+    use std::os::fd::AsFd;
+    let _ = dev.set(
+        session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(&mountpoint, e))?,
+    );
     let _ = shared.notifier.set(session.notifier());
     eprintln!(
         "owfs: serving {} (generation {}) read-write on {}, cache {}",
