@@ -479,6 +479,53 @@ fn requests_go_through_io_uring_where_the_kernel_has_it() {
     );
 }
 
+/// Several processes on one CPU fsync the root directory at once, each with dirty pages: each
+/// waits for a commit, whose flush of the kernel's dirty pages sends WRITEs to some CPU's
+/// queue. Every fsync returns, and the commit holds every file.
+#[test]
+fn concurrent_root_fsyncs_on_one_cpu_all_return() {
+    let c = Case::file();
+    let m = c.mount_rw("rf", "mnt", &["commit_interval_ms=600000"]);
+    let script = r#"
+import os, sys
+d, i = sys.argv[1], sys.argv[2]
+with open(os.path.join(d, "f" + i), "wb") as f:
+    f.write(bytes([int(i)]) * (3 << 20))
+fd = os.open(d, os.O_RDONLY)
+os.fsync(fd)
+"#;
+    let kids: Vec<_> = (0..6)
+        .map(|i| {
+            std::process::Command::new("taskset")
+                .args(["-c", "0", "python3", "-c", script])
+                .arg(&m.at)
+                .arg(i.to_string())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    for mut k in kids {
+        loop {
+            if let Some(st) = k.try_wait().unwrap() {
+                assert!(st.success());
+                break;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "a root fsync has not returned in 60 s: {}",
+                m.status()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let g = m.status()["generation"].as_u64().unwrap();
+    for i in 0..6u8 {
+        let got = read_gen_file(&c, "rf", g, &format!("f{i}")).unwrap();
+        assert_eq!(got, vec![i; 3 << 20], "f{i} in generation {g}");
+    }
+}
+
 #[test]
 fn fsync_of_the_root_directory_is_sync() {
     for c in Case::all() {

@@ -10,7 +10,8 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use fuser::Errno;
 use io_uring::{opcode, squeue, types, IoUring};
@@ -54,20 +55,52 @@ const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
 /// drop io_uring for the connection, and /dev/fuse serves everything.
 pub(super) fn start(fs: OwfsFs) {
     let cpus = possible_cpus();
+    let queues: Arc<Vec<Queue>> = Arc::new((0..cpus).map(|_| Queue::default()).collect());
     for q in 0..cpus {
-        for k in 0..THREADS_PER_QUEUE {
-            let fs = fs.clone();
-            let r = std::thread::Builder::new()
-                .name(format!("owfs-uring{q}.{k}"))
-                .spawn(move || {
-                    if let Err(e) = serve(&fs, q as u16, k) {
-                        eprintln!("owfs: io_uring queue {q}: {e}");
-                    }
-                });
-            if let Err(e) = r {
-                eprintln!("owfs: cannot start io_uring queue {q}: {e}");
-            }
+        for _ in 0..THREADS_PER_QUEUE {
+            queues[q].threads.fetch_add(1, Ordering::Relaxed);
+            spawn_thread(&fs, &queues, q);
         }
+    }
+}
+
+/// How many threads serve a queue, and how many of them are running a request.
+#[derive(Default)]
+struct Queue {
+    threads: AtomicUsize,
+    busy: AtomicUsize,
+}
+
+/// A queue may grow to this many threads (see `spare`).
+const MAX_THREADS_PER_QUEUE: usize = 8;
+
+/// Starts one more thread for queue `q` (already counted in its `threads`).
+fn spawn_thread(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, q: usize) {
+    let k = queues[q].threads.load(Ordering::Relaxed) - 1;
+    let (fs, qs) = (fs.clone(), queues.clone());
+    let r = std::thread::Builder::new()
+        .name(format!("owfs-uring{q}.{k}"))
+        .spawn(move || {
+            if let Err(e) = serve(&fs, &qs, q as u16, k) {
+                eprintln!("owfs: io_uring queue {q}: {e}");
+            }
+        });
+    if let Err(e) = r {
+        queues[q].threads.fetch_sub(1, Ordering::Relaxed);
+        eprintln!("owfs: cannot start an io_uring thread for queue {q}: {e}");
+    }
+}
+
+/// Before a request that waits for a commit (fsync of the root directory): the commit first
+/// flushes the kernel's dirty pages, whose WRITEs land on some CPU's queue. If every thread
+/// of this queue is waiting, nothing would serve them; a queue with no thread free gets one
+/// more (it registers one more entry), up to MAX_THREADS_PER_QUEUE.
+fn spare(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, q: usize) {
+    let qu = &queues[q];
+    let threads = qu.threads.load(Ordering::Relaxed);
+    if qu.busy.load(Ordering::Relaxed) >= threads && threads < MAX_THREADS_PER_QUEUE {
+        qu.threads.fetch_add(1, Ordering::Relaxed);
+        spawn_thread(fs, queues, q);
     }
 }
 
@@ -113,7 +146,7 @@ fn command(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve(fs: &OwfsFs, qid: u16, k: usize) -> std::io::Result<()> {
+fn serve(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, qid: u16, k: usize) -> std::io::Result<()> {
     // INIT runs inside fuser's Session::new; the mount hands the descriptor over right after.
     let mut waited = 0;
     let fd = loop {
@@ -185,8 +218,12 @@ fn serve(fs: &OwfsFs, qid: u16, k: usize) -> std::io::Result<()> {
             registered = true;
             fs.s.uring_threads.fetch_add(1, Ordering::Relaxed);
         }
-        let (h, reply) = handle(fs, &mut hdr, &mut buf);
-        let unique = h.map_or(0, |h| h.unique);
+        // The kernel's id of the request (its `unique`), to name it in the commit.
+        let unique = hdr.commit_id;
+        let qu = &queues[qid as usize];
+        qu.busy.fetch_add(1, Ordering::Relaxed);
+        let (h, reply) = handle(fs, &mut hdr, &mut buf, || spare(fs, queues, qid as usize));
+        qu.busy.fetch_sub(1, Ordering::Relaxed);
         idle_wait.next = h.is_some_and(|h| MOVERS.wants_idle_wait(h.caller.pid, qid));
         let (error, body) = match reply {
             Ok(b) if b.len() <= PAYLOAD => (0, b),
@@ -208,6 +245,7 @@ fn handle(
     fs: &OwfsFs,
     hdr: &mut ReqHeader,
     buf: &mut [u8],
+    before_long_wait: impl FnOnce(),
 ) -> (Option<InHeader>, Result<Vec<u8>, Errno>) {
     let Some(h) = InHeader::parse(&hdr.in_out) else {
         return (None, Err(Errno::EIO));
@@ -222,6 +260,9 @@ fn handle(
     let start = PREFIX - op_len;
     buf[start..PREFIX].copy_from_slice(&hdr.op_in[..op_len]);
     let args = &buf[start..PREFIX + payload];
+    if wire::waits_for_a_commit(&h, args) {
+        before_long_wait();
+    }
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| wire::dispatch(fs, &h, args)));
     (Some(h), r.unwrap_or(Err(Errno::EIO)))
 }

@@ -65,7 +65,6 @@ const FUSE_FSYNC_FDATASYNC: u32 = 1 << 0;
 pub(super) struct InHeader {
     pub len: u32,
     pub opcode: u32,
-    pub unique: u64,
     pub nodeid: u64,
     pub caller: Caller,
 }
@@ -75,13 +74,12 @@ impl InHeader {
         let mut r = Reader(b.get(..IN_HEADER)?);
         let len = r.u32()?;
         let opcode = r.u32()?;
-        let unique = r.u64()?;
+        r.skip(8)?; // unique: the ring entry carries it (commit_id)
         let nodeid = r.u64()?;
         let (uid, gid, pid) = (r.u32()?, r.u32()?, r.u32()?);
         Some(InHeader {
             len,
             opcode,
-            unique,
             nodeid,
             caller: Caller { uid, gid, pid },
         })
@@ -230,6 +228,15 @@ fn xattr_out(r: Result<Xattr, Errno>) -> Result<Vec<u8>, Errno> {
         }
         Xattr::Data(v) => Ok(v),
     }
+}
+
+/// Whether the request waits for a generation to be committed: fsync of the root directory.
+pub(super) fn waits_for_a_commit(h: &InHeader, args: &[u8]) -> bool {
+    let mut r = Reader(args);
+    h.opcode == opcode::FSYNCDIR
+        && h.nodeid == super::state::ROOT
+        && r.skip(8).is_some()
+        && r.u32().is_some_and(|f| f & FUSE_FSYNC_FDATASYNC == 0)
 }
 
 /// Runs the request `h` whose arguments are `args`; returns the reply's arguments.
