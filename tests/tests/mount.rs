@@ -480,8 +480,9 @@ fn requests_go_through_io_uring_where_the_kernel_has_it() {
 }
 
 /// Several processes on one CPU fsync the root directory at once, each with dirty pages: each
-/// waits for a commit, whose flush of the kernel's dirty pages sends WRITEs to some CPU's
-/// queue. Every fsync returns, and the commit holds every file.
+/// waits for a commit, whose flush of the kernel's dirty pages needs a free request thread on
+/// some CPU's queue (the kernel lets one root fsync wait at a time, and a queue has two
+/// threads). Every fsync returns, and the commit holds every file.
 #[test]
 fn concurrent_root_fsyncs_on_one_cpu_all_return() {
     let c = Case::file();

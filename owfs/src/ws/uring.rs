@@ -10,8 +10,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuser::Errno;
 use io_uring::{opcode, squeue, types, IoUring};
@@ -26,7 +25,9 @@ const OP_IN: usize = 128;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// Threads per queue: one may block (a fetch from the store, a throttled write, `sync`)
-/// while the other serves the CPU's next request (see `serve` for where each runs).
+/// while the other serves the CPU's next request (see `serve` for where each runs). Only
+/// one fsync of the root directory (which waits for a commit, whose flush of dirty pages
+/// needs a free thread) can wait at a time: the kernel holds the directory's lock for it.
 const THREADS_PER_QUEUE: usize = 2;
 /// The payload of the largest request or reply: a WRITE of max_write, a READ of max_pages.
 const PAYLOAD: usize = MAX_WRITE as usize;
@@ -54,53 +55,18 @@ const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
 /// when the INIT reply has been processed. A queue that cannot register makes the kernel
 /// drop io_uring for the connection, and /dev/fuse serves everything.
 pub(super) fn start(fs: OwfsFs) {
-    let cpus = possible_cpus();
-    let queues: Arc<Vec<Queue>> = Arc::new((0..cpus).map(|_| Queue::default()).collect());
-    for q in 0..cpus {
-        for _ in 0..THREADS_PER_QUEUE {
-            queues[q].threads.fetch_add(1, Ordering::Relaxed);
-            spawn_thread(&fs, &queues, q);
-        }
-    }
-}
-
-/// How many threads serve a queue, and how many of them are running a request.
-#[derive(Default)]
-struct Queue {
-    threads: AtomicUsize,
-    busy: AtomicUsize,
-}
-
-/// A queue may grow to this many threads (see `spare`).
-const MAX_THREADS_PER_QUEUE: usize = 8;
-
-/// Starts one more thread for queue `q` (already counted in its `threads`).
-fn spawn_thread(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, q: usize) {
-    let k = queues[q].threads.load(Ordering::Relaxed) - 1;
-    let (fs, qs) = (fs.clone(), queues.clone());
-    let r = std::thread::Builder::new()
-        .name(format!("owfs-uring{q}.{k}"))
-        .spawn(move || {
-            if let Err(e) = serve(&fs, &qs, q as u16, k) {
-                eprintln!("owfs: io_uring queue {q}: {e}");
+    for q in 0..possible_cpus() {
+        for k in 0..THREADS_PER_QUEUE {
+            let fs = fs.clone();
+            let r = super::spawn(&format!("owfs-uring{q}.{k}"), move || {
+                if let Err(e) = serve(&fs, q, k) {
+                    eprintln!("owfs: io_uring queue {q}: {e}");
+                }
+            });
+            if let Err(e) = r {
+                eprintln!("owfs: cannot start an io_uring thread for queue {q}: {e}");
             }
-        });
-    if let Err(e) = r {
-        queues[q].threads.fetch_sub(1, Ordering::Relaxed);
-        eprintln!("owfs: cannot start an io_uring thread for queue {q}: {e}");
-    }
-}
-
-/// Before a request that waits for a commit (fsync of the root directory): the commit first
-/// flushes the kernel's dirty pages, whose WRITEs land on some CPU's queue. If every thread
-/// of this queue is waiting, nothing would serve them; a queue with no thread free gets one
-/// more (it registers one more entry), up to MAX_THREADS_PER_QUEUE.
-fn spare(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, q: usize) {
-    let qu = &queues[q];
-    let threads = qu.threads.load(Ordering::Relaxed);
-    if qu.busy.load(Ordering::Relaxed) >= threads && threads < MAX_THREADS_PER_QUEUE {
-        qu.threads.fetch_add(1, Ordering::Relaxed);
-        spawn_thread(fs, queues, q);
+        }
     }
 }
 
@@ -146,19 +112,10 @@ fn command(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, qid: u16, k: usize) -> std::io::Result<()> {
+fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
     // INIT runs inside fuser's Session::new; the mount hands the descriptor over right after.
-    let mut waited = 0;
-    let fd = loop {
-        match fs.dev.get() {
-            Some(d) => break d.as_raw_fd(),
-            None if waited < 10_000 => {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                waited += 1;
-            }
-            None => return Err(std::io::Error::other("no /dev/fuse descriptor")),
-        }
-    };
+    let fd = fs.dev.wait().as_raw_fd();
+    let qid = q as u16;
     // The first thread of a queue runs on its CPU: a caller waiting for an answer is served
     // without a cross-CPU wake-up. The second goes where the scheduler puts it: when the
     // first is busy (the kernel's writeback streaming WRITEs, say), it runs beside the caller
@@ -220,10 +177,7 @@ fn serve(fs: &OwfsFs, queues: &Arc<Vec<Queue>>, qid: u16, k: usize) -> std::io::
         }
         // The kernel's id of the request (its `unique`), to name it in the commit.
         let unique = hdr.commit_id;
-        let qu = &queues[qid as usize];
-        qu.busy.fetch_add(1, Ordering::Relaxed);
-        let (h, reply) = handle(fs, &mut hdr, &mut buf, || spare(fs, queues, qid as usize));
-        qu.busy.fetch_sub(1, Ordering::Relaxed);
+        let (h, reply) = handle(fs, &mut hdr, &mut buf);
         idle_wait.next = h.is_some_and(|h| MOVERS.wants_idle_wait(h.caller.pid, qid));
         let (error, body) = match reply {
             Ok(b) if b.len() <= PAYLOAD => (0, b),
@@ -245,7 +199,6 @@ fn handle(
     fs: &OwfsFs,
     hdr: &mut ReqHeader,
     buf: &mut [u8],
-    before_long_wait: impl FnOnce(),
 ) -> (Option<InHeader>, Result<Vec<u8>, Errno>) {
     let Some(h) = InHeader::parse(&hdr.in_out) else {
         return (None, Err(Errno::EIO));
@@ -260,9 +213,6 @@ fn handle(
     let start = PREFIX - op_len;
     buf[start..PREFIX].copy_from_slice(&hdr.op_in[..op_len]);
     let args = &buf[start..PREFIX + payload];
-    if wire::waits_for_a_commit(&h, args) {
-        before_long_wait();
-    }
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| wire::dispatch(fs, &h, args)));
     (Some(h), r.unwrap_or(Err(Errno::EIO)))
 }

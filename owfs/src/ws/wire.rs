@@ -135,26 +135,11 @@ impl Writer {
         self
     }
 
-    fn time(&mut self, t: SystemTime) -> (u64, u32) {
-        match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => (d.as_secs(), d.subsec_nanos()),
-            Err(e) => {
-                let d = e.duration();
-                let (mut s, mut n) = (-(d.as_secs() as i64), d.subsec_nanos());
-                if n > 0 {
-                    s -= 1;
-                    n = 1_000_000_000 - n;
-                }
-                (s as u64, n)
-            }
-        }
-    }
-
     /// `struct fuse_attr`.
     fn attr(&mut self, a: &FileAttr) -> &mut Self {
-        let (at, an) = self.time(a.atime);
-        let (mt, mn) = self.time(a.mtime);
-        let (ct, cn) = self.time(a.ctime);
+        let (at, an) = secs_nsec(a.atime);
+        let (mt, mn) = secs_nsec(a.mtime);
+        let (ct, cn) = secs_nsec(a.ctime);
         self.u64(a.ino.0).u64(a.size).u64(a.blocks);
         self.u64(at).u64(mt).u64(ct).u32(an).u32(mn).u32(cn);
         self.u32(mode_bits(a.kind) | a.perm as u32).u32(a.nlink);
@@ -200,6 +185,22 @@ fn mode_bits(k: FileType) -> u32 {
     }
 }
 
+/// `SystemTime` as fuse_attr's seconds (two's complement before the epoch) and nanoseconds.
+fn secs_nsec(t: SystemTime) -> (u64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs(), d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (mut s, mut n) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if n > 0 {
+                s -= 1;
+                n = 1_000_000_000 - n;
+            }
+            (s as u64, n)
+        }
+    }
+}
+
 fn time_of(secs: u64, nsec: u32) -> SystemTime {
     let s = secs as i64;
     if s >= 0 {
@@ -212,6 +213,16 @@ fn time_of(secs: u64, nsec: u32) -> SystemTime {
 fn entry_out(r: Result<FileAttr, Errno>) -> Result<Vec<u8>, Errno> {
     let mut w = Writer::default();
     w.entry(&r?, TTL);
+    Ok(w.0)
+}
+
+/// `struct fuse_attr_out`: attributes valid for TTL.
+fn attr_out(r: Result<FileAttr, Errno>) -> Result<Vec<u8>, Errno> {
+    let mut w = Writer::default();
+    w.u64(TTL.as_secs())
+        .u32(TTL.subsec_nanos())
+        .u32(0)
+        .attr(&r?);
     Ok(w.0)
 }
 
@@ -230,15 +241,6 @@ fn xattr_out(r: Result<Xattr, Errno>) -> Result<Vec<u8>, Errno> {
     }
 }
 
-/// Whether the request waits for a generation to be committed: fsync of the root directory.
-pub(super) fn waits_for_a_commit(h: &InHeader, args: &[u8]) -> bool {
-    let mut r = Reader(args);
-    h.opcode == opcode::FSYNCDIR
-        && h.nodeid == super::state::ROOT
-        && r.skip(8).is_some()
-        && r.u32().is_some_and(|f| f & FUSE_FSYNC_FDATASYNC == 0)
-}
-
 /// Runs the request `h` whose arguments are `args`; returns the reply's arguments.
 pub(super) fn dispatch(fs: &OwfsFs, h: &InHeader, args: &[u8]) -> Result<Vec<u8>, Errno> {
     run(fs, h, &mut Reader(args)).unwrap_or(Err(Errno::EINVAL))
@@ -249,11 +251,7 @@ fn run(fs: &OwfsFs, h: &InHeader, r: &mut Reader) -> Option<Result<Vec<u8>, Errn
     let (ino, c) = (h.nodeid, &h.caller);
     Some(match h.opcode {
         LOOKUP => entry_out(fs.op_lookup(ino, r.name()?)),
-        GETATTR => fs.op_getattr(ino).map(|a| {
-            let mut w = Writer::default();
-            w.u64(TTL.as_secs()).u32(TTL.subsec_nanos()).u32(0).attr(&a);
-            w.0
-        }),
+        GETATTR => attr_out(fs.op_getattr(ino)),
         SETATTR => {
             let valid = r.u32()?;
             r.skip(4 + 8)?; // padding, fh
@@ -283,11 +281,7 @@ fn run(fs: &OwfsFs, h: &InHeader, r: &mut Reader) -> Option<Result<Vec<u8>, Errn
                 mtime: when(FATTR_MTIME_NOW, FATTR_MTIME, mtime, mtimensec),
                 ctime: has(FATTR_CTIME).then(|| time_of(ctime, ctimensec)),
             };
-            fs.op_setattr(c, ino, a).map(|a| {
-                let mut w = Writer::default();
-                w.u64(TTL.as_secs()).u32(TTL.subsec_nanos()).u32(0).attr(&a);
-                w.0
-            })
+            attr_out(fs.op_setattr(c, ino, a))
         }
         READLINK => fs.op_readlink(ino),
         SYMLINK => {
@@ -457,9 +451,8 @@ mod tests {
 
     #[test]
     fn times_before_the_epoch_round_trip() {
-        let mut w = Writer::default();
         let t = UNIX_EPOCH - Duration::from_millis(1500);
-        let (s, n) = w.time(t);
+        let (s, n) = secs_nsec(t);
         assert_eq!((s as i64, n), (-2, 500_000_000));
         assert_eq!(time_of(s, n), t);
     }
