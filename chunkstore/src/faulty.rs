@@ -1,7 +1,8 @@
 //! A store wrapper that fails, delays or truncates requests: the fault injector of the tests.
 //!
 //! Configured by `OWFS_FAULTS` (testing only), a comma-separated list:
-//! `seed=N`, `delay_ms=N`, `put_fail=P` (fail before writing), `put_lost_ack=P` (write, then
+//! `seed=N`, `delay_ms=N`, `slow_puts=N` (only the first N PUTs wait `delay_ms`; other requests
+//! are not delayed), `put_fail=P` (fail before writing), `put_lost_ack=P` (write, then
 //! report an error: the ambiguous case), `get_fail=P`, `get_truncate=P` (return a short body),
 //! `list_fail=P`, `only=PREFIX` (fault only keys containing PREFIX), `down=1` (every request
 //! fails as unreachable), `down_file=PATH` (like `down=1` while the file PATH exists, checked
@@ -10,6 +11,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +29,8 @@ use rand::{Rng, SeedableRng};
 pub struct FaultConfig {
     pub seed: u64,
     pub delay_ms: u64,
+    /// If set, only this many PUTs (the first ones) are delayed, and nothing else is.
+    pub slow_puts: Option<u64>,
     pub put_fail: f64,
     pub put_lost_ack: f64,
     pub get_fail: f64,
@@ -55,6 +59,7 @@ impl FaultConfig {
             match k.trim() {
                 "seed" => c.seed = v.parse().unwrap_or(0),
                 "delay_ms" => c.delay_ms = v.parse().unwrap_or(0),
+                "slow_puts" => c.slow_puts = v.parse().ok(),
                 "put_fail" => c.put_fail = p(),
                 "put_lost_ack" => c.put_lost_ack = p(),
                 "get_fail" => c.get_fail = p(),
@@ -74,6 +79,8 @@ pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     cfg: FaultConfig,
     rng: Mutex<rand::rngs::StdRng>,
+    /// PUTs seen so far (for `slow_puts`).
+    puts: AtomicU64,
 }
 
 impl FaultyStore {
@@ -83,6 +90,7 @@ impl FaultyStore {
             inner,
             cfg,
             rng: Mutex::new(rng),
+            puts: AtomicU64::new(0),
         }
     }
 
@@ -100,8 +108,13 @@ impl FaultyStore {
         p > 0.0 && self.rng.lock().expect("fault rng").random::<f64>() < p
     }
 
-    async fn before(&self, location: &Path) -> object_store::Result<()> {
-        if self.cfg.delay_ms > 0 {
+    /// Delay (see `delay_ms`, `slow_puts`) and the `down` check, before every request.
+    async fn before(&self, location: &Path, put: bool) -> object_store::Result<()> {
+        let delayed = match self.cfg.slow_puts {
+            None => true,
+            Some(n) => put && self.puts.fetch_add(1, Ordering::Relaxed) < n,
+        };
+        if delayed && self.cfg.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.cfg.delay_ms)).await;
         }
         if self.is_down() {
@@ -141,7 +154,7 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.before(location).await?;
+        self.before(location, true).await?;
         if self.roll(location, self.cfg.put_fail) {
             return Err(injected(location, "put failed"));
         }
@@ -157,7 +170,7 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.before(location).await?;
+        self.before(location, false).await?;
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -166,7 +179,7 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.before(location).await?;
+        self.before(location, false).await?;
         if self.roll(location, self.cfg.get_fail) {
             return Err(injected(location, "get failed"));
         }
@@ -259,7 +272,7 @@ impl ObjectStore for FaultyStore {
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let p = prefix.cloned().unwrap_or_default();
-        self.before(&p).await?;
+        self.before(&p, false).await?;
         if self.roll(&p, self.cfg.list_fail) {
             return Err(injected(&p, "list failed"));
         }
@@ -272,7 +285,7 @@ impl ObjectStore for FaultyStore {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
-        self.before(from).await?;
+        self.before(from, false).await?;
         self.inner.copy_opts(from, to, options).await
     }
 }

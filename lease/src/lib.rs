@@ -325,9 +325,16 @@ pub async fn acquire(
                         deadline: start + (cfg.ttl - cfg.margin),
                         unresolved: Vec::new(),
                     };
-                    if Instant::now() >= lease.deadline {
-                        // The write took longer than the lease is good for: renew once.
-                        lease.renew().await?;
+                    // A write that took longer than the lease is good for (a loaded store)
+                    // leaves a lease whose deadline has passed. Nothing was served under it,
+                    // so renewing is safe even past the deadline: a few tries, then give up.
+                    let mut renewals = 0;
+                    while Instant::now() >= lease.deadline {
+                        if renewals == SLOW_ACQUIRE_RENEWALS {
+                            return Err(lease.past_deadline());
+                        }
+                        renewals += 1;
+                        lease.cas_renew(false).await?;
                     }
                     return Ok(lease);
                 }
@@ -378,6 +385,9 @@ pub struct Lease {
     unresolved: Vec<String>,
 }
 
+/// Renewals `acquire` tries when the acquiring write itself outlasted ttl − margin.
+const SLOW_ACQUIRE_RENEWALS: u32 = 3;
+
 /// Failed renewals remembered (one every `renew_every` until the deadline: a handful).
 const MAX_UNRESOLVED: usize = 16;
 
@@ -413,9 +423,16 @@ impl Lease {
     /// leaves the lease as it was: try again until the deadline (a renewal that failed but
     /// landed is recognized by its nonce next time).
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        self.cas_renew(true).await
+    }
+
+    /// `renew`; with `served` false (a lease just acquired, under which nothing was served
+    /// yet) a passed deadline is no reason to stop: a successful CAS proves nobody took the
+    /// epoch in between, and the new deadline counts from this request's start.
+    async fn cas_renew(&mut self, served: bool) -> Result<(), LeaseError> {
         loop {
             let start = Instant::now();
-            if start >= self.deadline {
+            if served && start >= self.deadline {
                 return Err(self.past_deadline());
             }
             let wall = now_ms();
@@ -440,7 +457,7 @@ impl Lease {
                     self.version = version;
                     self.record = record;
                     self.unresolved.clear();
-                    if Instant::now() >= self.deadline {
+                    if served && Instant::now() >= self.deadline {
                         return Err(self.past_deadline());
                     }
                     self.deadline = start + (self.cfg.ttl - self.cfg.margin);

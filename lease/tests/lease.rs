@@ -353,6 +353,38 @@ async fn lost_acks_are_resolved() {
     assert_eq!(b.epoch(), 2);
 }
 
+/// The acquiring write outlasts ttl − margin (a loaded store): acquire renews before it hands
+/// the lease out, instead of handing out one already past its deadline or giving up.
+#[tokio::test]
+async fn a_slow_acquire_renews_before_handing_out_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = short(); // ttl 600 ms − margin 200 ms: a 500 ms write is too slow
+    let store = faulty_file_store(dir.path(), "delay_ms=500,slow_puts=1");
+    let t0 = Instant::now();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        a.deadline() > Instant::now(),
+        "handed out past its deadline"
+    );
+    let stored = read(&store, "w").await.unwrap().unwrap();
+    assert_eq!(stored, *a.record());
+    assert!(stored.renewed_ms > stored.acquired_ms, "{stored:?}");
+    a.renew().await.unwrap();
+
+    // A store that stays that slow: acquire gives up with Lost (the lease then expires).
+    let dir = tempfile::tempdir().unwrap();
+    let store = faulty_file_store(dir.path(), "delay_ms=500,slow_puts=100");
+    match acquire_w(&store, "a", &cfg, Mode::Normal).await {
+        Err(LeaseError::Lost { reason }) => assert!(reason.contains("deadline"), "{reason}"),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+}
+
 #[test]
 fn config_validation_says_what_to_fix() {
     LeaseConfig::default().validate().unwrap();
