@@ -155,7 +155,8 @@ pub enum Command {
     /// max_backlog_mb=N (writers slow down when this much is not yet uploaded; default 512);
     /// prefetch=0 (fetch only on access); threads=N (FUSE request threads, default 4);
     /// uring=auto|off (FUSE over io_uring where the kernel has it, the default; as root this
-    /// turns on /sys/module/fuse/parameters/enable_uring);
+    /// turns on /sys/module/fuse/parameters/enable_uring); read_ahead_kb=N (the kernel's
+    /// readahead on the mount, default 4096; 0 keeps the kernel's 128);
     /// lease_ttl_ms=N (default 30000), lease_renew_ms=N (10000), lease_margin_ms=N (5000),
     /// lease_skew_ms=N (largest clock difference between nodes, 2000); on_lease_loss=CMD
     /// (run by /bin/sh with OWFS_WORKSPACE, OWFS_MOUNTPOINT, OWFS_REASON; no commas: use a

@@ -781,3 +781,47 @@ fn more_files_than_the_daemon_may_open() {
         m.umount();
     }
 }
+
+/// The kernel's readahead on the mount is `-o read_ahead_kb=` (default 4 MiB, not the kernel's
+/// 128 KiB): sequential reads of files not yet local fetch ahead in large requests. A mount
+/// right after `owfs umount` on the same cache directory waits for the old daemon's cleanup
+/// instead of failing; a second mount of a cache directory in use fails at once.
+#[test]
+fn the_mount_reads_ahead_as_configured() {
+    let bdi_ra = |m: &owfs_tests::RwMount| {
+        let dev = std::fs::metadata(&m.at).unwrap().dev();
+        let (maj, min) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        std::fs::read_to_string(format!("/sys/class/bdi/{maj}:{min}/read_ahead_kb"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let c = Case::file();
+    let m = c.mount_rw("ra", "mnt", &[]);
+    assert_eq!(bdi_ra(&m), "4096");
+    std::fs::write(m.path("f"), noise(3 << 20, 9)).unwrap();
+    let lock = m.cache.join("lock");
+    let note = std::fs::read_to_string(&lock).unwrap();
+    assert!(note.ends_with(" serving\n"), "{note:?}");
+
+    let mut other = c.owfs_cmd(
+        &[
+            "mount",
+            "ra2",
+            c.dir("mnt2").to_str().unwrap(),
+            "--cache-dir",
+            m.cache.to_str().unwrap(),
+        ],
+        &[],
+    );
+    std::fs::create_dir_all(c.dir("mnt2")).unwrap();
+    let out = other.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains("is in use by another owfs mount"), "{err}");
+
+    m.umount();
+    let m = c.mount_rw("ra", "mnt", &["read_ahead_kb=512"]);
+    assert_eq!(bdi_ra(&m), "512");
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), noise(3 << 20, 9));
+}

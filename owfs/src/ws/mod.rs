@@ -33,6 +33,8 @@ pub struct WsOptions {
     pub threads: usize,
     /// `-o uring=`: serve FUSE requests through io_uring queues.
     pub uring: Uring,
+    /// `-o read_ahead_kb=`: the kernel's readahead on the mount (0: its 128 KiB default).
+    pub read_ahead_kb: u64,
     pub lease: lease::LeaseConfig,
     /// Shell command run when the lease is lost (before the daemon exits).
     pub on_lease_loss: Option<String>,
@@ -50,6 +52,7 @@ impl Default for WsOptions {
             prefetch: true,
             threads: 4,
             uring: Uring::Auto,
+            read_ahead_kb: 4096,
             lease: lease::LeaseConfig::default(),
             on_lease_loss: None,
             wait: None,
@@ -435,6 +438,7 @@ impl WsOptions {
                     }
                 }
             }
+            "read_ahead_kb" => self.read_ahead_kb = parse_number(v, key)?.min(1 << 20),
             "lease_ttl_ms" => self.lease.ttl = Duration::from_millis(parse_number(v, key)?),
             "lease_renew_ms" => {
                 self.lease.renew_every = Duration::from_millis(parse_number(v, key)?)
@@ -445,7 +449,7 @@ impl WsOptions {
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
-                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
+                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
                 })
             }
         }
@@ -529,23 +533,60 @@ pub fn prepull(
     chunkstore::blobcache::prepull(repo, &rec, &cache, &progress)
 }
 
-/// One process per cache directory (a mount or a pre-pull).
+/// One process per cache directory (a mount or a pre-pull). The lock file names its holder
+/// and whether it is `finishing`: a daemon that has answered its unmount and is still cleaning
+/// up (a GiB of pre-pulled blobs takes a second to delete). A mount right after an unmount
+/// waits for that instead of failing; any other holder is a conflict at once.
 fn lock_cache(cache_dir: &Path) -> Result<std::fs::File> {
+    use rustix::fs::{flock, FlockOperation};
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
     let lock_path = cache_dir.join("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&lock_path)
         .map_err(|e| Error::io(&lock_path, e))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |_| Error::Conflict(format!(
-            "cache directory {} is in use by another owfs mount; give this mount its own --cache-dir",
-            cache_dir.display()
-        )),
-    )?;
+    let t0 = Instant::now();
+    let mut told = false;
+    while flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        let holder = holder.trim();
+        if !holder.ends_with(" finishing") || t0.elapsed() > CACHE_FINISH_WAIT {
+            let by = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" ({holder})")
+            };
+            return Err(Error::Conflict(format!(
+                "cache directory {} is in use by another owfs mount{by}; give this mount its own --cache-dir",
+                cache_dir.display()
+            )));
+        }
+        if !told {
+            eprintln!(
+                "owfs: waiting for the previous mount of {} to finish ({holder})",
+                cache_dir.display()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    note_cache_holder(&lock, "serving");
     Ok(lock)
+}
+
+/// How long a mount waits for the previous holder of its cache directory to finish.
+const CACHE_FINISH_WAIT: Duration = Duration::from_secs(120);
+
+/// Writes `pid N STATE` into the (held) lock file, for the next process that finds it locked.
+fn note_cache_holder(lock: &std::fs::File, state: &str) {
+    use std::os::unix::fs::FileExt;
+    let note = format!("pid {} {state}\n", std::process::id());
+    // Overwrite, then cut: a reader never sees an empty or a half-old `finishing`.
+    let _ = lock.write_all_at(note.as_bytes(), 0);
+    let _ = lock.set_len(note.len() as u64);
 }
 
 /// Takes the cache directory for this mount: one daemon per cache directory.
@@ -665,7 +706,7 @@ pub fn run(
     generation::check_workspace_name(ws)?;
     opts.lease.validate().map_err(|e| lease_error(ws, e))?;
     let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
-    let (_lock, data_dir) = prepare_cache(&cache_dir)?;
+    let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
     // One writer per workspace: the lease first, then (after a takeover) the fence, and only
     // then anything else that publishes.
     let lease = holder::acquire(
@@ -790,6 +831,15 @@ pub fn run(
             .map_err(|e| Error::io(&mountpoint, e))?,
     );
     let _ = shared.notifier.set(session.notifier());
+    if shared.opts.read_ahead_kb > 0 {
+        if let Err(e) = crate::fuse_util::set_read_ahead(&mountpoint, shared.opts.read_ahead_kb) {
+            eprintln!(
+                "owfs: warning: could not set readahead to {} KiB (sequential reads of files \
+                 not yet local stay slower): {e}",
+                shared.opts.read_ahead_kb
+            );
+        }
+    }
     eprintln!(
         "owfs: serving {} (generation {}) read-write on {}, cache {}",
         ws,
@@ -840,7 +890,9 @@ pub fn run(
         // Planned handoff: everything is in the store; the next node may start at once.
         shared.release_lease();
     }
-    // Answer `owfs umount`/`handoff` first: the next node may start now.
+    // Answer `owfs umount`/`handoff` first: the next node may start now, and a mount of this
+    // cache directory waits for the cleanup below.
+    note_cache_holder(&cache_lock, "finishing");
     control.finish(ok);
     // The prefetcher stops at its next chunk (the store's runtime must outlive it).
     if let Some(p) = prefetcher {
