@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use owfs_tests::{assert_same_tree, noise, scan, Case};
+use owfs_tests::{assert_same_tree, kill_and_detach, noise, scan, send_signal, Case};
 use rand::{Rng, SeedableRng};
 
 fn restore_latest(c: &Case, ws: &str, name: &str) -> PathBuf {
@@ -477,6 +477,64 @@ fn requests_go_through_io_uring_where_the_kernel_has_it() {
         read_gen_file(&c, "ur", g, "d/g").unwrap(),
         vec![7u8; 3 << 20]
     );
+}
+
+/// A daemon stopped and continued (SIGSTOP/SIGCONT, as a debugger, a job control shell or a
+/// frozen cgroup do) serves on: every CPU's queue still answers afterwards. A caller pinned
+/// to each CPU in turn stats, writes, fsyncs and reads a file; a queue that stopped serving
+/// would leave its caller waiting forever (the test then kills the daemon to release it).
+#[test]
+fn a_stopped_and_continued_daemon_serves_every_cpu() {
+    let c = Case::file();
+    let m = c.mount_rw("sc", "mnt", &[]);
+    std::fs::write(m.path("before"), b"before").unwrap();
+    let pid = m.daemon_pid();
+    for _ in 0..3 {
+        send_signal(pid, 19); // SIGSTOP
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        send_signal(pid, 18); // SIGCONT
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let script = r#"
+import os, sys
+d, i = sys.argv[1], sys.argv[2]
+os.stat(os.path.join(d, "before"))
+p = os.path.join(d, "cpu" + i)
+with open(p, "wb") as f:
+    f.write(("written on cpu " + i).encode())
+    f.flush()
+    os.fsync(f.fileno())
+assert open(p, "rb").read() == ("written on cpu " + i).encode()
+"#;
+    for cpu in 0..cpus {
+        let mut k = std::process::Command::new("taskset")
+            .args(["-c", &cpu.to_string(), "python3", "-c", script])
+            .arg(&m.at)
+            .arg(cpu.to_string())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = k.try_wait().unwrap() {
+                assert!(st.success(), "the caller on cpu {cpu} failed");
+                break;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(30) {
+                kill_and_detach(pid, &m.at);
+                let _ = k.wait();
+                panic!(
+                    "after SIGSTOP/SIGCONT the daemon did not answer a caller on cpu {cpu} in 30 s"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let g = m.umount();
+    for cpu in 0..cpus {
+        let got = read_gen_file(&c, "sc", g, &format!("cpu{cpu}")).unwrap();
+        assert_eq!(got, format!("written on cpu {cpu}").into_bytes());
+    }
 }
 
 /// Several processes on one CPU fsync the root directory at once, each with dirty pages: each

@@ -138,12 +138,19 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
             iov_len: PAYLOAD,
         },
     ];
-    let mut sqe = command(fd, CMD_REGISTER, 0, qid, &iov);
+    let register = command(fd, CMD_REGISTER, 0, qid, &iov);
+    // The command to submit next; `None` while the last one is in flight. A wait that a
+    // signal ends (SIGSTOP/SIGCONT, a cgroup freeze) comes back without a completion: wait
+    // again, never submit the command twice (a second COMMIT_AND_FETCH of the same request
+    // fails with ENOENT and the queue would stop, hanging every caller on its CPU).
+    let mut next = Some(register.clone());
     let mut registered = false;
     loop {
-        // SAFETY: the buffers the command points to (iov, hdr, buf) live until this
-        // function returns, and a command is in flight only inside this loop.
-        unsafe { ring.submission().push(&sqe) }.map_err(std::io::Error::other)?;
+        if let Some(sqe) = next.take() {
+            // SAFETY: the buffers the command points to (iov, hdr, buf) live until this
+            // function returns, and a command is in flight only inside this loop.
+            unsafe { ring.submission().push(&sqe) }.map_err(std::io::Error::other)?;
+        }
         let r = idle_wait.around(|| ring.submit_and_wait(1));
         match r {
             Ok(_) => {}
@@ -157,6 +164,7 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
         if res == -libc::EAGAIN && !registered {
             // The kernel has not processed the INIT reply yet.
             std::thread::sleep(std::time::Duration::from_millis(1));
+            next = Some(register.clone());
             continue;
         }
         if res < 0 {
@@ -190,7 +198,7 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
         hdr.in_out[4..8].copy_from_slice(&error.to_ne_bytes());
         hdr.in_out[8..16].copy_from_slice(&unique.to_ne_bytes());
         hdr.payload_sz = body.len() as u32;
-        sqe = command(fd, CMD_COMMIT_AND_FETCH, unique, qid, &iov);
+        next = Some(command(fd, CMD_COMMIT_AND_FETCH, unique, qid, &iov));
     }
 }
 
