@@ -120,9 +120,18 @@ pub fn spawn_and_wait(
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
         .stderr(log_file);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+    // SAFETY: setsid and close_range are async-signal-safe system calls. setsid detaches the
+    // daemon from our session; close_range keeps it from holding whatever else our caller left
+    // open without close-on-exec (a pipe a supervisor reads to its end, say), which would make
+    // that caller wait for as long as the mount lives.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             rustix::process::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)

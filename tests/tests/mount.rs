@@ -883,3 +883,42 @@ fn the_mount_reads_ahead_as_configured() {
     assert_eq!(bdi_ra(&m), "512");
     assert_eq!(std::fs::read(m.path("f")).unwrap(), noise(3 << 20, 9));
 }
+
+/// `owfs mount` returns once the mount serves, and so does a caller that reads its output to
+/// the end: the daemon keeps no descriptor of its caller's open (here fd 9, a second copy of
+/// the pipe the caller reads, left open across exec as shells and supervisors do).
+#[test]
+fn the_daemon_keeps_none_of_its_callers_descriptors() {
+    let c = Case::file();
+    let args = c.mount_args("fd", "mnt", &[], &[]);
+    let mut owfs = vec![
+        owfs_tests::owfs_bin().display().to_string(),
+        "--store".into(),
+    ];
+    owfs.push(c.url.clone());
+    owfs.extend(args);
+    let mut sh = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#""$@" 9>&1"#)
+        .arg("bash")
+        .args(&owfs)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = sh.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let m = c.rw_handle("fd", "mnt");
+    let status = sh.wait().unwrap();
+    let printed = got
+        .expect("the caller's pipe stayed open after `owfs mount` returned: the daemon holds it");
+    assert!(status.success(), "owfs mount failed: {printed}");
+    assert!(printed.contains("mounted fd on"), "{printed}");
+    std::fs::write(m.path("f"), b"x").unwrap();
+    m.umount();
+}
