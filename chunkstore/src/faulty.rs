@@ -6,8 +6,10 @@
 //! report an error: the ambiguous case), `get_fail=P`, `get_truncate=P` (return a short body),
 //! `list_fail=P`, `only=PREFIX` (fault only keys containing PREFIX), `down=1` (every request
 //! fails as unreachable), `down_file=PATH` (like `down=1` while the file PATH exists, checked
-//! on every request: a test cuts one daemon off from the store by creating it). P is a
-//! probability in [0, 1].
+//! on every request: a test cuts one daemon off from the store by creating it),
+//! `fuse_write_delay_ms=N` (not a store fault: a mount's daemon waits N ms before serving each
+//! WRITE, so the kernel's writeback is still in flight when a cut starts). P is a probability
+//! in [0, 1].
 
 use std::fmt;
 use std::ops::Range;
@@ -40,6 +42,8 @@ pub struct FaultConfig {
     pub down: bool,
     /// While this file exists, the store is down (checked per request).
     pub down_file: Option<std::path::PathBuf>,
+    /// Read by the mount's daemon: each FUSE WRITE waits this long before it is served.
+    pub fuse_write_delay_ms: u64,
 }
 
 impl FaultConfig {
@@ -68,6 +72,7 @@ impl FaultConfig {
                 "only" => c.only = Some(v.to_string()),
                 "down" => c.down = v == "1" || v == "true",
                 "down_file" => c.down_file = Some(v.into()),
+                "fuse_write_delay_ms" => c.fuse_write_delay_ms = v.parse().unwrap_or(0),
                 _ => {}
             }
         }

@@ -273,6 +273,10 @@ impl OwfsFs {
     /// gate (a cut sees it whole or not at all), refusing it with EIO once the mount stopped.
     fn mutation<T>(&self, op: Op, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
         self.s.count(op);
+        if let (Op::Write, Some(d)) = (op, self.s.write_delay) {
+            // Tests only (OWFS_FAULTS): a WRITE counted as received, not yet served.
+            std::thread::sleep(d);
+        }
         let _g = self.s.gate.read();
         self.alive()?;
         f()

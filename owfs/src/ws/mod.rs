@@ -137,6 +137,8 @@ pub struct Shared {
     flushing: AtomicBool,
     /// Does the committer's syncfs in a child process (see flusher.rs); `None`: in-thread.
     flusher: Option<flusher::Flusher>,
+    /// `fuse_write_delay_ms` of `OWFS_FAULTS` (tests only): every WRITE waits this long.
+    pub(crate) write_delay: Option<Duration>,
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
@@ -260,8 +262,21 @@ impl Shared {
         }
     }
 
-    /// One commit attempt: flush the kernel's dirty pages, cut, upload, publish.
-    fn commit_once(&self, flush_kernel: bool) -> Result<Option<GenRecord>> {
+    /// The regular files the kernel holds (its lookups not all forgotten): the only ones
+    /// that can have pages in the kernel's writeback.
+    fn kernel_files(&self) -> Vec<u64> {
+        let t = self.table.lock();
+        t.nodes
+            .iter()
+            .filter(|(_, n)| n.lookups > 0 && matches!(n.body, Body::File(_)))
+            .map(|(&ino, _)| ino)
+            .collect()
+    }
+
+    /// One commit attempt: flush the kernel's dirty pages, cut, upload, publish. `thorough`
+    /// (a cut someone waits for): also wait until every write the flush started has reached
+    /// the daemon (syncfs alone does not, see flusher.rs).
+    fn commit_once(&self, flush_kernel: bool, thorough: bool) -> Result<Option<GenRecord>> {
         if flush_kernel {
             // Pages the kernel holds (writeback cache) reach the daemon before the cut. This
             // thread serves no FUSE request, so the writes it causes can be served.
@@ -270,10 +285,17 @@ impl Shared {
             self.backpressure.notify_all();
             // In the flusher child (see flusher.rs); here only if it could not be started or
             // has died.
-            if self.flusher.as_ref().is_none_or(|f| f.flush().is_err()) {
-                if let Ok(f) = std::fs::File::open(&self.mountpoint) {
-                    let _ = rustix::fs::syncfs(&f);
-                }
+            let wait = if thorough {
+                self.kernel_files()
+            } else {
+                Vec::new()
+            };
+            if self
+                .flusher
+                .as_ref()
+                .is_none_or(|f| f.flush(&wait).is_err())
+            {
+                flusher::flush_here(&self.mountpoint, &wait);
             }
             self.flushing.store(false, Ordering::SeqCst);
         }
@@ -305,12 +327,12 @@ impl Shared {
 
     fn committer(self: &Arc<Self>) {
         loop {
-            let (target, stop) = {
+            let (target, stop, asked) = {
                 let mut s = self.sync.lock();
                 if s.requested == s.done_ok.max(s.done_err) && !s.stop {
                     self.sync_cv.wait_for(&mut s, self.opts.commit_interval);
                 }
-                (s.requested, s.stop)
+                (s.requested, s.stop, s.requested > s.done_ok.max(s.done_err))
             };
             if self.failed.load(Ordering::SeqCst) {
                 let mut s = self.sync.lock();
@@ -324,7 +346,7 @@ impl Shared {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            let r = self.commit_once(!stop);
+            let r = self.commit_once(!stop, asked);
             let mut s = self.sync.lock();
             match r {
                 Ok(rec) => {
@@ -783,6 +805,9 @@ pub fn run(
         renew_cv: Condvar::new(),
         flushing: AtomicBool::new(false),
         flusher,
+        write_delay: chunkstore::faulty::FaultConfig::from_env()
+            .map(|f| Duration::from_millis(f.fuse_write_delay_ms))
+            .filter(|d| !d.is_zero()),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),
