@@ -20,8 +20,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
+
+/// The flusher has said it cannot open files by handle.
+static WARNED: AtomicBool = AtomicBool::new(false);
 
 pub struct Flusher {
     pid: libc::pid_t,
@@ -126,6 +130,15 @@ unsafe fn wait_for_writeback(mount_fd: libc::c_int, ino: u64) {
         libc::O_RDONLY | libc::O_CLOEXEC,
     ) as libc::c_int;
     if fd < 0 {
+        let e = *libc::__errno_location();
+        if e != libc::ESTALE && e != libc::ENOENT && !WARNED.swap(true, Ordering::Relaxed) {
+            // Most likely EPERM: no CAP_DAC_READ_SEARCH. Said once, without formatting (this
+            // runs in the forked child).
+            let msg = b"owfs: the flusher cannot open files by handle (open_by_handle_at \
+failed, no CAP_DAC_READ_SEARCH?): owfs sync and fsync of the root wait only for syncfs, \
+which does not wait for writes the kernel has in flight\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+        }
         return;
     }
     libc::sync_file_range(
