@@ -593,22 +593,22 @@ os.fsync(fd)
 /// file open: any close of it (an exec in a child of the writer's, too) would flush and wait.
 #[test]
 fn sync_holds_writes_the_kernel_is_still_writing_back() {
-    let c = Case::file();
-    let mut cmd = c.mount_cmd(
-        "wb",
-        "mnt",
-        &["commit_interval_ms=600000"],
-        &[],
-        &[("OWFS_FAULTS", "fuse_write_delay_ms=500")],
-    );
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = c.rw_handle("wb", "mnt");
-    let script = r#"
+    for c in Case::all() {
+        let mut cmd = c.mount_cmd(
+            "wb",
+            "mnt",
+            &["commit_interval_ms=600000"],
+            &[],
+            &[("OWFS_FAULTS", "fuse_write_delay_ms=500")],
+        );
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = c.rw_handle("wb", "mnt");
+        let script = r#"
 import sys
 f = open(sys.argv[1], "wb")
 f.write(bytes([int(sys.argv[2])]) * 5000)
@@ -616,34 +616,36 @@ f.flush()
 print("written", flush=True)
 sys.stdin.read()
 "#;
-    for round in 0..3u8 {
-        let name = format!("r{round}");
-        let mut w = std::process::Command::new("python3")
-            .args(["-c", script])
-            .arg(m.path(&name))
-            .arg(round.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
+        for round in 0..3u8 {
+            let name = format!("r{round}");
+            let mut w = std::process::Command::new("python3")
+                .args(["-c", script])
+                .arg(m.path(&name))
+                .arg(round.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
+                &mut line,
+            )
             .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line, "written\n");
-        let g = m.sync();
-        let got = read_gen_file(&c, "wb", g, &name).unwrap();
-        assert!(
-            got == vec![round; 5000],
-            "{name} in generation {g}: {} bytes, not the 5000 written before `owfs sync`",
-            got.len()
-        );
-        drop(w.stdin.take());
-        assert!(w.wait().unwrap().success());
+            assert_eq!(line, "written\n");
+            let g = m.sync();
+            let got = read_gen_file(&c, "wb", g, &name).unwrap();
+            assert!(
+                got == vec![round; 5000],
+                "{}: {name} in generation {g}: {} bytes, not the 5000 written before `owfs sync`",
+                c.name,
+                got.len()
+            );
+            drop(w.stdin.take());
+            assert!(w.wait().unwrap().success());
+        }
+        m.umount();
     }
-    m.umount();
 }
 
 #[test]

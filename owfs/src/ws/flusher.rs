@@ -51,7 +51,8 @@ impl Flusher {
         let (req_r, req_w) = pipe()?;
         let (resp_r, resp_w) = pipe()?;
         // SAFETY: the child calls only async-signal-safe functions (dup2, close_range, prctl,
-        // getppid, read, open, syncfs, close, write, _exit) on memory prepared before the fork.
+        // getppid, read, open, syncfs, open_by_handle_at, sync_file_range, close, write,
+        // _exit) on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(io::Error::last_os_error());
