@@ -985,3 +985,56 @@ fn the_daemon_keeps_none_of_its_callers_descriptors() {
     std::fs::write(m.path("f"), b"x").unwrap();
     m.umount();
 }
+
+/// Creating files as an unprivileged user behaves as on local disk, on the mount and in a
+/// plain directory side by side: a file created read-only (0444, as git writes its objects)
+/// is writable through the descriptor that created it, a second open for writing is refused,
+/// O_EXCL on an existing name fails with EEXIST, O_CREAT on an existing name opens it, and
+/// the umask applies. (The daemon refuses CREATE, so the kernel creates with MKNOD.)
+#[test]
+fn unprivileged_creates_behave_as_on_local_disk() {
+    let c = Case::file();
+    let m = c.mount_rw("cr", "mnt", &[]);
+    let plain = c.dir("plain");
+    let script = r#"
+import os, sys
+d = sys.argv[1]
+os.umask(0o022)
+out = []
+fd = os.open(os.path.join(d, "ro"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+out.append(os.write(fd, b"hello"))
+os.close(fd)
+out.append(oct(os.stat(os.path.join(d, "ro")).st_mode))
+out.append(open(os.path.join(d, "ro")).read())
+for flags in (os.O_WRONLY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_RDONLY | os.O_CREAT):
+    try:
+        os.close(os.open(os.path.join(d, "ro"), flags, 0o644))
+        out.append("opened")
+    except OSError as e:
+        out.append(e.errno)
+fd = os.open(os.path.join(d, "masked"), os.O_RDWR | os.O_CREAT, 0o777)
+os.close(fd)
+out.append(oct(os.stat(os.path.join(d, "masked")).st_mode))
+print(out)
+"#;
+    let mut got = Vec::new();
+    for dir in [&plain, &m.path("pub")] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let out = std::process::Command::new("su")
+            .args(["nobody", "-s", "/bin/sh", "-c"])
+            .arg(format!("python3 -c '{}' {}", script, dir.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        got.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    assert_eq!(got[1], got[0], "mount, then local disk");
+    assert!(got[0].contains("'0o100444', 'hello'"), "{}", got[0]);
+    m.umount();
+}

@@ -403,16 +403,7 @@ fn run(fs: &OwfsFs, h: &InHeader, r: &mut Reader) -> Option<Result<Vec<u8>, Errn
             let datasync = r.u32()? & FUSE_FSYNC_FDATASYNC != 0;
             empty(fs.op_fsyncdir(ino, datasync))
         }
-        CREATE => {
-            let (_flags, mode) = (r.u32()?, r.u32()?);
-            r.skip(8)?; // umask, open_flags
-            fs.op_create(c, ino, r.name()?, mode).map(|a| {
-                let mut w = Writer::default();
-                w.entry(&a, TTL);
-                w.open(0, fuser::FopenFlags::FOPEN_KEEP_CACHE.bits());
-                w.0
-            })
-        }
+        CREATE => Err(fs.op_create()),
         DESTROY => Ok(Vec::new()),
         FALLOCATE => {
             r.skip(8)?; // fh
