@@ -140,7 +140,7 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
     ];
     let register = command(fd, CMD_REGISTER, 0, qid, &iov);
     // The command to submit next; `None` while the last one is in flight. A wait that a
-    // signal ends (SIGSTOP/SIGCONT, a cgroup freeze) comes back without a completion: wait
+    // signal ends (SIGSTOP then SIGCONT, for one) comes back without a completion: wait
     // again, never submit the command twice (a second COMMIT_AND_FETCH of the same request
     // fails with ENOENT and the queue would stop, hanging every caller on its CPU).
     let mut next = Some(register.clone());
