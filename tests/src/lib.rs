@@ -542,6 +542,14 @@ pub fn kill_and_detach(pid: i32, at: &Path) {
     let _ = Command::new("umount").arg("-l").arg(at).status();
 }
 
+/// Runs `cmd` with /bin/sh as `user` (through `su`), its output collected.
+pub fn run_as(user: &str, cmd: &str) -> Output {
+    Command::new("su")
+        .args([user, "-s", "/bin/sh", "-c", cmd])
+        .output()
+        .expect("running su")
+}
+
 /// Sends `sig` to `pid`.
 pub fn send_signal(pid: i32, sig: i32) {
     let _ = Command::new("kill")

@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use owfs_tests::{assert_same_tree, kill_and_detach, noise, scan, send_signal, Case};
+use owfs_tests::{assert_same_tree, kill_and_detach, noise, run_as, scan, send_signal, Case};
 use rand::{Rng, SeedableRng};
 
 fn restore_latest(c: &Case, ws: &str, name: &str) -> PathBuf {
@@ -479,8 +479,8 @@ fn requests_go_through_io_uring_where_the_kernel_has_it() {
     );
 }
 
-/// A daemon stopped and continued (SIGSTOP/SIGCONT, as a debugger, a job control shell or a
-/// frozen cgroup do) serves on: every CPU's queue still answers afterwards. A caller pinned
+/// A daemon stopped and continued (SIGSTOP/SIGCONT, as a debugger or a job control shell do)
+/// serves on: every CPU's queue still answers afterwards. A caller pinned
 /// to each CPU in turn stats, writes, fsyncs and reads a file; a queue that stopped serving
 /// would leave its caller waiting forever (the test then kills the daemon to release it).
 #[test]
@@ -777,11 +777,12 @@ fn setuid_bits_drop_as_on_local_disk() {
     let plain = c.dir("plain");
     std::fs::create_dir_all(&plain).unwrap();
     let sh = |user: &str, cmd: &str| {
-        let st = std::process::Command::new("su")
-            .args([user, "-s", "/bin/sh", "-c", cmd])
-            .status()
-            .unwrap();
-        assert!(st.success(), "{user}: {cmd}");
+        let out = run_as(user, cmd);
+        assert!(
+            out.status.success(),
+            "{user}: {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let cases: &[(&str, u32, &str, &str)] = &[
         ("append-other", 0o6777, "nobody", "echo x >> {}"),
@@ -953,18 +954,13 @@ fn the_mount_reads_ahead_as_configured() {
 #[test]
 fn the_daemon_keeps_none_of_its_callers_descriptors() {
     let c = Case::file();
-    let args = c.mount_args("fd", "mnt", &[], &[]);
-    let mut owfs = vec![
-        owfs_tests::owfs_bin().display().to_string(),
-        "--store".into(),
-    ];
-    owfs.push(c.url.clone());
-    owfs.extend(args);
+    let owfs = c.mount_cmd("fd", "mnt", &[], &[], &[]);
     let mut sh = std::process::Command::new("bash")
         .arg("-c")
         .arg(r#""$@" 9>&1"#)
         .arg("bash")
-        .args(&owfs)
+        .arg(owfs.get_program())
+        .args(owfs.get_args())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1021,11 +1017,10 @@ print(out)
     for dir in [&plain, &m.path("pub")] {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let out = std::process::Command::new("su")
-            .args(["nobody", "-s", "/bin/sh", "-c"])
-            .arg(format!("python3 -c '{}' {}", script, dir.display()))
-            .output()
-            .unwrap();
+        let out = run_as(
+            "nobody",
+            &format!("python3 -c '{}' {}", script, dir.display()),
+        );
         assert!(
             out.status.success(),
             "{}: {}",

@@ -98,19 +98,28 @@ pub fn flush_here(mountpoint: &Path, wait: &[u64]) {
     };
     // SAFETY: plain system calls on a path and descriptors this function owns.
     unsafe {
-        let fd = libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
+        let fd = open_and_syncfs(&path);
         if fd < 0 {
             return;
         }
-        libc::syncfs(fd);
         for &ino in wait {
             wait_for_writeback(fd, ino);
         }
         libc::close(fd);
     }
+}
+
+/// Opens the mount point and calls syncfs on it; the descriptor, or -1 if it cannot be
+/// opened. Only system calls (the flusher child calls it after fork).
+unsafe fn open_and_syncfs(path: &CString) -> libc::c_int {
+    let fd = libc::open(
+        path.as_ptr(),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if fd >= 0 {
+        libc::syncfs(fd);
+    }
+    fd
 }
 
 /// Waits until the kernel's writeback of inode `ino` of the mount `mount_fd` is answered.
@@ -184,13 +193,7 @@ unsafe fn child(req: libc::c_int, resp: libc::c_int, path: &CString) -> ! {
         {
             libc::_exit(0);
         }
-        let fd = libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
-        if fd >= 0 {
-            libc::syncfs(fd);
-        }
+        let fd = open_and_syncfs(path);
         while count > 0 {
             let n = count.min(inos.len() as u64) as usize;
             if !read_full(0, inos.as_mut_ptr().cast(), n * 8) {

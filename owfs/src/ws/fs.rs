@@ -273,10 +273,6 @@ impl OwfsFs {
     /// gate (a cut sees it whole or not at all), refusing it with EIO once the mount stopped.
     fn mutation<T>(&self, op: Op, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
         self.s.count(op);
-        if let (Op::Write, Some(d)) = (op, self.s.write_delay) {
-            // Tests only (OWFS_FAULTS): a WRITE counted as received, not yet served.
-            std::thread::sleep(d);
-        }
         let _g = self.s.gate.read();
         self.alive()?;
         f()
@@ -882,6 +878,10 @@ impl OwfsFs {
         data: &[u8],
         kill_priv: bool,
     ) -> Result<u32, Errno> {
+        if let Some(d) = self.s.write_delay {
+            // Tests only (OWFS_FAULTS=fuse_write_delay_ms): a WRITE held before it is served.
+            std::thread::sleep(d);
+        }
         self.s.throttle();
         // The state change happens under the cut gate; copying the bytes into the cache file
         // does not, so a cut never waits for it (see FileData::write_begin).

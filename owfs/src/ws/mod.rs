@@ -106,6 +106,13 @@ struct SyncState {
     finished: bool,
 }
 
+impl SyncState {
+    /// Someone waits for a commit not yet done (`owfs sync`, fsync of the root, backpressure).
+    fn asked(&self) -> bool {
+        self.requested > self.done_ok.max(self.done_err)
+    }
+}
+
 pub struct Shared {
     pub repo: Arc<Repo>,
     pub ws: String,
@@ -329,10 +336,10 @@ impl Shared {
         loop {
             let (target, stop, asked) = {
                 let mut s = self.sync.lock();
-                if s.requested == s.done_ok.max(s.done_err) && !s.stop {
+                if !s.asked() && !s.stop {
                     self.sync_cv.wait_for(&mut s, self.opts.commit_interval);
                 }
-                (s.requested, s.stop, s.requested > s.done_ok.max(s.done_err))
+                (s.requested, s.stop, s.asked())
             };
             if self.failed.load(Ordering::SeqCst) {
                 let mut s = self.sync.lock();
