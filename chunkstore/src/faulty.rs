@@ -8,8 +8,9 @@
 //! fails as unreachable), `down_file=PATH` (like `down=1` while the file PATH exists, checked
 //! on every request: a test cuts one daemon off from the store by creating it),
 //! `fuse_write_delay_ms=N` (not a store fault: a mount's daemon waits N ms before serving each
-//! WRITE, so the kernel's writeback is still in flight when a cut starts). P is a probability
-//! in [0, 1].
+//! WRITE, so the kernel's writeback is still in flight when a cut starts), `uring_stop_after=N`
+//! (not a store fault either: each of the daemon's io_uring queue threads stops after taking N
+//! requests, leaving the last unanswered). P is a probability in [0, 1].
 
 use std::fmt;
 use std::ops::Range;
@@ -44,6 +45,8 @@ pub struct FaultConfig {
     pub down_file: Option<std::path::PathBuf>,
     /// Read by the mount's daemon: each FUSE WRITE waits this long before it is served.
     pub fuse_write_delay_ms: u64,
+    /// Read by the mount's daemon: an io_uring queue thread stops after this many requests.
+    pub uring_stop_after: Option<u64>,
 }
 
 impl FaultConfig {
@@ -73,6 +76,7 @@ impl FaultConfig {
                 "down" => c.down = v == "1" || v == "true",
                 "down_file" => c.down_file = Some(v.into()),
                 "fuse_write_delay_ms" => c.fuse_write_delay_ms = v.parse().unwrap_or(0),
+                "uring_stop_after" => c.uring_stop_after = v.parse().ok(),
                 _ => {}
             }
         }

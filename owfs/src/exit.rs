@@ -14,6 +14,8 @@ pub const UNSAFE: i32 = 9;
 pub const CONFLICT: i32 = 10;
 pub const HELD: i32 = 11;
 pub const LEASE_LOST: i32 = 13;
+/// The mount's daemon could no longer answer every request and stopped (`Shared::halt`).
+pub const STOPPED: i32 = 14;
 pub const DRILL_FAILED: i32 = 12;
 
 pub fn code(e: &Error) -> i32 {

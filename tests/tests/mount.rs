@@ -537,6 +537,104 @@ assert open(p, "rb").read() == ("written on cpu " + i).encode()
     }
 }
 
+/// An io_uring queue thread that stops after it registered (here `uring_stop_after` of
+/// OWFS_FAULTS: each thread stops at its 300th request and leaves it unanswered) would leave
+/// the callers on its CPU waiting forever. The daemon stops instead: it commits what it
+/// received, releases the lease and exits with status 14, so the kernel aborts the connection.
+/// The writer gets an error and returns, every file it fsynced before is in the last
+/// generation, and a new mount takes the workspace at once (no --takeover, no lease wait).
+#[test]
+fn a_mount_whose_queue_stops_commits_and_exits_instead_of_hanging() {
+    let param = "/sys/module/fuse/parameters/enable_uring";
+    if !Path::new(param).exists() || std::env::var("OWFS_TEST_URING").is_ok_and(|v| v == "off") {
+        eprintln!("skipped: no {param} here, or OWFS_TEST_URING=off");
+        return;
+    }
+    for c in Case::all() {
+        let mut daemon = c
+            .mount_cmd(
+                "qs",
+                "mnt",
+                &[],
+                &["-f"],
+                &[("OWFS_FAULTS", "uring_stop_after=300")],
+            )
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let at = c.dir("mnt");
+        let t0 = std::time::Instant::now();
+        while !owfs_tests::is_mounted(&at) {
+            assert!(daemon.try_wait().unwrap().is_none(), "the mount failed");
+            assert!(t0.elapsed().as_secs() < 60, "not mounted in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let script = r#"
+import os, sys
+for i in range(5000):
+    try:
+        with open(os.path.join(sys.argv[1], "f%d" % i), "wb") as f:
+            f.write(b"file %d\n" % i * 100)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        print("error", e.errno, flush=True)
+        sys.exit(0)
+    print("fsynced", i, flush=True)
+"#;
+        let mut w = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&at)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let code = loop {
+            if let Some(st) = daemon.try_wait().unwrap() {
+                break st.code();
+            }
+            if t0.elapsed().as_secs() > 90 {
+                kill_and_detach(daemon.id() as i32, &at);
+                let _ = w.kill();
+                panic!("the daemon neither served nor stopped in 90 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut log = String::new();
+        daemon
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        assert_eq!(code, Some(14), "daemon log:\n{log}");
+        assert!(log.contains("STOPPING: io_uring queue"), "{log}");
+        assert!(log.contains("lease released"), "{log}");
+        // The writer's unanswered request ended with the connection.
+        let out = w.wait_with_output().unwrap();
+        let out = String::from_utf8(out.stdout).unwrap();
+        let last = out.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error "),
+            "the writer did not end on an error: {last:?}"
+        );
+        let fsynced = out.lines().filter(|l| l.starts_with("fsynced ")).count();
+        assert!(fsynced > 0 && fsynced < 5000, "{fsynced} files fsynced");
+        let _ = std::process::Command::new("umount").arg(&at).status();
+        // No lease to wait for: this mount would fail with status 11 if it were still held.
+        let m = c.mount_rw("qs", "mnt2", &[]);
+        for i in 0..fsynced {
+            let want = format!("file {i}\n").repeat(100);
+            let got = std::fs::read_to_string(m.path(&format!("f{i}"))).unwrap_or_default();
+            assert!(
+                got == want,
+                "f{i}, fsynced before the stop, is not in the last generation"
+            );
+        }
+        m.umount();
+    }
+}
+
 /// Several processes on one CPU fsync the root directory at once, each with dirty pages: each
 /// waits for a commit, whose flush of the kernel's dirty pages needs a free request thread on
 /// some CPU's queue (the kernel lets one root fsync wait at a time, and a queue has two

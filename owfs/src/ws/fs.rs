@@ -216,9 +216,9 @@ impl OwfsFs {
         self.alive()
     }
 
-    /// EIO once the mount failed or its lease could have passed to another node.
+    /// EIO once the mount failed, is stopping, or its lease could have passed to another node.
     fn alive(&self) -> Result<(), Errno> {
-        if self.s.serving() {
+        if self.s.serving() && !self.s.halting.load(Ordering::Relaxed) {
             Ok(())
         } else {
             Err(Errno::EIO)

@@ -104,6 +104,8 @@ struct SyncState {
     last: GenRecord,
     stop: bool,
     finished: bool,
+    /// Why the mount stopped serving (see `Shared::halt`); `sync` callers then fail.
+    halted: Option<String>,
 }
 
 impl SyncState {
@@ -130,6 +132,8 @@ pub struct Shared {
     sync_cv: Condvar,
     /// Set when the mount must stop serving writes (the reason is logged).
     failed: AtomicBool,
+    /// Set by `halt`: file operations fail with EIO while the last commit is made.
+    halting: AtomicBool,
     /// The lease epoch every generation from this mount carries.
     epoch: u64,
     lease: Mutex<Option<lease::Lease>>,
@@ -146,6 +150,9 @@ pub struct Shared {
     flusher: Option<flusher::Flusher>,
     /// `fuse_write_delay_ms` of `OWFS_FAULTS` (tests only): every WRITE waits this long.
     pub(crate) write_delay: Option<Duration>,
+    /// `uring_stop_after` of `OWFS_FAULTS` (tests only): an io_uring queue thread stops after
+    /// taking this many requests, leaving the last one unanswered.
+    pub(crate) uring_stop_after: Option<u64>,
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
@@ -218,6 +225,65 @@ impl Shared {
         }
     }
 
+    /// Fail-stop of a mount that can no longer answer every request: an io_uring queue ended
+    /// after it registered, and the kernel keeps putting its CPU's requests on it, where they
+    /// would wait forever (every caller on that CPU, the committer's flush, any unmount).
+    /// File operations now fail with EIO; the committer makes a last commit of what the
+    /// daemon received, without flushing the kernel (that flush could itself wait forever);
+    /// the lease is released if that commit is durable; then the daemon exits with status 14,
+    /// the kernel aborts the connection, and every caller still waiting gets an error. Writes
+    /// still in the kernel's page cache are lost, as in a crash. Never returns.
+    pub(super) fn halt(&self, why: &str) -> ! {
+        {
+            let mut s = self.sync.lock();
+            if s.halted.is_some() {
+                // Another thread is stopping the daemon.
+                drop(s);
+                loop {
+                    std::thread::park();
+                }
+            }
+            self.halting.store(true, Ordering::SeqCst);
+            s.halted = Some(why.to_string());
+            s.stop = true;
+            s.requested += 1;
+            self.sync_cv.notify_all();
+        }
+        eprintln!(
+            "owfs: {}: STOPPING: {why}. File operations on {} now fail with EIO; committing \
+             what the daemon received (writes still in the kernel's page cache are lost, as in \
+             a crash)",
+            self.ws,
+            self.mountpoint.display()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (ok, last) = {
+            let mut s = self.sync.lock();
+            while !s.finished && Instant::now() < deadline {
+                self.sync_cv.wait_until(&mut s, deadline);
+            }
+            (s.finished && s.done_ok >= s.requested, s.last.number)
+        };
+        if ok {
+            self.stop_renewer();
+            self.release_lease();
+        }
+        let _ = std::fs::remove_file(control::socket_path(&self.mountpoint));
+        eprintln!(
+            "owfs: {}: stopped{}; generation {last} is the last durable one. Exiting with \
+             status {}; `umount {}` clears the dead mount",
+            self.ws,
+            if ok {
+                ""
+            } else {
+                " (the last commit did not finish in 20 s)"
+            },
+            crate::exit::STOPPED,
+            self.mountpoint.display()
+        );
+        std::process::exit(crate::exit::STOPPED);
+    }
+
     /// Waits while the upload backlog is over its bound.
     fn throttle(&self) {
         let max = self.opts.max_backlog_bytes;
@@ -250,6 +316,13 @@ impl Shared {
         let my = self.request_commit();
         let mut s = self.sync.lock();
         loop {
+            if let Some(why) = &s.halted {
+                // The last commit does not flush the kernel: it may lack writes made before.
+                return Err(Error::Store {
+                    store: self.repo.store.url().to_string(),
+                    detail: format!("the mount stopped: {why}"),
+                });
+            }
             if s.done_ok >= my {
                 return Ok(s.last.clone());
             }
@@ -782,6 +855,7 @@ pub fn run(
     let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
     let table = Table::new(data_dir, root_node(&rec)?, totals);
     let threads = opts.threads;
+    let faults = chunkstore::faulty::FaultConfig::from_env();
     let shared = Arc::new(Shared {
         repo,
         ws: ws.to_string(),
@@ -801,9 +875,11 @@ pub fn run(
             last: rec.clone(),
             stop: false,
             finished: false,
+            halted: None,
         }),
         sync_cv: Condvar::new(),
         failed: AtomicBool::new(false),
+        halting: AtomicBool::new(false),
         epoch,
         lease: Mutex::new(None),
         lease_deadline_ns: AtomicU64::new(0),
@@ -812,9 +888,11 @@ pub fn run(
         renew_cv: Condvar::new(),
         flushing: AtomicBool::new(false),
         flusher,
-        write_delay: chunkstore::faulty::FaultConfig::from_env()
+        write_delay: faults
+            .as_ref()
             .map(|f| Duration::from_millis(f.fuse_write_delay_ms))
             .filter(|d| !d.is_zero()),
+        uring_stop_after: faults.as_ref().and_then(|f| f.uring_stop_after),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),

@@ -59,8 +59,12 @@ pub(super) fn start(fs: OwfsFs) {
         for k in 0..THREADS_PER_QUEUE {
             let fs = fs.clone();
             let r = super::spawn(&format!("owfs-uring{q}.{k}"), move || {
-                if let Err(e) = serve(&fs, q, k) {
-                    eprintln!("owfs: io_uring queue {q}: {e}");
+                match serve(&fs, q, k) {
+                    Ok(()) => {}
+                    Err(Failure::NotRegistered(e)) => eprintln!("owfs: io_uring queue {q}: {e}"),
+                    Err(Failure::Broken(e)) => fs.s.halt(&format!(
+                        "io_uring queue {q} (CPU {q}) stopped serving: {e}"
+                    )),
                 }
             });
             if let Err(e) = r {
@@ -112,7 +116,25 @@ fn command(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
+/// Why a queue thread stopped.
+enum Failure {
+    /// Before it registered: the kernel serves everything through /dev/fuse.
+    NotRegistered(std::io::Error),
+    /// After: the kernel goes on queueing its CPU's requests here (see `Shared::halt`).
+    Broken(std::io::Error),
+}
+
+impl Failure {
+    fn new(registered: bool, e: std::io::Error) -> Failure {
+        if registered {
+            Failure::Broken(e)
+        } else {
+            Failure::NotRegistered(e)
+        }
+    }
+}
+
+fn serve(fs: &OwfsFs, q: usize, k: usize) -> Result<(), Failure> {
     // INIT runs inside fuser's Session::new; the mount hands the descriptor over right after.
     let fd = fs.dev.wait().as_raw_fd();
     let qid = q as u16;
@@ -124,7 +146,9 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
         pin_to(qid as usize);
     }
     let mut idle_wait = IdleWait::new();
-    let mut ring: IoUring<squeue::Entry128> = IoUring::builder().build(2)?;
+    let mut ring: IoUring<squeue::Entry128> = IoUring::builder()
+        .build(2)
+        .map_err(Failure::NotRegistered)?;
     // SAFETY: all-zero bytes are a valid ReqHeader (plain integers).
     let mut hdr: Box<ReqHeader> = Box::new(unsafe { std::mem::zeroed() });
     let mut buf = vec![0u8; PREFIX + PAYLOAD];
@@ -145,17 +169,19 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
     // fails with ENOENT and the queue would stop, hanging every caller on its CPU).
     let mut next = Some(register.clone());
     let mut registered = false;
+    let mut taken = 0u64;
     loop {
         if let Some(sqe) = next.take() {
             // SAFETY: the buffers the command points to (iov, hdr, buf) live until this
             // function returns, and a command is in flight only inside this loop.
-            unsafe { ring.submission().push(&sqe) }.map_err(std::io::Error::other)?;
+            unsafe { ring.submission().push(&sqe) }
+                .map_err(|e| Failure::new(registered, std::io::Error::other(e)))?;
         }
         let r = idle_wait.around(|| ring.submit_and_wait(1));
         match r {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failure::new(registered, e)),
         }
         let Some(cqe) = ring.completion().next() else {
             continue;
@@ -172,16 +198,24 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> std::io::Result<()> {
             // a request is a refusal, and the kernel falls back to /dev/fuse.
             return match -res {
                 libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV if registered => Ok(()),
-                e if registered => Err(std::io::Error::from_raw_os_error(e)),
-                e => Err(std::io::Error::other(format!(
+                e if registered => Err(Failure::Broken(std::io::Error::from_raw_os_error(e))),
+                e => Err(Failure::NotRegistered(std::io::Error::other(format!(
                     "registering failed ({}); serving through /dev/fuse",
                     std::io::Error::from_raw_os_error(e)
-                ))),
+                )))),
             };
         }
         if !registered {
             registered = true;
             fs.s.uring_threads.fetch_add(1, Ordering::Relaxed);
+        }
+        taken += 1;
+        if fs.s.uring_stop_after.is_some_and(|n| taken >= n) {
+            // Tests only (OWFS_FAULTS=uring_stop_after): the request just taken stays
+            // unanswered, as if this thread had died.
+            return Err(Failure::Broken(std::io::Error::other(
+                "stopped by OWFS_FAULTS=uring_stop_after",
+            )));
         }
         // The kernel's id of the request (its `unique`), to name it in the commit.
         let unique = hdr.commit_id;
