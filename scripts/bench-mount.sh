@@ -456,6 +456,11 @@ done
 versions_json=$(for k in "${!version[@]}"; do printf '%s\t%s\n' "$k" "${version[$k]}"; done |
     "$PY" -c 'import json,sys; print(json.dumps(dict(l.rstrip("\n").split("\t", 1) for l in sys.stdin)))')
 host="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), native = $(df -T "$W" | awk 'NR==2 {print $2}')"
+# A VM that hands freed memory back to its host (virtio-balloon free page reporting) makes
+# every first touch of a page slow; the order says how small a freed block it reports.
+if [[ -r /sys/module/page_reporting/parameters/page_reporting_order ]]; then
+    host+=", free page reporting from order $(cat /sys/module/page_reporting/parameters/page_reporting_order)"
+fi
 jrec "{\"kind\": \"info\", \"systems\": \"$(IFS=,; echo "${systems[*]}")\", \"runs\": $RUNS, \"date\": \"$(date -u +%Y-%m-%d)\", \"host\": \"$host\", \"quiet\": \"2 s (owfs 3 s, rclone 7 s)\", \"once_over\": $ONCE_OVER, \"sizes\": $sizes_json, \"versions\": $versions_json}"
 note "Whole run: $(($(date +%s) - t_start)) s. Command: scripts/bench-mount.sh $(printf '%q ' "${orig_args[@]}" | sed 's/ $//')"
 step "done in $(($(date +%s) - t_start)) s"
