@@ -21,7 +21,8 @@ S3-compatible service (plain http:// only when that URL says so).
 Exit status: 0 ok, 2 usage, 3 unknown workspace/generation/path, 4 store unreachable, 5 access
 denied, 6 object missing from the store, 7 corrupt data, 8 unsupported format, 9 unsafe
 manifest, 10 conflict (target not empty, name taken, lost a race), 11 workspace held by another
-node, 12 drill found problems, 13 the mount lost its lease and stopped.";
+node, 12 drill found problems, 13 the mount lost its lease and stopped, 14 the mount could no
+longer answer every request and stopped (docs/EXIT_CODES.md).";
 
 #[derive(Parser, Debug)]
 #[command(name = "owfs", version, about = ABOUT, long_about = ABOUT)]

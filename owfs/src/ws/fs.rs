@@ -32,6 +32,9 @@ pub(super) const MAX_WRITE: u32 = 1 << 20;
 pub(super) const DIR_OPEN_FLAGS: FopenFlags =
     FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_CACHE_DIR);
 const XATTR_MAX: usize = 64 << 10;
+/// How long a /dev/fuse thread stays away from the device after FORGETs, once the io_uring
+/// queues carry every request (docs/decisions/forget-batching.md).
+const FORGET_PAUSE: Duration = Duration::from_millis(5);
 
 type Listing = Vec<(Vec<u8>, u64, FileType)>;
 
@@ -559,6 +562,20 @@ impl OwfsFs {
             n.lookups = n.lookups.saturating_sub(nlookup);
         }
         t.maybe_forget(ino);
+    }
+
+    /// Once the io_uring queues serve every request, /dev/fuse carries only FORGETs (and
+    /// INTERRUPTs). A thread waiting on it is woken for each FORGET the kernel queues (one per
+    /// unlinked or evicted inode), a cross-CPU wake-up that cost the unlinking caller more than
+    /// the FORGET itself. A thread that handled one stays away for FORGET_PAUSE: while no
+    /// thread waits, queuing a FORGET wakes nobody, and the next read takes every FORGET queued
+    /// meanwhile as one BATCH_FORGET. `unique` tells the first entry of a batch from the rest:
+    /// one pause per read of the device.
+    fn pause_after_forget(&self, unique: u64) {
+        thread_local!(static LAST: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+        if LAST.replace(unique) != unique && self.s.uring_threads.load(Ordering::Relaxed) > 0 {
+            std::thread::sleep(FORGET_PAUSE);
+        }
     }
 
     pub(super) fn op_getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
@@ -1135,8 +1152,11 @@ impl fuser::Filesystem for OwfsFs {
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    /// fuser calls this for each entry of a BATCH_FORGET too (its batch type is not exported),
+    /// with the batch's request.
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
         self.op_forget(ino.0, nlookup);
+        self.pause_after_forget(req.unique().0);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
