@@ -87,6 +87,33 @@ pub struct Repo {
     pack_cache: Mutex<PackCache>,
     /// Node-local verified blobs (filled by a pre-pull), consulted before the store.
     blob_cache: RwLock<Option<Arc<crate::blobcache::BlobCache>>>,
+    /// Index objects this process wrote recently, which `compact_own_index` may merge.
+    own_index: Mutex<Vec<OwnIndex>>,
+}
+
+/// An index object this process wrote, with what it names and the time before its oldest
+/// pack was uploaded.
+struct OwnIndex {
+    key: String,
+    packs_since_ms: u64,
+    packs: Vec<(Hash, Vec<PackEntry>)>,
+}
+
+/// Index compaction (docs/decisions/index-compaction.md): only index objects whose packs are
+/// younger than this are merged, so a merged object never names a pack gc may have condemned
+/// (gc leaves packs younger than its grace period, 1 h by default, alone).
+pub const COMPACT_MAX_AGE_MS: u64 = 10 * 60 * 1000;
+/// Merge once this many own index objects are young enough ...
+pub const COMPACT_AT: usize = 16;
+/// ... or, with at least two, once the last merge is this old.
+pub const COMPACT_EVERY_MS: u64 = 60 * 1000;
+
+/// What one compaction did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Compaction {
+    pub merged: usize,
+    pub key: String,
+    pub bytes: usize,
 }
 
 impl Repo {
@@ -117,6 +144,7 @@ impl Repo {
             index_loaded: Mutex::new(false),
             pack_cache: Mutex::default(),
             blob_cache: RwLock::default(),
+            own_index: Mutex::default(),
         }))
     }
 
@@ -203,6 +231,84 @@ impl Repo {
             .expect("index lock")
             .files
             .push(key.to_string());
+    }
+
+    /// Remembers an index object this process just wrote (BlobWriter::finish).
+    pub fn note_own_index(
+        &self,
+        key: String,
+        packs_since_ms: u64,
+        packs: Vec<(Hash, Vec<PackEntry>)>,
+    ) {
+        self.own_index.lock().expect("own index").push(OwnIndex {
+            key,
+            packs_since_ms,
+            packs,
+        });
+    }
+
+    /// Merges the index objects this process wrote in the last COMPACT_MAX_AGE_MS into one
+    /// when there are COMPACT_AT of them (or at least two and `last_ms`, the previous merge,
+    /// is COMPACT_EVERY_MS old), then deletes them. Without it a long-lived committer leaves
+    /// one index object per commit, and every later reader of the store (a mount on a fresh
+    /// node) lists and fetches them all. Objects that aged out are left to gc. A reader that
+    /// listed a deleted object finds it missing and its content in the merged one
+    /// (`refresh_index`).
+    pub fn compact_own_index(&self, last_ms: u64) -> Result<Option<Compaction>> {
+        let now = crate::generation::now_ms();
+        let inputs = {
+            let mut own = self.own_index.lock().expect("own index");
+            own.retain(|o| now.saturating_sub(o.packs_since_ms) < COMPACT_MAX_AGE_MS);
+            let due = own.len() >= COMPACT_AT
+                || (own.len() >= 2 && now.saturating_sub(last_ms) >= COMPACT_EVERY_MS);
+            if !due {
+                return Ok(None);
+            }
+            std::mem::take(&mut *own)
+        };
+        let file = IndexFile {
+            packs: inputs.iter().flat_map(|o| o.packs.clone()).collect(),
+        };
+        let bytes = file.encode();
+        let key = file.key(now, &bytes);
+        let size = bytes.len();
+        if let Err(e) = self.block_on(self.store.put(&key, bytes.into())) {
+            // Nothing changed in the store: merge them next time.
+            let mut own = self.own_index.lock().expect("own index");
+            let newer = std::mem::replace(&mut *own, inputs);
+            own.extend(newer);
+            return Err(e);
+        }
+        {
+            let mut index = self.index.write().expect("index lock");
+            index.files.retain(|f| !inputs.iter().any(|o| &o.key == f));
+            index.files.push(key.clone());
+        }
+        let packs_since_ms = inputs.iter().map(|o| o.packs_since_ms).min().unwrap_or(now);
+        self.own_index.lock().expect("own index").insert(
+            0,
+            OwnIndex {
+                key: key.clone(),
+                packs_since_ms,
+                packs: file.packs,
+            },
+        );
+        // The merged object holds everything: a failed delete leaves a duplicate (harmless;
+        // gc merges it).
+        let store = &self.store;
+        let deleted: Vec<Result<()>> = self.block_on(
+            futures::stream::iter(inputs.iter().map(|o| store.delete(&o.key)))
+                .buffer_unordered(INDEX_FETCH_PARALLEL)
+                .collect(),
+        );
+        match deleted.into_iter().find_map(|r| r.err()) {
+            Some(e) => Err(e),
+            None => Ok(Some(Compaction {
+                merged: inputs.len(),
+                key,
+                bytes: size,
+            })),
+        }
     }
 
     /// Drops the in-memory index (after gc rewrote it).

@@ -61,10 +61,13 @@ pub struct BlobWriter {
     /// Blobs this commit relies on that were already in the store (gc checks these).
     pub reused: HashSet<Hash>,
     blobs_new: u64,
+    /// Before any pack of this writer was uploaded: what index compaction ages it by.
+    started_ms: u64,
 }
 
 impl BlobWriter {
     pub fn new(repo: Arc<Repo>) -> Result<BlobWriter> {
+        let started_ms = now_ms();
         repo.ensure_index()?;
         let level = repo.config.zstd_level;
         let shared = Arc::new(Shared {
@@ -99,6 +102,7 @@ impl BlobWriter {
             queued: HashSet::new(),
             reused: HashSet::new(),
             blobs_new: 0,
+            started_ms,
         })
     }
 
@@ -186,6 +190,7 @@ impl BlobWriter {
                 repo.add_to_index(*name, entries);
             }
             repo.note_index_file(&key);
+            repo.note_own_index(key, self.started_ms, file.packs);
         }
         Ok(WriteStats {
             blobs_new: self.blobs_new,

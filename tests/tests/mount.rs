@@ -766,6 +766,48 @@ fn fsync_of_the_root_directory_is_sync() {
     }
 }
 
+/// A mount merges the index objects of its commits (one each) instead of leaving the store one
+/// more object per commit for every later reader to fetch; every generation stays readable.
+#[test]
+fn the_mount_merges_its_index_objects() {
+    let rt = owfs_tests::runtime();
+    for c in Case::all() {
+        let store = c.store();
+        let index_objects = || rt.block_on(store.list("index")).unwrap().len();
+        let m = c.mount_rw("ix", "mnt", &["commit_interval_ms=600000"]);
+        let mut gens = Vec::new();
+        for i in 0..40 {
+            std::fs::write(m.path(&format!("f{i}")), format!("file {i}\n")).unwrap();
+            gens.push(m.sync());
+        }
+        // The committer merges after answering a sync: one more commit waits for the last.
+        std::fs::write(m.path("last"), b"last").unwrap();
+        m.sync();
+        let st = m.status();
+        let n = index_objects();
+        // At most 15 unmerged, the merged one, and a merge of the last commit in flight.
+        assert!(
+            n <= 20,
+            "[{}] 41 commits left {n} index objects; status {}",
+            c.name,
+            st["index_compactions"]
+        );
+        assert!(st["index_compactions"]["count"].as_u64().unwrap() >= 2);
+        m.umount();
+        // A fresh node, and an old generation, read what the merged objects name.
+        let m2 = c.mount_rw("ix", "mnt2", &[]);
+        for i in 0..40 {
+            assert_eq!(
+                std::fs::read_to_string(m2.path(&format!("f{i}"))).unwrap(),
+                format!("file {i}\n")
+            );
+        }
+        drop(m2);
+        assert_eq!(read_gen_file(&c, "ix", gens[4], "f4").unwrap(), b"file 4\n");
+        assert!(read_gen_file(&c, "ix", gens[4], "f5").is_err());
+    }
+}
+
 #[test]
 fn a_fresh_node_reads_a_large_workspace_on_demand() {
     let c = Case::s3();

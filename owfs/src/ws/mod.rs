@@ -93,6 +93,10 @@ pub struct Stats {
     pub last_commit_ms: u64,
     pub last_commit_duration_ms: u64,
     pub throttled_writes: u64,
+    /// Index objects of this mount merged into one (docs/decisions/index-compaction.md).
+    pub index_compactions: u64,
+    pub index_objects_merged: u64,
+    pub last_compaction_ms: u64,
 }
 
 struct SyncState {
@@ -427,6 +431,7 @@ impl Shared {
                 continue;
             }
             let r = self.commit_once(!stop, asked);
+            let committed = matches!(r, Ok(Some(_)));
             let mut s = self.sync.lock();
             match r {
                 Ok(rec) => {
@@ -459,10 +464,32 @@ impl Shared {
             if stop {
                 break;
             }
+            if committed {
+                self.compact_index();
+            }
         }
         let mut s = self.sync.lock();
         s.finished = true;
         self.sync_cv.notify_all();
+    }
+
+    /// After a commit (its waiters already answered): merges this mount's recent index
+    /// objects once there are enough of them. A failure only costs a later reader more GETs.
+    fn compact_index(&self) {
+        let last = self.stats.lock().last_compaction_ms;
+        match self.repo.compact_own_index(last) {
+            Ok(None) => {}
+            Ok(Some(c)) => {
+                let mut st = self.stats.lock();
+                st.index_compactions += 1;
+                st.index_objects_merged += c.merged as u64;
+                st.last_compaction_ms = generation::now_ms();
+            }
+            Err(e) => {
+                eprintln!("owfs: {}: merging this mount's index objects: {e}", self.ws);
+                self.stats.lock().last_compaction_ms = generation::now_ms();
+            }
+        }
     }
 
     /// Status for `owfs status` and the control socket.
@@ -496,6 +523,7 @@ impl Shared {
             "last_error": st.last_error,
             "last_commit_duration_ms": st.last_commit_duration_ms,
             "throttled_writes": st.throttled_writes,
+            "index_compactions": {"count": st.index_compactions, "objects_merged": st.index_objects_merged},
             "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
             "requests": self.repo.store.counters(),
             "fuse_transport": match self.uring_threads.load(Ordering::Relaxed) {
