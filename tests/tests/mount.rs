@@ -766,6 +766,68 @@ fn fsync_of_the_root_directory_is_sync() {
     }
 }
 
+/// A name that does not exist is asked for once: the daemon answers a negative entry the
+/// kernel keeps, so probing the same missing path again (as interpreters and `git` do) costs
+/// no request. Every way a name comes into being or goes through this kernel, which updates
+/// the cached dentry: the names read back as on a local disk and the generation holds them.
+#[test]
+fn a_missing_name_is_asked_for_once() {
+    let c = Case::file();
+    let m = c.mount_rw("neg", "mnt", &[]);
+    std::fs::create_dir(m.path("d")).unwrap();
+    let lookups = |m: &owfs_tests::RwMount| m.status()["fuse_requests"]["lookup"].as_u64().unwrap();
+    let probe = |name: &str| std::fs::symlink_metadata(m.path(name)).map(|_| ());
+    let before = lookups(&m);
+    for _ in 0..100 {
+        for name in ["d/a", "d/b", "d/c", "d/e", "d/s"] {
+            assert_eq!(
+                probe(name).unwrap_err().kind(),
+                std::io::ErrorKind::NotFound
+            );
+        }
+    }
+    let asked = lookups(&m) - before;
+    assert!(
+        asked <= 5,
+        "500 probes of 5 missing names sent {asked} LOOKUPs"
+    );
+    // Each cached negative name comes into being in another way.
+    std::fs::write(m.path("d/a"), b"file").unwrap();
+    std::fs::create_dir(m.path("d/b")).unwrap();
+    std::os::unix::fs::symlink("a", m.path("d/s")).unwrap();
+    std::fs::hard_link(m.path("d/a"), m.path("d/e")).unwrap();
+    std::fs::rename(m.path("d/e"), m.path("d/c")).unwrap();
+    assert_eq!(std::fs::read(m.path("d/a")).unwrap(), b"file");
+    assert!(m.path("d/b").is_dir());
+    assert_eq!(std::fs::read(m.path("d/s")).unwrap(), b"file");
+    assert_eq!(std::fs::read(m.path("d/c")).unwrap(), b"file");
+    assert_eq!(
+        probe("d/e").unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    // And goes again.
+    std::fs::remove_file(m.path("d/a")).unwrap();
+    assert_eq!(
+        probe("d/a").unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert!(std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path("d/a"))
+        .is_ok());
+    let mut names: Vec<_> = std::fs::read_dir(m.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c", "s"]);
+    let g = m.umount();
+    assert_eq!(read_gen_file(&c, "neg", g, "d/c").unwrap(), b"file");
+    assert_eq!(read_gen_file(&c, "neg", g, "d/a").unwrap(), b"");
+    assert!(read_gen_file(&c, "neg", g, "d/e").is_err());
+}
+
 /// A mount merges the index objects of its commits (one each) instead of leaving the store one
 /// more object per commit for every later reader to fetch; every generation stays readable.
 #[test]

@@ -117,6 +117,27 @@ fn attr_of(ino: u64, n: &Node) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: node 0 tells the kernel the name does not exist.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn errno(e: std::io::Error) -> Errno {
     match e.raw_os_error() {
         Some(c) => Errno::from_i32(c),
@@ -546,9 +567,15 @@ fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
 /// The operations, independent of the transport that carries them (fuser's /dev/fuse loop
 /// below, or the io_uring queues in `uring`). Each returns what the reply carries.
 impl OwfsFs {
+    /// An absent name answers a negative entry (node 0) valid for TTL, not ENOENT: the kernel
+    /// then keeps the negative dentry, so the next stat, open or O_CREAT of that name costs no
+    /// LOOKUP. As for positive entries, every change to a directory comes through this
+    /// kernel, which updates its dentries itself (decisions/negative-entries.md).
     pub(super) fn op_lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
         self.enter(Op::Lookup)?;
-        let ino = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
+        let Some(ino) = self.lookup_child(parent, name)? else {
+            return Ok(negative_entry());
+        };
         let mut t = self.s.table.lock();
         let n = t.get_mut(ino).ok_or(Errno::ENOENT)?;
         n.lookups += 1;
