@@ -856,6 +856,9 @@ fn the_mount_merges_its_index_objects() {
         );
         assert!(st["index_compactions"]["count"].as_u64().unwrap() >= 2);
         m.umount();
+        // The unmount merged what was left: one object names every pack of the mount.
+        let n = index_objects();
+        assert_eq!(n, 1, "[{}] after the unmount {n} index objects", c.name);
         // A fresh node, and an old generation, read what the merged objects name.
         let m2 = c.mount_rw("ix", "mnt2", &[]);
         for i in 0..40 {

@@ -492,6 +492,13 @@ impl Shared {
         }
     }
 
+    /// At a clean stop: merges every index object of this mount still young enough, whatever
+    /// the usual thresholds (at least two of them).
+    fn compact_index_final(&self) {
+        self.stats.lock().last_compaction_ms = 0;
+        self.compact_index();
+    }
+
     /// Status for `owfs status` and the control socket.
     pub fn status(&self) -> serde_json::Value {
         let s = self.sync.lock();
@@ -1022,6 +1029,12 @@ pub fn run(
         let s = shared.sync.lock();
         (s.done_ok >= s.requested, s.last.clone())
     };
+    if ok && !shared.failed.load(Ordering::SeqCst) {
+        // Merge what is left of this mount's index objects (up to 15 young ones), so that
+        // short-lived mounts, the common case for sandboxes, do not leave one object per
+        // commit to every later reader. One PUT and parallel DELETEs, under the lease.
+        shared.compact_index_final();
+    }
     shared.stop_renewer();
     let _ = renewer.join();
     if ok && !shared.failed.load(Ordering::SeqCst) {
