@@ -766,6 +766,57 @@ fn fsync_of_the_root_directory_is_sync() {
     }
 }
 
+/// A cache directory that fills up: under the writeback cache `write()` cannot fail at once,
+/// so the WRITEs the daemon cannot store lose their bytes. That is never hidden: fsync fails
+/// with ENOSPC, the next `owfs sync` fails naming the file (once), status counts the bytes,
+/// and once space is freed the mount goes on and commits as before.
+#[test]
+fn a_full_cache_directory_is_reported_not_hidden() {
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let c = Case::file();
+    let cache = c.dir("full.cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs on {}", cache.display());
+    let _tmpfs = Tmpfs(cache.clone());
+    let m = c.mount_rw("full", "full", &[]);
+    std::fs::create_dir(m.path("d")).unwrap();
+    let mut f = std::fs::File::create(m.path("d/big")).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..64 {
+        f.write_all(&chunk).unwrap();
+    }
+    let e = f.sync_all().unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "fsync: {e}");
+    drop(f);
+    let out = c.owfs(&["sync", m.at.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync succeeded: {err}");
+    assert!(
+        err.contains("could not be stored in the cache directory") && err.contains("d/big"),
+        "sync said: {err}"
+    );
+    let lost = &m.status()["lost_writes"];
+    assert!(lost["bytes"].as_u64().unwrap() >= 1 << 20, "status: {lost}");
+    // Reported once; space freed, the mount goes on.
+    std::fs::remove_file(m.path("d/big")).unwrap();
+    m.sync();
+    std::fs::write(m.path("d/after"), b"after").unwrap();
+    let g = m.sync();
+    assert_eq!(read_gen_file(&c, "full", g, "d/after").unwrap(), b"after");
+    assert!(read_gen_file(&c, "full", g, "d/big").is_err());
+}
+
 /// A name that does not exist is asked for once: the daemon answers a negative entry the
 /// kernel keeps, so probing the same missing path again (as interpreters and `git` do) costs
 /// no request. Every way a name comes into being or goes through this kernel, which updates

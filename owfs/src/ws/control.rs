@@ -103,7 +103,16 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condv
     let reply = match req.get("op").and_then(|o| o.as_str()) {
         Some("status") => json!({"ok": true, "status": shared.status()}),
         Some("sync") => match shared.sync_now() {
-            Ok(rec) => json!({"ok": true, "generation": rec.number, "spec": rec.spec()}),
+            Ok(rec) => match shared.take_lost_writes() {
+                None => json!({"ok": true, "generation": rec.number, "spec": rec.spec()}),
+                Some(why) => json!({
+                    "ok": false,
+                    "error": format!("generation {} is durable, but {why}", rec.spec()),
+                    "generation": rec.number,
+                    "lost_writes": true,
+                    "cache_dir": shared.cache_dir,
+                }),
+            },
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         Some("umount") => umount(shared, done),
@@ -188,6 +197,17 @@ pub fn request(mountpoint: &Path, op: &str) -> Result<Value> {
     })?;
     if v["ok"] == json!(true) {
         Ok(v)
+    } else if v["lost_writes"] == json!(true) {
+        // Not the store's fault: the cache directory refused bytes (full, or an I/O error).
+        Err(Error::io(
+            Path::new(v["cache_dir"].as_str().unwrap_or_default()),
+            std::io::Error::other(
+                v["error"]
+                    .as_str()
+                    .unwrap_or("writes were lost")
+                    .to_string(),
+            ),
+        ))
     } else {
         Err(Error::Store {
             store: canon.display().to_string(),

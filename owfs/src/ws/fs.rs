@@ -931,7 +931,10 @@ impl OwfsFs {
         // does not, so a cut never waits for it (see FileData::write_begin).
         let (d, inflight) = self.mutation(Op::Write, || {
             let d = self.file_data(ino)?;
-            let w = d.write_begin(&self.s.repo, offset, data).map_err(errno)?;
+            let w = d
+                .write_begin(&self.s.repo, offset, data)
+                .map_err(errno)
+                .inspect_err(|e| self.s.note_lost_write(ino, offset, data.len(), *e))?;
             if kill_priv {
                 self.kill_suidgid_of(ino, c);
             }
@@ -946,8 +949,11 @@ impl OwfsFs {
             Ok(()) => Ok(data.len() as u32),
             Err(e) => {
                 // The length may have gone back: the attributes follow it.
-                let _g = self.s.gate.read();
-                self.data_changed(ino, 0);
+                {
+                    let _g = self.s.gate.read();
+                    self.data_changed(ino, 0);
+                }
+                self.s.note_lost_write(ino, offset, data.len(), e);
                 Err(e)
             }
         }
@@ -1051,10 +1057,17 @@ impl OwfsFs {
         if ino != ROOT || datasync {
             return Ok(());
         }
-        self.s.sync_now().map(|_| ()).map_err(|e| {
+        self.s.sync_now().map_err(|e| {
             eprintln!("owfs: {}: sync failed: {e}", self.s.ws);
             Errno::EIO
-        })
+        })?;
+        match self.s.take_lost_writes() {
+            Some(why) => {
+                eprintln!("owfs: {}: sync: {why}", self.s.ws);
+                Err(Errno::EIO)
+            }
+            None => Ok(()),
+        }
     }
 
     pub(super) fn op_statfs(&self) -> Result<rustix::fs::StatVfs, Errno> {

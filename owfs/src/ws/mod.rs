@@ -97,6 +97,13 @@ pub struct Stats {
     pub index_compactions: u64,
     pub index_objects_merged: u64,
     pub last_compaction_ms: u64,
+    /// WRITEs the daemon answered with an error (the cache directory full, an I/O error):
+    /// the kernel drops those pages, so their bytes are in no generation.
+    pub lost_writes: u64,
+    pub lost_write_bytes: u64,
+    pub last_lost_write: Option<String>,
+    /// Lost writes no `owfs sync` (or fsync of the root) has reported yet.
+    pub lost_unreported: u64,
 }
 
 struct SyncState {
@@ -346,6 +353,70 @@ impl Shared {
         }
     }
 
+    /// A WRITE the daemon could not store (its pages are gone from the kernel too). Said on
+    /// stderr at the first one since the last report, counted in status, and reported by the
+    /// next `sync` (`take_lost_writes`).
+    pub(super) fn note_lost_write(&self, ino: u64, offset: u64, len: usize, err: fuser::Errno) {
+        let err = std::io::Error::from_raw_os_error(err.code());
+        let what = format!(
+            "{len} bytes at offset {offset} of {} ({err})",
+            self.path_of(ino)
+        );
+        let first = {
+            let mut st = self.stats.lock();
+            st.lost_writes += 1;
+            st.lost_write_bytes += len as u64;
+            st.lost_unreported += 1;
+            st.last_lost_write = Some(what.clone());
+            st.lost_unreported == 1
+        };
+        if first {
+            eprintln!(
+                "owfs: {}: LOST WRITE: {what}: the kernel has dropped these bytes and no \
+                 generation will hold them; free space in the cache directory {} (the mount's \
+                 `df` shows it); `owfs sync` reports this",
+                self.ws,
+                self.cache_dir.display()
+            );
+        }
+    }
+
+    /// Lost writes not yet reported, as an error for the `sync` that reports them.
+    pub(super) fn take_lost_writes(&self) -> Option<String> {
+        let mut st = self.stats.lock();
+        if st.lost_unreported == 0 {
+            return None;
+        }
+        let n = std::mem::take(&mut st.lost_unreported);
+        Some(format!(
+            "{n} write(s) could not be stored in the cache directory {} and are in no \
+             generation (last: {}); the generation is durable without them",
+            self.cache_dir.display(),
+            st.last_lost_write.as_deref().unwrap_or("?")
+        ))
+    }
+
+    /// A path of `ino` in the mount, for messages (the first name found; `inode N` if none).
+    fn path_of(&self, ino: u64) -> String {
+        let t = self.table.lock();
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur = ino;
+        while cur != state::ROOT && parts.len() < 256 {
+            let found = t.nodes.iter().find_map(|(&dir, n)| {
+                n.children()
+                    .and_then(|c| c.iter().find(|(_, &c)| c == cur))
+                    .map(|(name, _)| (dir, String::from_utf8_lossy(name).into_owned()))
+            });
+            let Some((dir, name)) = found else {
+                return format!("inode {ino}");
+            };
+            parts.push(name);
+            cur = dir;
+        }
+        parts.reverse();
+        format!("{}/{}", self.mountpoint.display(), parts.join("/"))
+    }
+
     /// The regular files the kernel holds (its lookups not all forgotten): the only ones
     /// that can have pages in the kernel's writeback.
     fn kernel_files(&self) -> Vec<u64> {
@@ -530,6 +601,7 @@ impl Shared {
             "last_error": st.last_error,
             "last_commit_duration_ms": st.last_commit_duration_ms,
             "throttled_writes": st.throttled_writes,
+            "lost_writes": {"count": st.lost_writes, "bytes": st.lost_write_bytes, "last": st.last_lost_write},
             "index_compactions": {"count": st.index_compactions, "objects_merged": st.index_objects_merged},
             "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
             "requests": self.repo.store.counters(),
