@@ -102,6 +102,8 @@ pub struct Stats {
     pub lost_writes: u64,
     pub lost_write_bytes: u64,
     pub last_lost_write: Option<String>,
+    /// The inode of the last lost write and its path.
+    pub last_lost_path: (u64, String),
     /// Lost writes no `owfs sync` (or fsync of the root) has reported yet.
     pub lost_unreported: u64,
 }
@@ -358,12 +360,16 @@ impl Shared {
     /// next `sync` (`take_lost_writes`).
     pub(super) fn note_lost_write(&self, ino: u64, offset: u64, len: usize, err: fuser::Errno) {
         let err = std::io::Error::from_raw_os_error(err.code());
-        let what = format!(
-            "{len} bytes at offset {offset} of {} ({err})",
-            self.path_of(ino)
-        );
+        // A stream of lost writes is usually one file's: find its path once.
+        let known = {
+            let st = self.stats.lock();
+            (st.last_lost_path.0 == ino).then(|| st.last_lost_path.1.clone())
+        };
+        let path = known.unwrap_or_else(|| self.path_of(ino));
+        let what = format!("{len} bytes at offset {offset} of {path} ({err})");
         let first = {
             let mut st = self.stats.lock();
+            st.last_lost_path = (ino, path);
             st.lost_writes += 1;
             st.lost_write_bytes += len as u64;
             st.lost_unreported += 1;
