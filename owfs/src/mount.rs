@@ -211,6 +211,9 @@ pub fn umount(mountpoint: &Path, json: bool, handoff: bool) -> Result<i32> {
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
     if crate::ws::control::socket_path(&canon).exists() {
         let v = crate::ws::control::request(mountpoint, "umount")?;
+        if let Some(why) = v["lost_writes"].as_str() {
+            eprintln!("owfs: warning: {why}");
+        }
         if json {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         } else if handoff {

@@ -815,6 +815,20 @@ fn a_full_cache_directory_is_reported_not_hidden() {
     let g = m.sync();
     assert_eq!(read_gen_file(&c, "full", g, "d/after").unwrap(), b"after");
     assert!(read_gen_file(&c, "full", g, "d/big").is_err());
+    // A loss no sync reported yet is said by the unmount (which still succeeds).
+    let mut f = std::fs::File::create(m.path("d/big2")).unwrap();
+    for _ in 0..64 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let out = c.owfs(&["umount", m.at.to_str().unwrap()]);
+    std::mem::forget(m);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "umount: {err}");
+    assert!(
+        err.contains("warning") && err.contains("d/big2"),
+        "umount said: {err}"
+    );
 }
 
 /// A name that does not exist is asked for once: the daemon answers a negative entry the

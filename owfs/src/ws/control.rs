@@ -163,6 +163,8 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
             "ok": true,
             "generation": st["generation"],
             "spec": format!("{}@{}", shared.ws, st["generation"]),
+            // Lost writes no sync reported yet (the cache directory was full): said, not fatal.
+            "lost_writes": shared.take_lost_writes(),
             "status": st,
         })
     } else {
