@@ -164,6 +164,11 @@ pub enum Command {
     /// script).
     ///
     /// Returns once the mount is ready (the daemon goes on in the background) unless -f.
+    ///
+    /// Also `mount -t owfs WS DIR -o store=URL,cache_dir=DIR,OPTIONS` and /etc/fstab lines of
+    /// type owfs, once /sbin/mount.owfs is a symlink to this binary; the store and AWS_*
+    /// variables may come from /etc/owfs/env (or -o env_file=PATH); nosuid, nodev and noexec
+    /// are kernel flags (docs/decisions/mount-helper.md).
     Mount {
         /// WS (read-write), or WS@N with -o ro.
         spec: String,

@@ -353,7 +353,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             if opts.read_only {
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-                return crate::mount::run_read_only(repo, rec, mountpoint);
+                return crate::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
             }
             let (ws, n) = generation::parse_spec(spec)?;
             if n.is_some() {

@@ -6,6 +6,7 @@ mod commands;
 mod exit;
 mod fuse_util;
 mod mount;
+mod mount_helper;
 mod timetravel;
 mod ui;
 mod ws;
@@ -19,7 +20,23 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = cli::Cli::parse();
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let helper = mount_helper::invoked_as_helper(&argv0);
+    let cli = if helper {
+        match helper_cli() {
+            Ok(Some(cli)) => cli,
+            Ok(None) => std::process::exit(0),
+            Err(msg) => {
+                eprintln!("mount.owfs: {msg}");
+                eprintln!(
+                    "  usage: mount -t owfs WS[@N] DIR [-o store=URL,cache_dir=DIR,OPTIONS] (see `owfs mount --help`)"
+                );
+                std::process::exit(mount_helper::EXIT_USAGE);
+            }
+        }
+    } else {
+        cli::Cli::parse()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,5 +58,59 @@ fn main() {
         }
     };
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    // As mount(8)'s helper, answer in its statuses (the error line above says which failure).
+    let code = match code {
+        0 => 0,
+        _ if helper && code == exit::USAGE => mount_helper::EXIT_USAGE,
+        _ if helper => mount_helper::EXIT_FAILURE,
+        c => c,
+    };
     std::process::exit(code);
+}
+
+/// The command line of `mount.owfs` (run by mount(8)) as an `owfs mount` one, after the
+/// environment file is read; None for `-f` (fake), once everything checked out.
+fn helper_cli() -> Result<Option<cli::Cli>, String> {
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| format!("argument {a:?} is not UTF-8"))
+        })
+        .collect::<Result<Vec<String>, String>>()?;
+    let inv = mount_helper::translate(&args, |o| {
+        mount::MountOpts::parse(Some(o))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })?;
+    if let Some(f) = &inv.env_file {
+        let text = std::fs::read_to_string(f).map_err(|e| {
+            format!(
+                "{}: {e}{}",
+                f.display(),
+                if inv.env_file_explicit {
+                    ""
+                } else {
+                    " (the default environment file)"
+                }
+            )
+        })?;
+        let vars =
+            mount_helper::parse_env_file(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        for (k, v) in vars {
+            if std::env::var_os(&k).is_none() {
+                // Single-threaded here: no runtime or other thread has started yet.
+                std::env::set_var(k, v);
+            }
+        }
+    }
+    let cli = <cli::Cli as clap::Parser>::try_parse_from(&inv.argv).map_err(|e| {
+        e.to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_string()
+    })?;
+    Ok((!inv.fake).then_some(cli))
 }

@@ -27,15 +27,18 @@ impl MountOpts {
             match opt.split_once('=') {
                 None if opt == "ro" => o.read_only = true,
                 None if opt == "rw" => o.read_only = false,
+                None if opt == "nosuid" => o.ws.flags.nosuid = true,
+                None if opt == "suid" => o.ws.flags.nosuid = false,
+                None if opt == "nodev" => o.ws.flags.nodev = true,
+                None if opt == "dev" => o.ws.flags.nodev = false,
+                None if opt == "noexec" => o.ws.flags.noexec = true,
+                None if opt == "exec" => o.ws.flags.noexec = false,
                 // Accepted for fstab and `mount -t owfs` compatibility; always in effect.
                 None if matches!(
                     opt,
                     "defaults"
                         | "allow_other"
                         | "default_permissions"
-                        | "dev"
-                        | "suid"
-                        | "exec"
                         | "auto"
                         | "noauto"
                         | "nofail"
@@ -74,7 +77,12 @@ pub fn is_owfs_mount(path: &Path) -> bool {
 }
 
 /// Serves `rec` read-only on `mountpoint` until it is unmounted.
-pub fn run_read_only(repo: Arc<Repo>, rec: GenRecord, mountpoint: &Path) -> Result<i32> {
+pub fn run_read_only(
+    repo: Arc<Repo>,
+    rec: GenRecord,
+    mountpoint: &Path,
+    flags: crate::ws::KernelFlags,
+) -> Result<i32> {
     let spec = rec.spec();
     let fs = TimeTravel::new(repo, rec)?;
     let mut config = fuser::Config::default();
@@ -85,6 +93,7 @@ pub fn run_read_only(repo: Arc<Repo>, rec: GenRecord, mountpoint: &Path) -> Resu
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
     ];
+    config.mount_options.extend(flags.options());
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(2);
     eprintln!("owfs: serving {spec} read-only on {}", mountpoint.display());

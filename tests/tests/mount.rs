@@ -1303,3 +1303,140 @@ print(out)
     assert!(got[0].contains("'0o100444', 'hello'"), "{}", got[0]);
     m.umount();
 }
+
+/// `mount -t owfs` and `/etc/fstab`: mount(8) runs the owfs binary as `/sbin/mount.owfs`; the
+/// store comes from an environment file (a boot-time mount has no login environment), plain
+/// `umount` commits the final generation, and failures answer in mount(8)'s statuses.
+#[test]
+fn mount_t_owfs_and_fstab() {
+    // mount(8) looks for helpers in /sbin only (merged /usr on Debian 12: /usr/sbin).
+    let helper = Path::new("/sbin/mount.owfs");
+    let bin = std::fs::canonicalize(owfs_tests::owfs_bin()).unwrap();
+    let _ = std::fs::remove_file(helper);
+    std::os::unix::fs::symlink(&bin, helper).unwrap();
+    let uring = std::env::var("OWFS_TEST_URING")
+        .map(|u| format!(",uring={u}"))
+        .unwrap_or_default();
+    for c in Case::all() {
+        let at = c.dir("mnt");
+        let ro = c.dir("ro");
+        let other = c.dir("other");
+        for d in [&at, &ro, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // What a boot-time mount knows: the environment file names the store and credentials.
+        let env_file = c.dir("owfs.env");
+        let mut env = format!("# the store of this node\nOWFS_STORE={}\n", c.url);
+        for k in [
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+        ] {
+            if let Ok(v) = std::env::var(k) {
+                env.push_str(&format!("export {k}=\"{v}\"\n"));
+            }
+        }
+        std::fs::write(&env_file, env).unwrap();
+        let fstab = c.dir("fstab");
+        std::fs::write(
+            &fstab,
+            format!(
+                "# owfs workspaces\nfst  {}  owfs  env_file={},cache_dir={},commit_interval_ms=200,nosuid,noauto,_netdev,x-systemd.requires=network-online.target{uring}  0 0\n",
+                at.display(),
+                env_file.display(),
+                c.dir("mnt.cache").display()
+            ),
+        )
+        .unwrap();
+        let mount8 = |args: &[&str]| {
+            let out = std::process::Command::new("mount")
+                .args(args)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (code, err) = mount8(&["-T", fstab.to_str().unwrap(), at.to_str().unwrap()]);
+        assert_eq!(code, 0, "{}: mount -T fstab: {err}", c.name);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
+            .expect("the mount is in the kernel's table");
+        assert!(line.contains("nosuid"), "{line}");
+        assert!(line.contains("owfs:fst"), "{line}");
+        std::fs::write(at.join("notes.txt"), b"from fstab").unwrap();
+
+        // A second mount of the held workspace fails with mount(8)'s status 32, saying why.
+        let (code, err) = mount8(&[
+            "-t",
+            "owfs",
+            "fst",
+            other.to_str().unwrap(),
+            "-o",
+            &format!(
+                "env_file={},cache_dir={}",
+                env_file.display(),
+                c.dir("other.cache").display()
+            ),
+        ]);
+        assert_eq!(code, 32, "{}: second mount: {err}", c.name);
+        assert!(err.contains("held"), "{}: {err}", c.name);
+        assert!(!owfs_tests::is_mounted(&other));
+
+        // An unknown option is a usage error (1) that names it, and nothing is mounted.
+        let (code, err) = mount8(&[
+            "-t",
+            "owfs",
+            "fst2",
+            other.to_str().unwrap(),
+            "-o",
+            &format!("env_file={},comit_interval_ms=5", env_file.display()),
+        ]);
+        assert_eq!(code, 1, "{}: {err}", c.name);
+        assert!(err.contains("comit_interval_ms"), "{err}");
+        assert!(!owfs_tests::is_mounted(&other));
+
+        // Plain umount: the daemon then commits a final generation (umount(8) does not wait
+        // for it; `owfs umount` does) and releases the lease.
+        let st = std::process::Command::new("umount")
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(!owfs_tests::is_mounted(&at));
+        let t0 = std::time::Instant::now();
+        while c.json(&["status", "fst"])["lease"]["released"].as_bool() != Some(true) {
+            assert!(
+                t0.elapsed().as_secs() < 60,
+                "the daemon never released the lease"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let g = c.history("fst").iter().map(|(n, _, _)| *n).max().unwrap();
+        assert_eq!(
+            c.ok(&["cat", &format!("fst@{g}"), "notes.txt"]),
+            "from fstab"
+        );
+
+        // Time travel through mount -t owfs: that generation, read-only.
+        let (code, err) = mount8(&[
+            "-t",
+            "owfs",
+            &format!("fst@{g}"),
+            ro.to_str().unwrap(),
+            "-o",
+            &format!("ro,env_file={}", env_file.display()),
+        ]);
+        assert_eq!(code, 0, "{}: ro mount: {err}", c.name);
+        assert_eq!(std::fs::read(ro.join("notes.txt")).unwrap(), b"from fstab");
+        assert!(std::fs::write(ro.join("new"), b"x").is_err());
+        c.ok(&["umount", ro.to_str().unwrap()]);
+    }
+    let _ = std::fs::remove_file(helper);
+}

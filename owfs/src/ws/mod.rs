@@ -42,6 +42,28 @@ pub struct WsOptions {
     pub wait: Option<Option<Duration>>,
     /// `--takeover`: fence out the holder before its lease expires.
     pub takeover: bool,
+    /// `-o nosuid,nodev,noexec`: the kernel's mount flags.
+    pub flags: KernelFlags,
+}
+
+/// Mount flags the kernel enforces (`-o nosuid`, `nodev`, `noexec`; off by default, as on a
+/// local disk).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KernelFlags {
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+}
+
+impl KernelFlags {
+    pub fn options(self) -> Vec<fuser::MountOption> {
+        use fuser::MountOption as M;
+        vec![
+            if self.nosuid { M::NoSuid } else { M::Suid },
+            if self.nodev { M::NoDev } else { M::Dev },
+            if self.noexec { M::NoExec } else { M::Exec },
+        ]
+    }
 }
 
 impl Default for WsOptions {
@@ -57,6 +79,7 @@ impl Default for WsOptions {
             on_lease_loss: None,
             wait: None,
             takeover: false,
+            flags: KernelFlags::default(),
         }
     }
 }
@@ -664,7 +687,7 @@ impl WsOptions {
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
-                    reason: "unknown mount option (known: ro, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
+                    reason: "unknown mount option (known: ro, rw, nosuid, nodev, noexec, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
                 })
             }
         }
@@ -1032,10 +1055,9 @@ pub fn run(
         fuser::MountOption::FSName(format!("owfs:{ws}")),
         fuser::MountOption::Subtype("owfs".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
         fuser::MountOption::RW,
     ];
+    config.mount_options.extend(shared.opts.flags.options());
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads);
     config.clone_fd = true;
