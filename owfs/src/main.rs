@@ -60,10 +60,9 @@ fn main() {
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     // As mount(8)'s helper, answer in its statuses (the error line above says which failure).
     let code = match code {
-        0 => 0,
-        _ if helper && code == exit::USAGE => mount_helper::EXIT_USAGE,
-        _ if helper => mount_helper::EXIT_FAILURE,
-        c => c,
+        c if !helper || c == 0 => c,
+        exit::USAGE => mount_helper::EXIT_USAGE,
+        _ => mount_helper::EXIT_FAILURE,
     };
     std::process::exit(code);
 }

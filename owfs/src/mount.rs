@@ -33,23 +33,37 @@ impl MountOpts {
                 None if opt == "dev" => o.ws.flags.nodev = false,
                 None if opt == "noexec" => o.ws.flags.noexec = true,
                 None if opt == "exec" => o.ws.flags.noexec = false,
-                // Accepted for fstab and `mount -t owfs` compatibility; always in effect.
-                None if matches!(
-                    opt,
-                    "defaults"
-                        | "allow_other"
-                        | "default_permissions"
-                        | "auto"
-                        | "noauto"
-                        | "nofail"
-                        | "_netdev"
-                ) => {}
+                // Always in effect.
+                None if opt == "allow_other" || opt == "default_permissions" => {}
+                _ if is_mount8_only(opt) => {}
                 Some((k, v)) => o.ws.set(k, v)?,
                 None => o.ws.set(opt, "")?,
             }
         }
         Ok(o)
     }
+}
+
+/// Options only mount(8), systemd and fstab act on (`noauto`, `_netdev`, `x-systemd.*`, …):
+/// they reach `owfs mount` and the mount helper and say nothing to the daemon.
+pub fn is_mount8_only(opt: &str) -> bool {
+    let key = opt.split_once('=').map_or(opt, |(k, _)| k);
+    matches!(
+        key,
+        "defaults"
+            | "auto"
+            | "noauto"
+            | "nofail"
+            | "_netdev"
+            | "user"
+            | "nouser"
+            | "users"
+            | "owner"
+            | "group"
+            | "comment"
+            | "loop"
+            | "helper"
+    ) || key.starts_with("x-")
 }
 
 fn mount_err(mountpoint: &Path, e: std::io::Error) -> Error {

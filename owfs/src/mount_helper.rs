@@ -42,28 +42,6 @@ pub fn invoked_as_helper(argv0: &std::ffi::OsStr) -> bool {
         .is_some_and(|n| NAMES.contains(&n))
 }
 
-/// Options mount(8) itself acts on (or that only mean something to it, systemd and fstab):
-/// they reach the helper but say nothing to the daemon.
-fn is_mount8_only(opt: &str) -> bool {
-    let key = opt.split_once('=').map_or(opt, |(k, _)| k);
-    matches!(
-        key,
-        "defaults"
-            | "auto"
-            | "noauto"
-            | "nofail"
-            | "_netdev"
-            | "user"
-            | "nouser"
-            | "users"
-            | "owner"
-            | "group"
-            | "comment"
-            | "loop"
-            | "helper"
-    ) || key.starts_with("x-")
-}
-
 /// Turns mount(8)'s helper arguments (`args` without argv\[0\]) into an `owfs mount` command.
 /// `check` tells whether one daemon option is valid (used for `-s`, sloppy: unknown options
 /// are dropped with a warning instead of refused).
@@ -76,11 +54,16 @@ pub fn translate(
     let (mut sloppy, mut fake) = (false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        // `-o OPTS` or `-oOPTS`.
+        if let Some(v) = a.strip_prefix("-o") {
+            let v = match v {
+                "" => it.next().ok_or("-o needs a value")?.as_str(),
+                v => v,
+            };
+            opts.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from));
+            continue;
+        }
         match a.as_str() {
-            "-o" => {
-                let v = it.next().ok_or("-o needs a value")?;
-                opts.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from));
-            }
             "-t" => {
                 let t = it.next().ok_or("-t needs a value")?;
                 if t != "owfs" && t != "fuse.owfs" {
@@ -93,14 +76,6 @@ pub fn translate(
                 "-N (another mount namespace) is not supported: run mount inside that namespace"
                     .into(),
             ),
-            s if s.starts_with("-o") && s.len() > 2 => {
-                opts.extend(
-                    s[2..]
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(String::from),
-                );
-            }
             s if s.starts_with('-') && s.len() > 1 => {
                 for c in s[1..].chars() {
                     match c {
@@ -142,7 +117,7 @@ pub fn translate(
             ("store" | "cache_dir" | "env_file", None) => {
                 return Err(format!("option {k} needs a value ({k}=...)"))
             }
-            _ if is_mount8_only(&o) => {}
+            _ if crate::mount::is_mount8_only(&o) => {}
             _ => match check(&o) {
                 Ok(()) => daemon.push(o),
                 Err(e) if sloppy => eprintln!("owfs: ignoring mount option {o} (-s): {e}"),

@@ -1349,11 +1349,12 @@ fn mount_t_owfs_and_fstab() {
             ),
         )
         .unwrap();
-        let mount8 = |args: &[&str]| {
+        let mount8 = |args: &[&str], env: &[(&str, &str)]| {
             let out = std::process::Command::new("mount")
                 .args(args)
                 .env_clear()
                 .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .envs(env.iter().copied())
                 .output()
                 .unwrap();
             (
@@ -1361,7 +1362,26 @@ fn mount_t_owfs_and_fstab() {
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             )
         };
-        let (code, err) = mount8(&["-T", fstab.to_str().unwrap(), at.to_str().unwrap()]);
+        // `mount -t owfs SPEC DIR -o OPTS` (an empty `env_file` leaves it to the default).
+        let mount_t =
+            |spec: &str, dir: &Path, env_file: &Path, opts: &str, env: &[(&str, &str)]| {
+                let mut o = vec![opts.to_string()];
+                if !env_file.as_os_str().is_empty() {
+                    o.push(format!("env_file={}", env_file.display()));
+                }
+                mount8(
+                    &[
+                        "-t",
+                        "owfs",
+                        spec,
+                        dir.to_str().unwrap(),
+                        "-o",
+                        &o.join(","),
+                    ],
+                    env,
+                )
+            };
+        let (code, err) = mount8(&["-T", fstab.to_str().unwrap(), at.to_str().unwrap()], &[]);
         assert_eq!(code, 0, "{}: mount -T fstab: {err}", c.name);
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let line = info
@@ -1373,31 +1393,14 @@ fn mount_t_owfs_and_fstab() {
         std::fs::write(at.join("notes.txt"), b"from fstab").unwrap();
 
         // A second mount of the held workspace fails with mount(8)'s status 32, saying why.
-        let (code, err) = mount8(&[
-            "-t",
-            "owfs",
-            "fst",
-            other.to_str().unwrap(),
-            "-o",
-            &format!(
-                "env_file={},cache_dir={}",
-                env_file.display(),
-                c.dir("other.cache").display()
-            ),
-        ]);
+        let other_cache = format!("cache_dir={}", c.dir("other.cache").display());
+        let (code, err) = mount_t("fst", &other, &env_file, &other_cache, &[]);
         assert_eq!(code, 32, "{}: second mount: {err}", c.name);
         assert!(err.contains("held"), "{}: {err}", c.name);
         assert!(!owfs_tests::is_mounted(&other));
 
         // An unknown option is a usage error (1) that names it, and nothing is mounted.
-        let (code, err) = mount8(&[
-            "-t",
-            "owfs",
-            "fst2",
-            other.to_str().unwrap(),
-            "-o",
-            &format!("env_file={},comit_interval_ms=5", env_file.display()),
-        ]);
+        let (code, err) = mount_t("fst2", &other, &env_file, "comit_interval_ms=5", &[]);
         assert_eq!(code, 1, "{}: {err}", c.name);
         assert!(err.contains("comit_interval_ms"), "{err}");
         assert!(!owfs_tests::is_mounted(&other));
@@ -1424,15 +1427,36 @@ fn mount_t_owfs_and_fstab() {
             "from fstab"
         );
 
-        // Time travel through mount -t owfs: that generation, read-only.
-        let (code, err) = mount8(&[
-            "-t",
-            "owfs",
-            &format!("fst@{g}"),
-            ro.to_str().unwrap(),
-            "-o",
-            &format!("ro,env_file={}", env_file.display()),
-        ]);
+        // A variable already in the environment wins over the file's.
+        let spec = format!("fst@{g}");
+        let elsewhere = format!("file://{}", c.dir("no-store").display());
+        let (code, err) = mount_t(&spec, &ro, &env_file, "ro", &[("OWFS_STORE", &elsewhere)]);
+        assert_eq!(code, 32, "{}: {err}", c.name);
+        assert!(
+            err.contains("no-store"),
+            "{}: the environment's store was not used: {err}",
+            c.name
+        );
+        assert!(!owfs_tests::is_mounted(&ro));
+
+        // Time travel through mount -t owfs: that generation, read-only, with the store read
+        // from the default /etc/owfs/env (when this machine has none of its own).
+        let default_env = Path::new("/etc/owfs/env");
+        let use_default = !default_env.exists();
+        if use_default {
+            std::fs::create_dir_all("/etc/owfs").unwrap();
+            std::fs::copy(&env_file, default_env).unwrap();
+        }
+        let named = if use_default {
+            Path::new("")
+        } else {
+            env_file.as_path()
+        };
+        let (code, err) = mount_t(&spec, &ro, named, "ro", &[]);
+        if use_default {
+            std::fs::remove_file(default_env).unwrap();
+            let _ = std::fs::remove_dir("/etc/owfs");
+        }
         assert_eq!(code, 0, "{}: ro mount: {err}", c.name);
         assert_eq!(std::fs::read(ro.join("notes.txt")).unwrap(), b"from fstab");
         assert!(std::fs::write(ro.join("new"), b"x").is_err());
