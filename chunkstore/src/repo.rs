@@ -266,6 +266,25 @@ impl Repo {
             }
             std::mem::take(&mut *own)
         };
+        // gc deletes the index objects it merged into its own (which keeps only the packs it
+        // did not condemn): merging such an object from memory would name its condemned packs
+        // again. Only objects still in the store are merged; the others are forgotten.
+        let listed: std::collections::HashSet<String> =
+            match self.block_on(self.store.list("index")) {
+                Ok(l) => l.into_iter().map(|l| l.key).collect(),
+                Err(e) => {
+                    self.restore_own_index(inputs);
+                    return Err(e);
+                }
+            };
+        let inputs: Vec<OwnIndex> = inputs
+            .into_iter()
+            .filter(|o| listed.contains(&o.key))
+            .collect();
+        if inputs.len() < 2 {
+            self.restore_own_index(inputs);
+            return Ok(None);
+        }
         let file = IndexFile {
             packs: inputs.iter().flat_map(|o| o.packs.clone()).collect(),
         };
@@ -274,9 +293,7 @@ impl Repo {
         let size = bytes.len();
         if let Err(e) = self.block_on(self.store.put(&key, bytes.into())) {
             // Nothing changed in the store: merge them next time.
-            let mut own = self.own_index.lock().expect("own index");
-            let newer = std::mem::replace(&mut *own, inputs);
-            own.extend(newer);
+            self.restore_own_index(inputs);
             return Err(e);
         }
         {
@@ -309,6 +326,13 @@ impl Repo {
                 bytes: size,
             })),
         }
+    }
+
+    /// Puts index objects taken for a merge back in front of any written meanwhile.
+    fn restore_own_index(&self, inputs: Vec<OwnIndex>) {
+        let mut own = self.own_index.lock().expect("own index");
+        let newer = std::mem::replace(&mut *own, inputs);
+        own.extend(newer);
     }
 
     /// Drops the in-memory index (after gc rewrote it).

@@ -129,7 +129,7 @@ pub enum Command {
         /// Keep generations newer than this (e.g. 7d, 12h).
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         keep_within: Option<std::time::Duration>,
-        /// Grace period (default 1h).
+        /// Grace period (default 1h); under 15m it is refused while a workspace is mounted.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1h")]
         grace: std::time::Duration,
     },

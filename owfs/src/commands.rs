@@ -261,6 +261,9 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             grace,
         } => {
             let repo = open(cli, &rt, false)?;
+            if !*dry_run {
+                refuse_short_grace_while_mounted(&repo, *grace)?;
+            }
             let opts = GcOptions {
                 dry_run: *dry_run,
                 keep_last: *keep_last,
@@ -393,6 +396,40 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Shortest `gc --grace` allowed while a workspace of the store is mounted: a mount merges
+/// its own index objects while their packs are younger than `COMPACT_MAX_AGE_MS` (10 min),
+/// so a gc that condemned and deleted a younger pack could see a later merge name it again
+/// (docs/decisions/index-compaction.md). 5 minutes more cover clock skew and the merge.
+const GC_GRACE_WHILE_MOUNTED: std::time::Duration =
+    std::time::Duration::from_millis(chunkstore::repo::COMPACT_MAX_AGE_MS + 5 * 60 * 1000);
+
+fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> Result<()> {
+    if grace >= GC_GRACE_WHILE_MOUNTED {
+        return Ok(());
+    }
+    let now = generation::now_ms();
+    let skew_ms = lease::LeaseConfig::default().max_skew.as_millis() as u64;
+    for ws in repo.block_on(generation::list_workspaces(&repo.store))? {
+        let lease = repo
+            .block_on(lease::read(&repo.store, &ws))
+            .map_err(|e| crate::ws::lease_error(&ws, e))?;
+        if let Some(l) = lease.filter(|l| !l.released && now < l.expires_ms + skew_ms) {
+            return Err(Error::Conflict(format!(
+                "gc --grace {} refused: workspace {ws} is mounted by {} (lease live), and a \
+                 mount may still name packs younger than {} in the index; use --grace {} or \
+                 more, or run gc once no workspace is mounted",
+                humantime::format_duration(grace),
+                l.holder.node,
+                humantime::format_duration(std::time::Duration::from_millis(
+                    chunkstore::repo::COMPACT_MAX_AGE_MS
+                )),
+                humantime::format_duration(GC_GRACE_WHILE_MOUNTED),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `owfs status MOUNTPOINT|WS`: from the daemon if TARGET is an owfs mount, else from the
