@@ -789,7 +789,18 @@ fn a_full_cache_directory_is_reported_not_hidden() {
         .success();
     assert!(ok, "mount tmpfs on {}", cache.display());
     let _tmpfs = Tmpfs(cache.clone());
-    let m = c.mount_rw("full", "full", &[]);
+    // Every publish takes 400 ms more, so that two syncs below overlap.
+    let faults = [("OWFS_FAULTS", "delay_ms=400,only=/gens/")];
+    let out = c
+        .mount_cmd("full", "full", &[], &[], &faults)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = c.rw_handle("full", "full");
     std::fs::create_dir(m.path("d")).unwrap();
     let mut f = std::fs::File::create(m.path("d/big")).unwrap();
     let chunk = vec![0x5au8; 1 << 20];
@@ -815,6 +826,33 @@ fn a_full_cache_directory_is_reported_not_hidden() {
     let g = m.sync();
     assert_eq!(read_gen_file(&c, "full", g, "d/after").unwrap(), b"after");
     assert!(read_gen_file(&c, "full", g, "d/big").is_err());
+    // Like writeback errors for fsync: every sync begun before a loss was reported fails,
+    // two concurrent ones included, and a later one succeeds.
+    let mut f = std::fs::File::create(m.path("d/big3")).unwrap();
+    for _ in 0..64 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let sync = || {
+        c.owfs_cmd(&["sync", m.at.to_str().unwrap()], &[])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = sync();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let second = sync();
+    for (which, child) in [("first", first), ("second", second)] {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("d/big3"),
+            "{which} concurrent sync: {err}"
+        );
+    }
+    std::fs::remove_file(m.path("d/big3")).unwrap();
+    m.sync();
     // A loss no sync reported yet is said by the unmount (which still succeeds).
     let mut f = std::fs::File::create(m.path("d/big2")).unwrap();
     for _ in 0..64 {

@@ -102,8 +102,8 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condv
     let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
     let reply = match req.get("op").and_then(|o| o.as_str()) {
         Some("status") => json!({"ok": true, "status": shared.status()}),
-        Some("sync") => match shared.sync_now() {
-            Ok(rec) => match shared.take_lost_writes() {
+        Some("sync") => match shared.sync_reporting_lost() {
+            Ok((rec, lost)) => match lost {
                 None => json!({"ok": true, "generation": rec.number, "spec": rec.spec()}),
                 Some(why) => json!({
                     "ok": false,
@@ -131,6 +131,7 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
     {
         done.0.lock().waiting += 1;
     }
+    let seen = shared.stats.lock().lost_reported;
     // Commit first, so the pause after the unmount covers only the last writes.
     if let Err(e) = shared.sync_now() {
         return json!({"ok": false, "error": format!("commit before unmount failed: {e}")});
@@ -164,7 +165,7 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
             "generation": st["generation"],
             "spec": format!("{}@{}", shared.ws, st["generation"]),
             // Lost writes no sync reported yet (the cache directory was full): said, not fatal.
-            "lost_writes": shared.take_lost_writes(),
+            "lost_writes": shared.lost_writes_since(seen),
             "status": st,
         })
     } else {

@@ -1057,11 +1057,11 @@ impl OwfsFs {
         if ino != ROOT || datasync {
             return Ok(());
         }
-        self.s.sync_now().map_err(|e| {
+        let (_, lost) = self.s.sync_reporting_lost().map_err(|e| {
             eprintln!("owfs: {}: sync failed: {e}", self.s.ws);
             Errno::EIO
         })?;
-        match self.s.take_lost_writes() {
+        match lost {
             Some(why) => {
                 eprintln!("owfs: {}: sync: {why}", self.s.ws);
                 Err(Errno::EIO)

@@ -127,8 +127,8 @@ pub struct Stats {
     pub last_lost_write: Option<String>,
     /// The inode of the last lost write and its path.
     pub last_lost_path: (u64, String),
-    /// Lost writes no `owfs sync` (or fsync of the root) has reported yet.
-    pub lost_unreported: u64,
+    /// `lost_writes` as of the last `owfs sync` (or fsync of the root) that reported them.
+    pub lost_reported: u64,
 }
 
 struct SyncState {
@@ -380,7 +380,7 @@ impl Shared {
 
     /// A WRITE the daemon could not store (its pages are gone from the kernel too). Said on
     /// stderr at the first one since the last report, counted in status, and reported by the
-    /// next `sync` (`take_lost_writes`).
+    /// next `sync` (`sync_reporting_lost`).
     pub(super) fn note_lost_write(&self, ino: u64, offset: u64, len: usize, err: fuser::Errno) {
         let err = std::io::Error::from_raw_os_error(err.code());
         // A stream of lost writes is usually one file's: find its path once.
@@ -395,9 +395,8 @@ impl Shared {
             st.last_lost_path = (ino, path);
             st.lost_writes += 1;
             st.lost_write_bytes += len as u64;
-            st.lost_unreported += 1;
             st.last_lost_write = Some(what.clone());
-            st.lost_unreported == 1
+            st.lost_writes - st.lost_reported == 1
         };
         if first {
             eprintln!(
@@ -410,19 +409,30 @@ impl Shared {
         }
     }
 
-    /// Lost writes not yet reported, as an error for the `sync` that reports them.
-    pub(super) fn take_lost_writes(&self) -> Option<String> {
+    /// `sync_now`, and the writes lost since the last report, if any, as the error of this
+    /// sync. Like a file's writeback errors for fsync (errseq): every sync that began before
+    /// a loss was reported fails, concurrent ones included, and none after.
+    pub fn sync_reporting_lost(&self) -> Result<(GenRecord, Option<String>)> {
+        let seen = self.stats.lock().lost_reported;
+        let rec = self.sync_now()?;
+        Ok((rec, self.lost_writes_since(seen)))
+    }
+
+    /// Writes lost since `seen` (a `lost_reported` taken before), as an error message; they
+    /// count as reported from now on.
+    pub(super) fn lost_writes_since(&self, seen: u64) -> Option<String> {
         let mut st = self.stats.lock();
-        if st.lost_unreported == 0 {
-            return None;
-        }
-        let n = std::mem::take(&mut st.lost_unreported);
-        Some(format!(
-            "{n} write(s) could not be stored in the cache directory {} and are in no \
-             generation (last: {}); the generation is durable without them",
-            self.cache_dir.display(),
-            st.last_lost_write.as_deref().unwrap_or("?")
-        ))
+        let now = st.lost_writes;
+        st.lost_reported = st.lost_reported.max(now);
+        (now > seen).then(|| {
+            format!(
+                "{} write(s) could not be stored in the cache directory {} and are in no \
+                 generation (last: {}); the generation is durable without them",
+                now - seen,
+                self.cache_dir.display(),
+                st.last_lost_write.as_deref().unwrap_or("?")
+            )
+        })
     }
 
     /// A path of `ino` in the mount, for messages (the first name found; `inode N` if none).
@@ -567,6 +577,12 @@ impl Shared {
             if committed {
                 self.compact_index();
             }
+        }
+        // Whatever stopped the mount (`owfs umount`, umount(8), a signal), the log says
+        // what no sync reported.
+        let reported = self.stats.lock().lost_reported;
+        if let Some(why) = self.lost_writes_since(reported) {
+            eprintln!("owfs: {}: at the end of the mount: {why}", self.ws);
         }
         let mut s = self.sync.lock();
         s.finished = true;
