@@ -520,6 +520,7 @@ impl Shared {
     }
 
     fn committer(self: &Arc<Self>) {
+        let mut nice = Nice::new();
         loop {
             let (target, stop, asked) = {
                 let mut s = self.sync.lock();
@@ -528,6 +529,7 @@ impl Shared {
                 }
                 (s.requested, s.stop, s.asked())
             };
+            nice.background(!(asked || stop));
             if self.failed.load(Ordering::SeqCst) {
                 let mut s = self.sync.lock();
                 s.done_err = target;
@@ -936,6 +938,51 @@ fn raise_nofile_limit() {
             },
         );
     }
+}
+
+/// The committer's priority. A periodic commit nobody waits for runs at nice
+/// `BACKGROUND_NICE` (with the pack workers it starts, which inherit it): chunking, hashing and
+/// compressing then yield the CPUs to the workload on a small machine, yet still get about a
+/// tenth of a contended CPU, so commits slow down under load but never stop. A commit someone
+/// waits for (`owfs sync`, fsync of the root, a throttled writer, the unmount) runs at the
+/// normal priority. Used only where the thread can return to nice 0 (CAP_SYS_NICE).
+struct Nice {
+    usable: bool,
+    background: bool,
+}
+
+const BACKGROUND_NICE: i32 = 10;
+
+impl Nice {
+    fn new() -> Nice {
+        let usable = set_nice(BACKGROUND_NICE) && set_nice(0);
+        if !usable {
+            set_nice(0);
+        }
+        Nice {
+            usable,
+            background: false,
+        }
+    }
+
+    fn background(&mut self, on: bool) {
+        if self.usable && on != self.background {
+            let ok = set_nice(if on { BACKGROUND_NICE } else { 0 });
+            if ok {
+                self.background = on;
+            } else if !on {
+                // Cannot return to nice 0 after all (the check in `new` passed): leave it to
+                // the kernel and stop switching.
+                self.usable = false;
+            }
+        }
+    }
+}
+
+/// Sets the calling thread's nice value (Linux: per thread).
+fn set_nice(n: i32) -> bool {
+    // SAFETY: plain system call on the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) == 0 }
 }
 
 /// A named daemon thread.
