@@ -120,13 +120,17 @@ pub fn fork(repo: &Arc<Repo>, source: &GenRecord, new_ws: &str) -> Result<GenRec
     Ok(rec)
 }
 
-/// `owfs rollback WS N`: a new generation whose content is that of N; history is kept.
-pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64) -> Result<GenRecord> {
+/// `owfs rollback WS N`: a new generation whose content is that of N; history is kept. It
+/// carries `epoch` (a mount's rollback, under its lease), else the latest generation's.
+pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64, epoch: Option<u64>) -> Result<GenRecord> {
     let target = repo.block_on(generation::get_generation(&repo.store, ws, n))?;
     let latest = repo
         .block_on(generation::latest(&repo.store, ws))?
         .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
-    let rec = derived(&target, ws, Some(&latest), "rollback");
+    let mut rec = derived(&target, ws, Some(&latest), "rollback");
+    if let Some(e) = epoch {
+        rec.epoch = e;
+    }
     publish_checked(repo, &rec, &HashSet::from([target.root_hash()?]))?;
     Ok(rec)
 }

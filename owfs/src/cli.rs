@@ -99,6 +99,9 @@ pub enum Command {
         new: String,
     },
     /// Publish a new generation of WS whose content equals generation N (history is kept).
+    ///
+    /// Refused (status 11) while WS is mounted: the mount's next commit would fail and stop
+    /// it. Unmount first, or roll back as it mounts: `owfs mount WS DIR -o rollback=N`.
     Rollback {
         /// Workspace.
         ws: String,
@@ -146,6 +149,12 @@ pub enum Command {
     /// With `-o ro` (time travel): a read-only view of WS@N (or WS's latest) served straight
     /// from the store, nothing restored first.
     ///
+    /// With `-o fork=SRC@N`: WS starts as a fork of SRC@N (O(1), nothing copied) if it does not
+    /// exist yet; the same command run again (after a crash, on another node) mounts the fork
+    /// as it is, and any other existing WS is refused (status 10). With `-o rollback=N`: once
+    /// the lease is taken, generation N's content is published as WS's newest generation
+    /// (history is kept) and served; every mount with this option rolls back again.
+    ///
     /// One writer per workspace: the mount takes the workspace's lease first. If another node
     /// holds it, the mount fails at once naming the holder and when its lease expires (status
     /// 11); --wait waits for it, --takeover fences the holder out now. A node that cannot renew
@@ -161,7 +170,7 @@ pub enum Command {
     /// lease_ttl_ms=N (default 30000), lease_renew_ms=N (10000), lease_margin_ms=N (5000),
     /// lease_skew_ms=N (largest clock difference between nodes, 2000); on_lease_loss=CMD
     /// (run by /bin/sh with OWFS_WORKSPACE, OWFS_MOUNTPOINT, OWFS_REASON; no commas: use a
-    /// script).
+    /// script); fork=SRC[@N]; rollback=N.
     ///
     /// Returns once the mount is ready (the daemon goes on in the background) unless -f.
     ///

@@ -249,7 +249,13 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
         Command::Rollback { ws, n } => {
             let repo = open(cli, &rt, false)?;
             generation::check_workspace_name(ws)?;
-            let rec = commit::rollback(&repo, ws, *n)?;
+            if let Some(l) = live_lease(&repo, ws)? {
+                return Err(Error::Held(format!(
+                    "workspace {ws} is mounted by node {} (host {}, pid {}): a rollback now would make that mount's next commit fail and stop it; unmount it first (`owfs umount`), or roll back as it mounts: `owfs mount {ws} DIR -o rollback={n}`",
+                    l.holder.node, l.holder.host, l.holder.pid
+                )));
+            }
+            let rec = commit::rollback(&repo, ws, *n, None)?;
             report_gen(cli, &rec, &format!("rolled back {ws} to generation {n} as"));
             Ok(0)
         }
@@ -354,6 +360,12 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 );
             }
             if opts.read_only {
+                if opts.ws.fork_from.is_some() || opts.ws.rollback_to.is_some() {
+                    return Err(Error::BadName {
+                        name: options.clone().unwrap_or_default(),
+                        reason: "-o ro serves a generation as it is: fork= and rollback= are for read-write mounts".into(),
+                    });
+                }
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
                 return crate::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
@@ -363,7 +375,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 return Err(Error::BadName {
                     name: spec.clone(),
                     reason: format!(
-                        "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro, or `owfs fork {spec} NEW` and mount NEW"
+                        "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro (read-only), `owfs mount NEW DIR -o fork={spec}` (a new workspace from it), or `owfs mount {ws} DIR -o rollback={}` (back to it)", n.unwrap_or(0)
                     ),
                 });
             }
@@ -409,13 +421,8 @@ fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> 
     if grace >= GC_GRACE_WHILE_MOUNTED {
         return Ok(());
     }
-    let now = generation::now_ms();
-    let skew_ms = lease::LeaseConfig::default().max_skew.as_millis() as u64;
     for ws in repo.block_on(generation::list_workspaces(&repo.store))? {
-        let lease = repo
-            .block_on(lease::read(&repo.store, &ws))
-            .map_err(|e| crate::ws::lease_error(&ws, e))?;
-        if let Some(l) = lease.filter(|l| !l.released && now < l.expires_ms + skew_ms) {
+        if let Some(l) = live_lease(repo, &ws)? {
             return Err(Error::Conflict(format!(
                 "gc --grace {} refused: workspace {ws} is mounted by {} (lease live), and a \
                  mount may still name packs younger than {} in the index; use --grace {} or \
@@ -430,6 +437,17 @@ fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> 
         }
     }
     Ok(())
+}
+
+/// The lease of `ws` if a node holds it (not released, not expired by our clock and the
+/// default skew).
+fn live_lease(repo: &Repo, ws: &str) -> Result<Option<lease::LeaseRecord>> {
+    let now = generation::now_ms();
+    let skew_ms = lease::LeaseConfig::default().max_skew.as_millis() as u64;
+    let lease = repo
+        .block_on(lease::read(&repo.store, ws))
+        .map_err(|e| crate::ws::lease_error(ws, e))?;
+    Ok(lease.filter(|l| !l.released && now < l.expires_ms + skew_ms))
 }
 
 /// `owfs status MOUNTPOINT|WS`: from the daemon if TARGET is an owfs mount, else from the

@@ -1050,6 +1050,78 @@ fn gc_with_a_short_grace_and_the_mounts_index_merges() {
     }
 }
 
+/// `-o fork=SRC@N` starts a new workspace from a generation, and the same command run again
+/// continues it (any other existing workspace is refused); `-o rollback=N` serves generation
+/// N's content, published under the mount's own lease; `owfs rollback` of a mounted workspace
+/// is refused instead of stopping the mount.
+#[test]
+fn a_mount_forks_or_rolls_back_as_it_starts() {
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for c in Case::all() {
+        let m = c.mount_rw("tmpl", "tmpl", &[]);
+        std::fs::write(m.path("a"), b"one").unwrap();
+        let g1 = m.sync();
+        std::fs::write(m.path("a"), b"two").unwrap();
+        let g2 = m.sync();
+        let out = c.owfs(&["rollback", "tmpl", &g1.to_string()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(11),
+            "[{}] rollback while mounted: {err}",
+            c.name
+        );
+        assert!(err.contains("rollback="), "[{}] {err}", c.name);
+        std::fs::write(m.path("b"), b"b").unwrap();
+        assert!(m.sync() > g2, "[{}] the mount stopped", c.name);
+        m.umount();
+
+        let fork = format!("fork=tmpl@{g1}");
+        let j = c.mount_rw("job", "job", &[&fork]);
+        assert_eq!(read(j.path("a")), b"one", "[{}]", c.name);
+        assert!(!j.path("b").exists(), "[{}]", c.name);
+        std::fs::write(j.path("c"), b"c").unwrap();
+        j.umount();
+        let j = c.mount_rw("job", "job", &[&fork]);
+        assert_eq!(
+            read(j.path("c")),
+            b"c",
+            "[{}] the fork did not continue",
+            c.name
+        );
+        j.umount();
+        for (ws, opts) in [("job", format!("fork=tmpl@{g2}")), ("tmpl", fork.clone())] {
+            let args = c.mount_args(ws, "job", &[&opts], &[]);
+            let out = c.owfs(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(10),
+                "[{}] {ws} -o {opts}: {err}",
+                c.name
+            );
+        }
+        assert_eq!(c.history("job")[0].2, "fork", "[{}]", c.name);
+
+        let r = c.mount_rw("tmpl", "tmpl", &[&format!("rollback={g1}")]);
+        assert_eq!(read(r.path("a")), b"one", "[{}]", c.name);
+        assert!(!r.path("b").exists(), "[{}]", c.name);
+        std::fs::write(r.path("d"), b"d").unwrap();
+        let after = r.sync();
+        r.umount();
+        let h = c.history("tmpl");
+        let back = h
+            .iter()
+            .find(|g| g.2 == "rollback")
+            .expect("a rollback generation");
+        let lease_epoch = h.last().unwrap().1;
+        assert_eq!(back.1, lease_epoch, "[{}] {h:?}", c.name);
+        assert!(back.0 < after, "[{}] {h:?}", c.name);
+        assert_eq!(read_gen_file(&c, "tmpl", after, "d").unwrap(), b"d");
+        assert!(read_gen_file(&c, "tmpl", after, "b").is_err());
+    }
+}
+
 #[test]
 fn a_fresh_node_reads_a_large_workspace_on_demand() {
     let c = Case::s3();

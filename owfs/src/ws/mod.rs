@@ -44,6 +44,10 @@ pub struct WsOptions {
     pub takeover: bool,
     /// `-o nosuid,nodev,noexec`: the kernel's mount flags.
     pub flags: KernelFlags,
+    /// `-o fork=SRC[@N]`: a workspace that does not exist yet starts as a fork of SRC@N.
+    pub fork_from: Option<String>,
+    /// `-o rollback=N`: once the lease is ours, publish generation N's content and serve it.
+    pub rollback_to: Option<u64>,
 }
 
 /// Mount flags the kernel enforces (`-o nosuid`, `nodev`, `noexec`; off by default, as on a
@@ -80,6 +84,8 @@ impl Default for WsOptions {
             wait: None,
             takeover: false,
             flags: KernelFlags::default(),
+            fork_from: None,
+            rollback_to: None,
         }
     }
 }
@@ -702,15 +708,86 @@ impl WsOptions {
             "lease_margin_ms" => self.lease.margin = Duration::from_millis(parse_number(v, key)?),
             "lease_skew_ms" => self.lease.max_skew = Duration::from_millis(parse_number(v, key)?),
             "on_lease_loss" => self.on_lease_loss = Some(v.to_string()).filter(|c| !c.is_empty()),
+            "fork" => {
+                generation::parse_spec(v)?;
+                self.fork_from = Some(v.to_string());
+            }
+            "rollback" => self.rollback_to = Some(parse_number(v, key)?),
             _ => {
                 return Err(Error::BadName {
                     name: key.to_string(),
-                    reason: "unknown mount option (known: ro, rw, nosuid, nodev, noexec, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=)".into(),
+                    reason: "unknown mount option (known: ro, rw, nosuid, nodev, noexec, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=, fork=, rollback=)".into(),
                 })
             }
         }
         Ok(())
     }
+}
+
+/// `-o fork=FROM`: forks FROM (`SRC` or `SRC@N`) as `ws` unless `ws` exists. An existing `ws`
+/// is mounted as it is only if it was forked from that generation (the same mount command
+/// run again, after a crash or on another node, continues the fork); otherwise the mount is
+/// refused, so that no workspace is served as something it is not.
+fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
+    generation::check_workspace_name(ws)?;
+    let (src_ws, src_n) = generation::parse_spec(from)?;
+    for _ in 0..2 {
+        let first = match repo.block_on(generation::get_generation(&repo.store, ws, 1)) {
+            Ok(rec) => Some(rec),
+            Err(Error::UnknownWorkspace(_)) => None,
+            // Generation 1 is gone (gc retention): nothing says where the workspace came from.
+            Err(Error::UnknownGeneration { .. }) => {
+                return Err(Error::Conflict(format!(
+                    "workspace {ws} already exists and its generation 1, which would show it is a fork of {from}, was deleted by gc; mount it without fork="
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(rec) = first else {
+            let src = repo.block_on(generation::resolve(&repo.store, from))?;
+            match chunkstore::commit::fork(repo, &src, ws) {
+                Ok(rec) => {
+                    eprintln!("owfs: {ws}: forked from {} as {}", src.spec(), rec.spec());
+                    return Ok(());
+                }
+                // Another node forked it at the same moment: check theirs. Otherwise the
+                // conflict is the source's (gc condemned what it needs): say that.
+                Err(e @ Error::Conflict(_)) => {
+                    if repo
+                        .block_on(generation::latest_number(&repo.store, ws))?
+                        .is_none()
+                    {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let origin = rec
+            .origin
+            .as_deref()
+            .and_then(|o| generation::parse_spec(o).ok());
+        let same = rec.kind == "fork"
+            && origin
+                .is_some_and(|(o_ws, o_n)| o_ws == src_ws && src_n.is_none_or(|n| o_n == Some(n)));
+        if same {
+            eprintln!(
+                "owfs: {ws}: exists, forked from {}: mounting it as it is",
+                rec.origin.as_deref().unwrap_or("?")
+            );
+            return Ok(());
+        }
+        return Err(Error::Conflict(format!(
+            "workspace {ws} already exists and did not start as a fork of {from} (its generation {} is a {}{}); mount it without fork=, or fork into a new name",
+            rec.number,
+            rec.kind,
+            rec.origin.as_deref().map(|o| format!(" of {o}")).unwrap_or_default()
+        )));
+    }
+    Err(Error::Conflict(format!(
+        "workspace {ws}: another node keeps creating it; mount it without fork="
+    )))
 }
 
 /// Where a workspace's working copy lives unless --cache-dir says otherwise.
@@ -1006,8 +1083,21 @@ pub fn run(
 ) -> Result<i32> {
     generation::check_workspace_name(ws)?;
     opts.lease.validate().map_err(|e| lease_error(ws, e))?;
+    if opts.fork_from.is_some() && opts.rollback_to.is_some() {
+        return Err(Error::BadName {
+            name: "fork=, rollback=".into(),
+            reason: "a mount either starts a new workspace as a fork or rolls an existing one back, not both".into(),
+        });
+    }
     let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
     let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
+    if let Some(from) = &opts.fork_from {
+        fork_unless_forked(&repo, ws, from)?;
+    }
+    if let Some(n) = opts.rollback_to {
+        // Before the lease: a wrong N fails here, not with the lease held.
+        repo.block_on(generation::get_generation(&repo.store, ws, n))?;
+    }
     // One writer per workspace: the lease first, then (after a takeover) the fence, and only
     // then anything else that publishes.
     let lease = holder::acquire(
@@ -1036,6 +1126,23 @@ pub fn run(
             rec.number, rec.epoch
         )));
     }
+    let rec = match opts.rollback_to {
+        Some(n) => match chunkstore::commit::rollback(&repo, ws, n, Some(epoch)) {
+            Ok(back) => {
+                eprintln!(
+                    "owfs: {ws}: rolled back to generation {n} as {}",
+                    back.spec()
+                );
+                back
+            }
+            Err(e) => {
+                // Nothing was served: free the workspace for the next attempt at once.
+                let _ = repo.block_on(lease.release());
+                return Err(e);
+            }
+        },
+        None => rec,
+    };
     let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
     // A pre-pull left blobs here: read them before asking the store.
     if blobs_dir(&cache_dir).is_dir() {
