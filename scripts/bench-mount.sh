@@ -11,8 +11,6 @@
 #   fsync); create / stat (cold) / rename / unlink of 10,000 empty files; untar of a crate's
 #   source (.crate from ~/.cargo/registry/cache, tokio by default); git init + add -A + commit
 #   of it; SQLite WAL, 2,000 one-row INSERT transactions with synchronous=NORMAL and =FULL.
-#   The untar starts 32 s after the unlinks end, on every system (ext4's slow creates right
-#   after mass deletes would otherwise be measured; see TREE_AFTER_META_S).
 #
 # Reported: a Markdown table of median wall times and the speed relative to native
 # (native time / system time: 1.00 = native speed, 0.50 = half), and a table of the daemon's
@@ -341,12 +339,6 @@ for s in "${systems[@]}"; do
 done
 
 WORKLOADS=(buf4k seq1m fsync4k meta tree sqlite)
-# After `meta` unlinks 10,000 files, creating an inode on this ext4 scans the recently deleted
-# ones for about 30 s (0.4 ms a create: native untar 47 ms -> 725 ms in one run). `tree` waits
-# until that long after `meta` ended, on every system alike, so that it measures the system,
-# not the disk's aftermath of the previous workload.
-TREE_AFTER_META_S=32
-((QUICK)) && TREE_AFTER_META_S=0
 # Upper bound for one `bench_mount.py run` (its phases each have --timeout, settling is capped
 # at 120 s): a last resort against a hung file system.
 run_cap=$((4 * (TIMEOUT + 130) + 60))
@@ -354,7 +346,6 @@ run_cap=$((4 * (TIMEOUT + 130) + 60))
 # --- one system ------------------------------------------------------------------------------
 bench_system() {
     local sys=$1 dir="$W/$1" mnt="$W/$1/mnt" bucket="bench-$1" t0 t1 before pids quiet run wl out
-    local meta_end=
     mkdir -p "$dir" "$mnt"
     quiet=$(quiet_for "$sys")
     if [[ $sys != native ]]; then
@@ -395,12 +386,6 @@ bench_system() {
                 stop_moto
                 return 0
             fi
-            if [[ $wl == tree && -n ${meta_end:-} ]]; then
-                local wait_s
-                wait_s=$("$PY" -c 'import sys, time; print(max(0.0, float(sys.argv[1]) - (time.time() - float(sys.argv[2]))))' "$TREE_AFTER_META_S" "$meta_end")
-                step "$sys: run $run/$RUNS: ${wait_s%.*} s pause after meta (see TREE_AFTER_META_S)"
-                sleep "$wait_s"
-            fi
             step "$sys: run $run/$RUNS: $wl"
             local args=(run "$mnt/r$run-$wl" "$wl" --system "$sys" --run "$run" --timeout "$TIMEOUT"
                 --tarball "$TARBALL" --settle-quiet "$quiet" "${SIZES[@]}")
@@ -411,7 +396,6 @@ bench_system() {
                 skip[$wl]=1
             fi
             printf '%s\n' "$out" | grep -v '^$' >>"$results"
-            [[ $wl == meta ]] && meta_end=$(date +%s.%N)
             if grep -q '"status": "timeout"' <<<"$out"; then
                 step "$sys: $wl timed out (>$TIMEOUT s); not run again on $sys"
                 skip[$wl]=1
