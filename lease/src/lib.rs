@@ -243,7 +243,7 @@ fn decode(bytes: &[u8], ws: &str) -> Result<LeaseRecord, LeaseError> {
 }
 
 /// Whether others may take `record` over now (without forcing), by wall clock `wall_ms`.
-fn is_free(record: &LeaseRecord, wall_ms: u64, cfg: &LeaseConfig) -> bool {
+pub fn is_free(record: &LeaseRecord, wall_ms: u64, cfg: &LeaseConfig) -> bool {
     record.released || wall_ms > record.expires_ms.saturating_add(ms(cfg.max_skew))
 }
 

@@ -360,12 +360,6 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 );
             }
             if opts.read_only {
-                if opts.ws.fork_from.is_some() || opts.ws.rollback_to.is_some() {
-                    return Err(Error::BadName {
-                        name: options.clone().unwrap_or_default(),
-                        reason: "-o ro serves a generation as it is: fork= and rollback= are for read-write mounts".into(),
-                    });
-                }
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
                 return crate::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
@@ -439,15 +433,13 @@ fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> 
     Ok(())
 }
 
-/// The lease of `ws` if a node holds it (not released, not expired by our clock and the
-/// default skew).
+/// The lease of `ws` if a node holds it: one a mount could not take without --takeover.
 fn live_lease(repo: &Repo, ws: &str) -> Result<Option<lease::LeaseRecord>> {
-    let now = generation::now_ms();
-    let skew_ms = lease::LeaseConfig::default().max_skew.as_millis() as u64;
     let lease = repo
         .block_on(lease::read(&repo.store, ws))
         .map_err(|e| crate::ws::lease_error(ws, e))?;
-    Ok(lease.filter(|l| !l.released && now < l.expires_ms + skew_ms))
+    let (now, cfg) = (generation::now_ms(), lease::LeaseConfig::default());
+    Ok(lease.filter(|l| !lease::is_free(l, now, &cfg)))
 }
 
 /// `owfs status MOUNTPOINT|WS`: from the daemon if TARGET is an owfs mount, else from the

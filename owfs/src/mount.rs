@@ -40,7 +40,23 @@ impl MountOpts {
                 None => o.ws.set(opt, "")?,
             }
         }
-        Ok(o)
+        let refuse = |name: &str, reason: &str| {
+            Err(Error::BadName {
+                name: name.into(),
+                reason: reason.into(),
+            })
+        };
+        match (o.read_only, &o.ws.fork_from, o.ws.rollback_to) {
+            (_, Some(_), Some(_)) => refuse(
+                "fork=, rollback=",
+                "a mount either starts a new workspace as a fork or rolls an existing one back, not both",
+            ),
+            (true, Some(_), _) | (true, _, Some(_)) => refuse(
+                "ro",
+                "-o ro serves a generation as it is: fork= and rollback= are for read-write mounts",
+            ),
+            _ => Ok(o),
+        }
     }
 }
 

@@ -731,19 +731,9 @@ impl WsOptions {
 fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
     generation::check_workspace_name(ws)?;
     let (src_ws, src_n) = generation::parse_spec(from)?;
-    for _ in 0..2 {
-        let first = match repo.block_on(generation::get_generation(&repo.store, ws, 1)) {
-            Ok(rec) => Some(rec),
-            Err(Error::UnknownWorkspace(_)) => None,
-            // Generation 1 is gone (gc retention): nothing says where the workspace came from.
-            Err(Error::UnknownGeneration { .. }) => {
-                return Err(Error::Conflict(format!(
-                    "workspace {ws} already exists and its generation 1, which would show it is a fork of {from}, was deleted by gc; mount it without fork="
-                )))
-            }
-            Err(e) => return Err(e),
-        };
-        let Some(rec) = first else {
+    let rec = match first_generation(repo, ws, from)? {
+        Some(rec) => rec,
+        None => {
             let src = repo.block_on(generation::resolve(&repo.store, from))?;
             match chunkstore::commit::fork(repo, &src, ws) {
                 Ok(rec) => {
@@ -752,42 +742,42 @@ fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
                 }
                 // Another node forked it at the same moment: check theirs. Otherwise the
                 // conflict is the source's (gc condemned what it needs): say that.
-                Err(e @ Error::Conflict(_)) => {
-                    if repo
-                        .block_on(generation::latest_number(&repo.store, ws))?
-                        .is_none()
-                    {
-                        return Err(e);
-                    }
-                    continue;
-                }
+                Err(e @ Error::Conflict(_)) => first_generation(repo, ws, from)?.ok_or(e)?,
                 Err(e) => return Err(e),
             }
-        };
-        let origin = rec
-            .origin
-            .as_deref()
-            .and_then(|o| generation::parse_spec(o).ok());
-        let same = rec.kind == "fork"
-            && origin
-                .is_some_and(|(o_ws, o_n)| o_ws == src_ws && src_n.is_none_or(|n| o_n == Some(n)));
-        if same {
-            eprintln!(
-                "owfs: {ws}: exists, forked from {}: mounting it as it is",
-                rec.origin.as_deref().unwrap_or("?")
-            );
-            return Ok(());
         }
+    };
+    let origin = rec
+        .origin
+        .as_deref()
+        .and_then(|o| generation::parse_spec(o).ok());
+    let same = rec.kind == "fork"
+        && origin.is_some_and(|(o_ws, o_n)| o_ws == src_ws && src_n.is_none_or(|n| o_n == Some(n)));
+    if !same {
         return Err(Error::Conflict(format!(
-            "workspace {ws} already exists and did not start as a fork of {from} (its generation {} is a {}{}); mount it without fork=, or fork into a new name",
-            rec.number,
+            "workspace {ws} already exists and did not start as a fork of {from} (its generation 1 is a {}{}); mount it without fork=, or fork into a new name",
             rec.kind,
             rec.origin.as_deref().map(|o| format!(" of {o}")).unwrap_or_default()
         )));
     }
-    Err(Error::Conflict(format!(
-        "workspace {ws}: another node keeps creating it; mount it without fork="
-    )))
+    eprintln!(
+        "owfs: {ws}: exists, forked from {}: mounting it as it is",
+        rec.origin.as_deref().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// Generation 1 of `ws` (None: no such workspace), for `fork_unless_forked`.
+fn first_generation(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<Option<GenRecord>> {
+    match repo.block_on(generation::get_generation(&repo.store, ws, 1)) {
+        Ok(rec) => Ok(Some(rec)),
+        Err(Error::UnknownWorkspace(_)) => Ok(None),
+        // Deleted by gc retention: nothing says where the workspace came from.
+        Err(Error::UnknownGeneration { .. }) => Err(Error::Conflict(format!(
+            "workspace {ws} already exists and its generation 1, which would show it is a fork of {from}, was deleted by gc; mount it without fork="
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where a workspace's working copy lives unless --cache-dir says otherwise.
@@ -1022,7 +1012,8 @@ fn raise_nofile_limit() {
 /// compressing then yield the CPUs to the workload on a small machine, yet still get about a
 /// tenth of a contended CPU, so commits slow down under load but never stop. A commit someone
 /// waits for (`owfs sync`, fsync of the root, a throttled writer, the unmount) runs at the
-/// normal priority. Used only where the thread can return to nice 0 (CAP_SYS_NICE).
+/// normal priority. Used only where the thread may return to nice 0 (root, or RLIMIT_NICE
+/// allowing it): elsewhere a thread that raised its nice value could never lower it again.
 struct Nice {
     usable: bool,
     background: bool,
@@ -1032,12 +1023,15 @@ const BACKGROUND_NICE: i32 = 10;
 
 impl Nice {
     fn new() -> Nice {
-        let usable = set_nice(BACKGROUND_NICE) && set_nice(0);
-        if !usable {
-            set_nice(0);
-        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain system call filling a local struct.
+        let nice_0_allowed =
+            unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } == 0 && lim.rlim_cur >= 20;
         Nice {
-            usable,
+            usable: rustix::process::geteuid().is_root() || nice_0_allowed,
             background: false,
         }
     }
@@ -1048,8 +1042,8 @@ impl Nice {
             if ok {
                 self.background = on;
             } else if !on {
-                // Cannot return to nice 0 after all (the check in `new` passed): leave it to
-                // the kernel and stop switching.
+                // Root without CAP_SYS_NICE (a restricted container): stuck in the background.
+                eprintln!("owfs: cannot return the committer to nice 0; it stays at nice {BACKGROUND_NICE}");
                 self.usable = false;
             }
         }
@@ -1083,12 +1077,6 @@ pub fn run(
 ) -> Result<i32> {
     generation::check_workspace_name(ws)?;
     opts.lease.validate().map_err(|e| lease_error(ws, e))?;
-    if opts.fork_from.is_some() && opts.rollback_to.is_some() {
-        return Err(Error::BadName {
-            name: "fork=, rollback=".into(),
-            reason: "a mount either starts a new workspace as a fork or rolls an existing one back, not both".into(),
-        });
-    }
     let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
     let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
     if let Some(from) = &opts.fork_from {
