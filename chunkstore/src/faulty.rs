@@ -10,7 +10,11 @@
 //! `fuse_write_delay_ms=N` (not a store fault: a mount's daemon waits N ms before serving each
 //! WRITE, so the kernel's writeback is still in flight when a cut starts), `uring_stop_after=N`
 //! (not a store fault either: each of the daemon's io_uring queue threads stops after taking N
-//! requests, leaving the last unanswered). P is a probability in [0, 1].
+//! requests, leaving the last unanswered), `commit_pause_ms=N` (the daemon's committer waits
+//! N ms between its barrier and reading the frozen files), `barrier_pause_ms=N` (the committer
+//! waits N ms between its flush of the kernel's pages and its barrier), `cut_attempts=N` (the barriers a
+//! commit tries before it holds back names replaced by renames whose sources it has not
+//! flushed yet; 1 holds them back at once). P is a probability in [0, 1].
 
 use std::fmt;
 use std::ops::Range;
@@ -47,6 +51,12 @@ pub struct FaultConfig {
     pub fuse_write_delay_ms: u64,
     /// Read by the mount's daemon: an io_uring queue thread stops after this many requests.
     pub uring_stop_after: Option<u64>,
+    /// Read by the mount's daemon: the committer waits this long after each barrier.
+    pub commit_pause_ms: u64,
+    /// Read by the mount's daemon: the committer waits this long before each barrier.
+    pub barrier_pause_ms: u64,
+    /// Read by the mount's daemon: barriers tried before names are held back.
+    pub cut_attempts: Option<u32>,
 }
 
 impl FaultConfig {
@@ -77,6 +87,9 @@ impl FaultConfig {
                 "down_file" => c.down_file = Some(v.into()),
                 "fuse_write_delay_ms" => c.fuse_write_delay_ms = v.parse().unwrap_or(0),
                 "uring_stop_after" => c.uring_stop_after = v.parse().ok(),
+                "commit_pause_ms" => c.commit_pause_ms = v.parse().unwrap_or(0),
+                "barrier_pause_ms" => c.barrier_pause_ms = v.parse().unwrap_or(0),
+                "cut_attempts" => c.cut_attempts = v.parse().ok(),
                 _ => {}
             }
         }

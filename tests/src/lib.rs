@@ -236,6 +236,16 @@ impl Case {
         out
     }
 
+    /// `owfs cat WS@N PATH`: the file's bytes in generation N, or the error owfs printed.
+    pub fn cat(&self, ws: &str, n: u64, path: &str) -> Result<Vec<u8>, String> {
+        let out = self.owfs(&["cat", &format!("{ws}@{n}"), path]);
+        if out.status.success() {
+            Ok(out.stdout)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     pub fn store(&self) -> Store {
         if let Some(m) = &self._moto {
             set_s3_env(&m.endpoint);

@@ -436,12 +436,7 @@ fn every_generation_is_a_prefix_of_the_writes() {
 }
 
 fn read_gen_file(c: &Case, ws: &str, n: u64, path: &str) -> Result<Vec<u8>, String> {
-    let out = c.owfs(&["cat", &format!("{ws}@{n}"), path]);
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    c.cat(ws, n, path)
 }
 
 /// Where the kernel has FUSE over io_uring, requests go through its queues, not /dev/fuse:

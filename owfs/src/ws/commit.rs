@@ -15,7 +15,7 @@ use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{Error, GenRecord, Hash, Result};
 
-use super::state::{Body, FileData, FrozenView, Table, ROOT};
+use super::state::{Body, FileData, FrozenView, Prior, Table, ROOT};
 use super::Shared;
 
 /// A frozen directory's entries, by name.
@@ -55,9 +55,29 @@ pub struct Cut {
     pending_at_cut: u64,
     /// Files, directories and bytes in the workspace at the cut.
     totals: (i64, i64, i64),
+    /// Files this cut held back (a name holds what it held before a rename, see
+    /// `state::Replaced`): they stay changed for the next cut.
+    pub held_back: Vec<u64>,
 }
 
-fn freeze_dir(t: &Table, ino: u64, files: &mut HashMap<u64, FrozenFile>) -> Items {
+/// A frozen file, once per inode however many names it has.
+fn freeze_file(files: &mut HashMap<u64, FrozenFile>, ino: u64, d: &Arc<FileData>) {
+    files.entry(ino).or_insert_with(|| {
+        let (size, dirty) = d.freeze();
+        FrozenFile {
+            data: d.clone(),
+            size,
+            dirty,
+        }
+    });
+}
+
+fn freeze_dir(
+    t: &Table,
+    ino: u64,
+    files: &mut HashMap<u64, FrozenFile>,
+    held_back: &mut Vec<u64>,
+) -> Items {
     let n = t.get(ino).expect("frozen directory exists");
     let Some(children) = n.children() else {
         return Vec::new();
@@ -66,6 +86,21 @@ fn freeze_dir(t: &Table, ino: u64, files: &mut HashMap<u64, FrozenFile>) -> Item
     for (name, &child) in children {
         let Some(c) = t.get(child) else { continue };
         if c.local_only || c.kind.to_tree().is_none() || super::state::node_local_name(name) {
+            continue;
+        }
+        if let Some(prior) = t.held_back(c, ino, name) {
+            held_back.push(child);
+            let item = match prior {
+                Prior::Committed(e) => Item::Clean(e.clone()),
+                Prior::Live { ino, entry, data } => {
+                    freeze_file(files, *ino, data.data());
+                    Item::File {
+                        ino: *ino,
+                        entry: (**entry).clone(),
+                    }
+                }
+            };
+            out.push((name.clone(), item));
             continue;
         }
         if let Some(e) = &c.committed {
@@ -77,17 +112,10 @@ fn freeze_dir(t: &Table, ino: u64, files: &mut HashMap<u64, FrozenFile>) -> Item
             Body::Dir { .. } => Item::Dir {
                 ino: child,
                 entry,
-                items: freeze_dir(t, child, files),
+                items: freeze_dir(t, child, files, held_back),
             },
             Body::File(d) => {
-                files.entry(child).or_insert_with(|| {
-                    let (size, dirty) = d.freeze();
-                    FrozenFile {
-                        data: d.clone(),
-                        size,
-                        dirty,
-                    }
-                });
+                freeze_file(files, child, d);
                 Item::File { ino: child, entry }
             }
             _ => Item::Leaf { ino: child, entry },
@@ -97,16 +125,29 @@ fn freeze_dir(t: &Table, ino: u64, files: &mut HashMap<u64, FrozenFile>) -> Item
     out
 }
 
+/// What the barrier found.
+pub(super) enum CutOutcome {
+    /// Nothing changed since the last generation.
+    Nothing,
+    /// Renames replaced files since the last flush: flush their sources, then cut.
+    FlushRenamesFirst,
+    Cut(Box<Cut>),
+}
+
 impl Shared {
-    /// The barrier: freezes what changed. Returns `None` when nothing did.
-    pub(super) fn cut(&self) -> Option<Cut> {
+    /// The barrier: freezes what changed. With renames whose sources were not flushed yet,
+    /// freezes only if `hold_back` (their names then hold what they held before).
+    pub(super) fn cut(&self, hold_back: bool) -> CutOutcome {
         let t0 = Instant::now();
         let _gate = self.gate.write();
         let pending_at_cut = self.pending.load(std::sync::atomic::Ordering::Relaxed);
         let mut t = self.table.lock();
         let root = t.get(ROOT).expect("root");
         if root.committed.is_some() {
-            return None;
+            return CutOutcome::Nothing;
+        }
+        if !hold_back && t.has_unflushed_renames() {
+            return CutOutcome::FlushRenamesFirst;
         }
         let root_attr = RootAttr {
             mode: root.attr.perm,
@@ -116,12 +157,13 @@ impl Shared {
         };
         let root_entry = root.entry(ROOT);
         let mut files = HashMap::new();
-        let items = freeze_dir(&t, ROOT, &mut files);
+        let mut held_back = Vec::new();
+        let items = freeze_dir(&t, ROOT, &mut files, &mut held_back);
         let epoch = t.epoch;
         t.epoch += 1;
         let totals = (t.files, t.dirs, t.bytes);
         drop(t);
-        Some(Cut {
+        CutOutcome::Cut(Box::new(Cut {
             epoch,
             root: Some((root_entry, items)),
             files,
@@ -129,7 +171,8 @@ impl Shared {
             barrier: t0.elapsed(),
             pending_at_cut,
             totals,
-        })
+            held_back,
+        }))
     }
 
     /// Uploads and publishes a cut; on failure every frozen change is dirty again.
@@ -155,6 +198,10 @@ impl Shared {
                             n.committed = Some(Arc::new(e));
                         }
                     }
+                }
+                // Held back: not in this generation, so not committed.
+                for ino in &cut.held_back {
+                    t.touch(*ino);
                 }
                 self.pending
                     .fetch_sub(cut.pending_at_cut, std::sync::atomic::Ordering::Relaxed);

@@ -368,6 +368,7 @@ impl OwfsFs {
             committed: None,
             touched: 0,
             local_only: kind == NKind::Socket || node_local_name(name),
+            replaced: None,
         };
         let attr = attr_of(ino, &node);
         t.nodes.insert(ino, node);
@@ -789,6 +790,7 @@ impl OwfsFs {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) && target.is_some() {
                 return Err(Errno::EEXIST);
             }
+            let mut prior = None;
             if exchange {
                 let tg = target.ok_or(Errno::ENOENT)?;
                 let tkind = t.get(tg).ok_or(Errno::ENOENT)?.kind;
@@ -821,6 +823,9 @@ impl OwfsFs {
                     }
                     _ => {}
                 }
+                if ckind == NKind::File && !node_local_name(newname) {
+                    prior = t.prior_of(tg, newparent, newname);
+                }
                 self.remove_name(&mut t, newparent, newname, tg);
             }
             let now = now_ns();
@@ -851,6 +856,9 @@ impl OwfsFs {
                 if n.kind == NKind::File {
                     n.local_only = node_local_name(newname);
                 }
+            }
+            if let Some(prior) = prior {
+                t.note_replacing_rename(child, newparent, newname, prior);
             }
             // The old parent first: touching the child marks only its new place.
             t.touch(parent);

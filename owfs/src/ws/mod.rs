@@ -22,7 +22,12 @@ use chunkstore::generation::{self, GenRecord};
 use chunkstore::{Error, Repo, Result};
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use commit::CutOutcome;
 use state::{Attr, Body, NKind, Node, Table, ROOT};
+
+/// Barriers a commit tries before it cuts with names held back by renames whose sources
+/// kept arriving during its flushes (state::Replaced).
+const CUT_ATTEMPTS: u32 = 4;
 
 /// Options of the read-write mount (`-o a=b,c`, and the lease flags).
 #[derive(Debug, Clone)]
@@ -115,6 +120,8 @@ pub enum Uring {
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub commits: u64,
+    /// Names cuts held at their content before a rename replaced them (state::Replaced).
+    pub names_held_back: u64,
     pub commit_failures: u64,
     pub last_error: Option<String>,
     /// Barrier durations of the last cuts, in microseconds (most recent last, at most 4096).
@@ -195,6 +202,13 @@ pub struct Shared {
     /// `uring_stop_after` of `OWFS_FAULTS` (tests only): an io_uring queue thread stops after
     /// taking this many requests, leaving the last one unanswered.
     pub(crate) uring_stop_after: Option<u64>,
+    /// `commit_pause_ms` of `OWFS_FAULTS` (tests only): the committer waits after a barrier.
+    commit_pause: Option<Duration>,
+    /// `barrier_pause_ms` of `OWFS_FAULTS` (tests only): the committer waits before a barrier.
+    barrier_pause: Option<Duration>,
+    /// Barriers a commit tries before it holds names back (`cut_attempts` of `OWFS_FAULTS`
+    /// in tests, else `CUT_ATTEMPTS`).
+    cut_attempts: u32,
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
@@ -477,31 +491,35 @@ impl Shared {
     /// (a cut someone waits for): also wait until every write the flush started has reached
     /// the daemon (syncfs alone does not, see flusher.rs).
     fn commit_once(&self, flush_kernel: bool, thorough: bool) -> Result<Option<GenRecord>> {
-        if flush_kernel {
-            // Pages the kernel holds (writeback cache) reach the daemon before the cut. This
-            // thread serves no FUSE request, so the writes it causes can be served.
-            // Opening the mount point is a request too: release throttled writers first.
-            self.flushing.store(true, Ordering::SeqCst);
-            self.backpressure.notify_all();
-            // In the flusher child (see flusher.rs); here only if it could not be started or
-            // has died.
-            let wait = if thorough {
-                self.kernel_files()
+        let mut attempt = 0;
+        let cut = loop {
+            if flush_kernel {
+                self.flush_kernel(thorough && attempt == 0);
             } else {
-                Vec::new()
-            };
-            if self
-                .flusher
-                .as_ref()
-                .is_none_or(|f| f.flush(&wait).is_err())
-            {
-                flusher::flush_here(&self.mountpoint, &wait);
+                // The kernel is gone (the mount stopped): no byte of a rename's source can
+                // still arrive, so what arrived is the file.
+                let mut t = self.table.lock();
+                let (renames, _) = t.unflushed_renames();
+                t.renames_flushed_up_to(renames);
             }
-            self.flushing.store(false, Ordering::SeqCst);
-        }
-        let Some(cut) = self.cut() else {
-            return Ok(None);
+            // A rename that replaced a file during the flush: flush its source too rather
+            // than hold its name back, a few times, then cut anyway (state::Replaced).
+            attempt += 1;
+            if let Some(d) = self.barrier_pause {
+                std::thread::sleep(d);
+            }
+            match self.cut(attempt >= self.cut_attempts) {
+                CutOutcome::Nothing => return Ok(None),
+                CutOutcome::FlushRenamesFirst => continue,
+                CutOutcome::Cut(c) => break *c,
+            }
         };
+        if let Some(d) = self.commit_pause {
+            std::thread::sleep(d);
+        }
+        if !cut.held_back.is_empty() {
+            self.stats.lock().names_held_back += cut.held_back.len() as u64;
+        }
         let barrier = cut.barrier;
         let parent = self.sync.lock().last.clone();
         let t0 = Instant::now();
@@ -523,6 +541,36 @@ impl Shared {
             }
         }
         r.map(Some)
+    }
+
+    /// Brings the kernel's dirty pages to the daemon before a cut (`thorough`: every file's,
+    /// and waits for them; else only starts them), and waits for the sources of renames that
+    /// replaced a file, whose names are held back until then (state::Replaced). This thread
+    /// serves no FUSE request, so the writes it causes can be served.
+    fn flush_kernel(&self, thorough: bool) {
+        // Opening the mount point is a request too: release throttled writers first.
+        self.flushing.store(true, Ordering::SeqCst);
+        self.backpressure.notify_all();
+        let (renames, sources) = self.table.lock().unflushed_renames();
+        let mut wait = if thorough {
+            self.kernel_files()
+        } else {
+            Vec::new()
+        };
+        wait.extend(sources);
+        wait.sort_unstable();
+        wait.dedup();
+        // In the flusher child (see flusher.rs); here only if it could not be started or has
+        // died.
+        if self
+            .flusher
+            .as_ref()
+            .is_none_or(|f| f.flush(&wait).is_err())
+        {
+            flusher::flush_here(&self.mountpoint, &wait);
+        }
+        self.table.lock().renames_flushed_up_to(renames);
+        self.flushing.store(false, Ordering::SeqCst);
     }
 
     fn committer(self: &Arc<Self>) {
@@ -650,6 +698,7 @@ impl Shared {
             "failed": self.failed.load(Ordering::Relaxed),
             "uptime_s": self.started.elapsed().as_secs(),
             "commits": st.commits,
+            "names_held_back": st.names_held_back,
             "commit_failures": st.commit_failures,
             "last_error": st.last_error,
             "last_commit_duration_ms": st.last_commit_duration_ms,
@@ -973,6 +1022,7 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
         committed: Some(Arc::new(e)),
         touched: 0,
         local_only: false,
+        replaced: None,
     })
 }
 
@@ -1187,6 +1237,19 @@ pub fn run(
             .map(|f| Duration::from_millis(f.fuse_write_delay_ms))
             .filter(|d| !d.is_zero()),
         uring_stop_after: faults.as_ref().and_then(|f| f.uring_stop_after),
+        commit_pause: faults
+            .as_ref()
+            .map(|f| Duration::from_millis(f.commit_pause_ms))
+            .filter(|d| !d.is_zero()),
+        barrier_pause: faults
+            .as_ref()
+            .map(|f| Duration::from_millis(f.barrier_pause_ms))
+            .filter(|d| !d.is_zero()),
+        cut_attempts: faults
+            .as_ref()
+            .and_then(|f| f.cut_attempts)
+            .unwrap_or(CUT_ATTEMPTS)
+            .max(1),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),

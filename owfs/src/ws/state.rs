@@ -119,6 +119,59 @@ pub struct Node {
     pub touched: u64,
     /// Never committed (a `-shm` file, a socket).
     pub local_only: bool,
+    /// This file replaced another by rename, and the kernel may still hold bytes of it that
+    /// the daemon has not received (see `Replaced`).
+    pub replaced: Option<Box<Replaced>>,
+}
+
+/// A rename that replaced a regular file (`rename(tmp, name)` over an existing `name`).
+/// With the kernel's writeback cache, the source's last bytes can still be dirty pages in
+/// the kernel when the RENAME arrives: a cut taken then would hold `name` with a size and
+/// bytes no program gave it. Until the committer has waited for the source's writeback
+/// (`Table::renames_flushed` reaches `seq`), a cut holds `name` as it was before the rename
+/// (`prior`), as ext4's `auto_da_alloc` does after a power cut
+/// (docs/decisions/frozen-bytes-outlive-names.md).
+pub struct Replaced {
+    pub seq: u64,
+    /// Where the rename put the source: the hold-back applies only while it is still there.
+    pub dir: u64,
+    pub name: Vec<u8>,
+    pub prior: Prior,
+}
+
+/// What a replaced name held before the rename.
+pub enum Prior {
+    /// Its entry in the last generation.
+    Committed(Arc<Entry>),
+    /// A file changed since the last generation: its attributes at the rename and its bytes,
+    /// kept (pinned) until the hold-back ends.
+    Live {
+        ino: u64,
+        entry: Box<Entry>,
+        data: Pinned,
+    },
+}
+
+/// A file's local bytes kept although the file may have lost its last name.
+pub struct Pinned(Arc<FileData>);
+
+impl Pinned {
+    pub fn new(data: Arc<FileData>) -> Pinned {
+        data.st.lock().pins += 1;
+        Pinned(data)
+    }
+
+    pub fn data(&self) -> &Arc<FileData> {
+        &self.0
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut st = self.0.st.lock();
+        st.pins -= 1;
+        self.0.discard_if_due(&mut st);
+    }
 }
 
 impl Node {
@@ -208,6 +261,12 @@ pub struct Table {
     pub files: i64,
     pub dirs: i64,
     pub bytes: i64,
+    /// Renames that replaced a regular file, numbered (`Replaced::seq`), and those whose
+    /// source's writeback the committer has waited for.
+    renames: u64,
+    pub renames_flushed: u64,
+    /// Sources of replacing renames not yet flushed: (seq, inode).
+    unflushed_renames: Vec<(u64, u64)>,
 }
 
 impl Table {
@@ -224,7 +283,87 @@ impl Table {
             files: totals.0,
             dirs: totals.1,
             bytes: totals.2,
+            renames: 0,
+            renames_flushed: 0,
+            unflushed_renames: Vec::new(),
         }
+    }
+
+    /// Before `rename(src, dir/name)` removes the regular file `target` at `dir/name`: what
+    /// a cut must hold at `dir/name` until `src`'s bytes are known to have arrived. `None`
+    /// where nothing is held back (a hard-linked or node-local target).
+    pub fn prior_of(&mut self, target: u64, dir: u64, name: &[u8]) -> Option<Prior> {
+        let flushed = self.renames_flushed;
+        let n = self.nodes.get_mut(&target)?;
+        if n.kind != NKind::File || n.local_only || n.attr.nlink != 1 {
+            return None;
+        }
+        // The target itself replaced a file there and is not flushed yet: what was there
+        // before it is the state to hold.
+        if let Some(r) = n.replaced.take() {
+            if r.seq > flushed && r.dir == dir && r.name == name {
+                return Some(r.prior);
+            }
+        }
+        if let Some(e) = &n.committed {
+            return Some(Prior::Committed(e.clone()));
+        }
+        let entry = Box::new(n.entry(target));
+        let data = n.data()?.clone();
+        Some(Prior::Live {
+            ino: target,
+            entry,
+            data: Pinned::new(data),
+        })
+    }
+
+    /// After the rename of `src` to `dir/name` replaced a file that held `prior`.
+    pub fn note_replacing_rename(&mut self, src: u64, dir: u64, name: &[u8], prior: Prior) {
+        self.renames += 1;
+        let seq = self.renames;
+        if let Some(n) = self.nodes.get_mut(&src) {
+            n.replaced = Some(Box::new(Replaced {
+                seq,
+                dir,
+                name: name.to_vec(),
+                prior,
+            }));
+            self.unflushed_renames.push((seq, src));
+        }
+    }
+
+    /// The sources of replacing renames so far, and the number of the last one: once the
+    /// kernel's writeback of each was waited for, `renames_flushed_up_to` ends their hold-back.
+    pub fn unflushed_renames(&self) -> (u64, Vec<u64>) {
+        let inos = self.unflushed_renames.iter().map(|&(_, ino)| ino).collect();
+        (self.renames, inos)
+    }
+
+    pub fn has_unflushed_renames(&self) -> bool {
+        !self.unflushed_renames.is_empty()
+    }
+
+    pub fn renames_flushed_up_to(&mut self, seq: u64) {
+        assert!(seq <= self.renames, "flushed renames that never happened");
+        self.renames_flushed = self.renames_flushed.max(seq);
+        let done = self.unflushed_renames.partition_point(|&(s, _)| s <= seq);
+        for (_, ino) in self.unflushed_renames.drain(..done).collect::<Vec<_>>() {
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                if n.replaced.as_ref().is_some_and(|r| r.seq <= seq) {
+                    n.replaced = None;
+                }
+            }
+        }
+    }
+
+    /// What a cut holds at `dir/name` instead of `child`, if `child` replaced it by a rename
+    /// whose source's bytes may not all have arrived.
+    pub fn held_back<'a>(&self, child: &'a Node, dir: u64, name: &[u8]) -> Option<&'a Prior> {
+        child
+            .replaced
+            .as_ref()
+            .filter(|r| r.seq > self.renames_flushed && r.dir == dir && r.name == name)
+            .map(|r| &r.prior)
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -359,6 +498,7 @@ impl Table {
             committed: Some(Arc::new(e)),
             touched: 0,
             local_only: false,
+            replaced: None,
         }
     }
 
@@ -489,6 +629,13 @@ pub struct FileState {
     inflight_before_cut: u32,
     /// Number of the current cut period: a write records it when it begins.
     period: u64,
+    /// The file lost its last name and its last kernel reference while a cut held it frozen
+    /// or a hold-back pinned it: its local bytes go once neither does, not before.
+    discard_pending: bool,
+    /// Hold-backs that keep this file's bytes (`Pinned`).
+    pins: u32,
+    /// Its local bytes are gone (`discard`): nothing may read them as the file's content.
+    discarded: bool,
 }
 
 /// A write whose state change is recorded and whose bytes are on their way to the cache file.
@@ -539,13 +686,32 @@ impl FileData {
                 inflight: 0,
                 inflight_before_cut: 0,
                 period: 0,
+                discard_pending: false,
+                pins: 0,
+                discarded: false,
             }),
         }
     }
 
+    /// The file is gone from the workspace: its local bytes go. A cut that froze it before it
+    /// went still reads them (the generation holds the file as it was at the cut), so a
+    /// frozen file keeps them until `thaw` (docs/decisions/frozen-bytes-outlive-names.md).
     fn discard(&self) {
         let mut st = self.st.lock();
-        self.set_inline(&mut st, None);
+        st.discard_pending = true;
+        self.discard_if_due(&mut st);
+    }
+
+    fn discard_if_due(&self, st: &mut FileState) {
+        if st.discard_pending && st.frozen.is_none() && st.pins == 0 {
+            st.discard_pending = false;
+            self.drop_local(st);
+        }
+    }
+
+    fn drop_local(&self, st: &mut FileState) {
+        st.discarded = true;
+        self.set_inline(st, None);
         if let Local::Disk = std::mem::replace(&mut st.local, Local::None) {
             self.local.forget(self.id);
             let _ = std::fs::remove_file(&self.path);
@@ -950,6 +1116,15 @@ impl FileData {
     /// replaced from the saved bytes afterwards.
     pub fn read_frozen(&self, repo: &Repo, buf: &mut [u8], off: u64) -> io::Result<()> {
         let mut st = self.st.lock();
+        // Invariant: a cut reads only bytes some program wrote (or a truncate or fallocate
+        // made zero). Bytes dropped under a frozen file would read as zeros nobody wrote; the
+        // commit fails instead of publishing them.
+        if st.discarded {
+            return Err(eio(format!(
+                "owfs bug: the local bytes of {} were dropped while a cut held it frozen",
+                self.path.display()
+            )));
+        }
         self.wait_landed(&mut st, true);
         let end = off + buf.len() as u64;
         self.ensure_present(&mut st, repo, off, end)?;
@@ -995,6 +1170,8 @@ impl FileData {
                 }
             }
         }
+        // Gone from the workspace meanwhile: its bytes go now that the cut is done.
+        self.discard_if_due(&mut st);
     }
 }
 
