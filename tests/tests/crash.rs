@@ -3,6 +3,11 @@
 //! passes integrity_check, its rows are a prefix of the transactions, everything before the
 //! last successful sync is there, and files and rows come from the same cut.
 //!
+//! Beside it, three writer processes loop as editors, git and pip do: one SQLite transaction
+//! in a shared database, then the number of that row written to `files/wK.tmp` and renamed
+//! over `files/wK`, without fsync. Every file's content is checked against what its writer
+//! could have written: never a byte nobody wrote (docs/decisions/frozen-bytes-outlive-names.md).
+//!
 //! `OWFS_CRASH_TRIALS=N` sets the trials per store and journal mode (default 2);
 //! `OWFS_CRASH_STORES=file` limits the stores. scripts/crash-soak.sh runs many.
 
@@ -44,6 +49,88 @@ while True:
         print(f"synced {i}", flush=True)
 "#;
 
+/// Writer K of the rename pattern: row (k, i) committed, then `files/wK` says i.
+const WRITER: &str = r#"
+import os, sqlite3, sys
+mnt, mode, k = sys.argv[1], sys.argv[2], sys.argv[3]
+os.makedirs(os.path.join(mnt, "files"), exist_ok=True)
+db = sqlite3.connect(os.path.join(mnt, "writers.db"), isolation_level=None, timeout=30)
+db.execute(f"PRAGMA journal_mode={mode}")
+db.execute("CREATE TABLE IF NOT EXISTS w(k INTEGER, i INTEGER, PRIMARY KEY(k, i))")
+i = 0
+while True:
+    i += 1
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO w VALUES(?, ?)", (int(k), i))
+    db.execute("COMMIT")
+    tmp = os.path.join(mnt, "files", f"w{k}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(i))
+    os.rename(tmp, os.path.join(mnt, "files", f"w{k}"))
+"#;
+
+const WRITERS: u32 = 3;
+
+/// The rename writers' part of a recovered workspace: each `files/wK` (and a `wK.tmp` left
+/// behind) holds a number its writer wrote, after that row was committed in the same cut.
+fn check_writers(m: &owfs_tests::RwMount) -> Result<String, String> {
+    let db_path = m.path("writers.db");
+    let rows: Vec<(i64, i64, i64)> = if db_path.exists() {
+        let db = rusqlite::Connection::open(&db_path).map_err(|e| e.to_string())?;
+        let ic: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| format!("writers.db integrity_check: {e}"))?;
+        if ic != "ok" {
+            return Err(format!("writers.db integrity_check: {ic}"));
+        }
+        let rows = match db.prepare("SELECT k, count(*), max(i) FROM w GROUP BY k") {
+            Ok(mut q) => q
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| e.to_string())?
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?,
+            Err(_) => Vec::new(), // killed before the table was committed
+        };
+        rows
+    } else {
+        Vec::new()
+    };
+    for &(k, count, max) in &rows {
+        if count != max {
+            return Err(format!("writer {k}: {count} rows, max {max}: not a prefix"));
+        }
+    }
+    let mut out = Vec::new();
+    for k in 0..WRITERS as i64 {
+        let max = rows.iter().find(|r| r.0 == k).map_or(0, |r| r.2);
+        for name in [format!("files/w{k}"), format!("files/w{k}.tmp")] {
+            let Ok(bytes) = std::fs::read(m.path(&name)) else {
+                continue;
+            };
+            let text = String::from_utf8(bytes.clone()).unwrap_or_default();
+            let v: i64 = match text.parse() {
+                Ok(v) if v > 0 => v,
+                // The temporary file's name may come before its bytes (nothing replaced).
+                _ if name.ends_with(".tmp") && bytes.is_empty() => continue,
+                _ => {
+                    return Err(format!(
+                    "{name} holds {bytes:?}: bytes writer {k} never wrote (its rows end at {max})"
+                ))
+                }
+            };
+            if v > max {
+                return Err(format!(
+                    "{name} says {v} but writer {k}'s rows end at {max}: not one cut"
+                ));
+            }
+            if !name.ends_with(".tmp") {
+                out.push(format!("w{k}={v}/{max}"));
+            }
+        }
+    }
+    Ok(out.join(" "))
+}
+
 fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let m = c.mount_rw(ws, &format!("m{n}"), &[]);
@@ -57,6 +144,20 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("python3: {e}"))?;
+    let mut writers: Vec<_> = (0..WRITERS)
+        .map(|k| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(WRITER)
+                .arg(&m.at)
+                .arg(mode)
+                .arg(k.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
     let out = child.stdout.take().unwrap();
     let synced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let s2 = synced.clone();
@@ -77,6 +178,10 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
     kill_and_detach(pid, &m.at);
     let _ = child.kill();
     let _ = child.wait();
+    for w in &mut writers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
     let _ = reader.join();
     drop(m); // its daemon is dead and the mount detached: nothing left to unmount
 
@@ -92,6 +197,7 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
                 "the new node did not fence the dead one: {epochs:?}"
             ));
         }
+        let writers = check_writers(&m2)?;
         let db_path = m2.path("app.db");
         if !db_path.exists() {
             return if synced_before == 0 {
@@ -151,12 +257,18 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
             ));
         }
         for i in (10..=last).step_by(10) {
-            if !m2.path(&format!("files/r{i}")).exists() {
+            let Ok(got) = std::fs::read(m2.path(&format!("files/r{i}"))) else {
                 return Err(format!("files/r{i} missing though files/last is {last}"));
+            };
+            if got != i.to_string().repeat(500).into_bytes() {
+                return Err(format!(
+                    "files/r{i} holds {} bytes that are not {i} written 500 times",
+                    got.len()
+                ));
             }
         }
         Ok(format!(
-            "{k} rows, last {last}, synced {synced_before}, killed at {wait:?}"
+            "{k} rows, last {last}, synced {synced_before}, killed at {wait:?}; {writers}"
         ))
     })();
     m2.umount();
