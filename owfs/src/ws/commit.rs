@@ -21,6 +21,12 @@ use super::Shared;
 /// A frozen directory's entries, by name.
 type Items = Vec<(Vec<u8>, Item)>;
 
+/// The changed directories of a cut, flat: `dirs[0]` is the root, and a directory's index is
+/// always greater than its parent's, so building trees from the last index to the first
+/// builds every subtree before the directory that names it. No recursion follows the depth
+/// of the tree, which any program can make as deep as it likes (mkdir in a loop).
+type FrozenDirs = Vec<Items>;
+
 /// One entry of a frozen directory.
 enum Item {
     /// Unchanged since the last generation.
@@ -32,7 +38,8 @@ enum Item {
     Dir {
         ino: u64,
         entry: Entry,
-        items: Vec<(Vec<u8>, Item)>,
+        /// Its index in the cut's `FrozenDirs`.
+        dir: usize,
     },
     Leaf {
         ino: u64,
@@ -48,7 +55,7 @@ struct FrozenFile {
 
 pub struct Cut {
     epoch: u64,
-    root: Option<(Entry, Items)>,
+    root: Option<(Entry, FrozenDirs)>,
     files: HashMap<u64, FrozenFile>,
     root_attr: RootAttr,
     pub barrier: Duration,
@@ -72,11 +79,32 @@ fn freeze_file(files: &mut HashMap<u64, FrozenFile>, ino: u64, d: &Arc<FileData>
     });
 }
 
+/// Freezes every changed directory below the root, and every changed file in them.
+fn freeze_tree(
+    t: &Table,
+    files: &mut HashMap<u64, FrozenFile>,
+    held_back: &mut Vec<u64>,
+) -> FrozenDirs {
+    let mut dirs: FrozenDirs = vec![Vec::new()];
+    let mut todo = vec![(ROOT, 0usize)];
+    while let Some((ino, index)) = todo.pop() {
+        let items = freeze_dir(t, ino, files, held_back, |child| {
+            dirs.push(Vec::new());
+            todo.push((child, dirs.len() - 1));
+            dirs.len() - 1
+        });
+        dirs[index] = items;
+    }
+    dirs
+}
+
+/// Freezes one directory's entries; `subdir` gives a changed subdirectory its index.
 fn freeze_dir(
     t: &Table,
     ino: u64,
     files: &mut HashMap<u64, FrozenFile>,
     held_back: &mut Vec<u64>,
+    mut subdir: impl FnMut(u64) -> usize,
 ) -> Items {
     let n = t.get(ino).expect("frozen directory exists");
     let Some(children) = n.children() else {
@@ -112,7 +140,7 @@ fn freeze_dir(
             Body::Dir { .. } => Item::Dir {
                 ino: child,
                 entry,
-                items: freeze_dir(t, child, files, held_back),
+                dir: subdir(child),
             },
             Body::File(d) => {
                 freeze_file(files, child, d);
@@ -158,14 +186,14 @@ impl Shared {
         let root_entry = root.entry(ROOT);
         let mut files = HashMap::new();
         let mut held_back = Vec::new();
-        let items = freeze_dir(&t, ROOT, &mut files, &mut held_back);
+        let dirs = freeze_tree(&t, &mut files, &mut held_back);
         let epoch = t.epoch;
         t.epoch += 1;
         let totals = (t.files, t.dirs, t.bytes);
         drop(t);
         CutOutcome::Cut(Box::new(Cut {
             epoch,
-            root: Some((root_entry, items)),
+            root: Some((root_entry, dirs)),
             files,
             root_attr,
             barrier: t0.elapsed(),
@@ -262,8 +290,8 @@ impl Shared {
             let content = encode_content(&mut writer, chunks)?;
             contents.insert(*ino, (content, list));
         }
-        let (root_entry, items) = cut.root.take().expect("cut has a root");
-        let root = build_dir(&mut writer, items, contents, results)?;
+        let (root_entry, dirs) = cut.root.take().expect("cut has a root");
+        let root = build_tree(&mut writer, dirs, contents, results)?;
         let mut re = root_entry;
         re.subtree = Some(root);
         results.push((ROOT, re));
@@ -310,11 +338,28 @@ fn note_entry_reused(writer: &mut BlobWriter, e: &Entry) {
     }
 }
 
+/// Writes the trees of a cut's changed directories, deepest first; the root's hash.
+fn build_tree(
+    writer: &mut BlobWriter,
+    dirs: FrozenDirs,
+    contents: &HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+    results: &mut Vec<(u64, Entry)>,
+) -> Result<Hash> {
+    let mut hashes: Vec<Option<Hash>> = vec![None; dirs.len()];
+    for (index, items) in dirs.into_iter().enumerate().rev() {
+        let hash = build_dir(writer, items, contents, results, &hashes)?;
+        hashes[index] = Some(hash);
+    }
+    Ok(hashes[0].expect("the root was built"))
+}
+
+/// Writes one directory's tree; its changed subdirectories' trees are in `built`.
 fn build_dir(
     writer: &mut BlobWriter,
     items: Items,
     contents: &HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
     results: &mut Vec<(u64, Entry)>,
+    built: &[Option<Hash>],
 ) -> Result<Hash> {
     let mut entries = Vec::with_capacity(items.len());
     for (name, item) in items {
@@ -341,9 +386,10 @@ fn build_dir(
             Item::Dir {
                 ino,
                 mut entry,
-                items,
+                dir,
             } => {
-                entry.subtree = Some(build_dir(writer, items, contents, results)?);
+                // Invariant: a subdirectory's index is greater than its parent's.
+                entry.subtree = Some(built[dir].expect("subtrees are built before their parent"));
                 results.push((ino, entry.clone()));
                 entry
             }
