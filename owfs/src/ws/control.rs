@@ -1,8 +1,14 @@
 //! The daemon's control socket: `owfs sync`, `owfs status` and `owfs umount` talk to the
 //! daemon serving a mount point through a Unix socket named after that mount point. One JSON
 //! request per line, one JSON reply per line.
+//!
+//! Only the daemon's own user (and root) is answered: the socket's directory is 0700 and
+//! the socket 0600 whatever the umask, and each connection's peer credentials are checked,
+//! so that a directory left open by someone (or a socket made reachable) still answers
+//! nobody else (docs/SEMANTICS.md, "Limits").
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,10 +63,43 @@ impl Control {
     }
 }
 
+/// A request line longer than this is refused (the requests are a few dozen bytes).
+const MAX_REQUEST_BYTES: u64 = 4096;
+
+/// The socket's directory: created 0700, or, if it exists, owned by us and made 0700. One
+/// that another user owns is refused: they could replace our socket with theirs.
+fn private_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(dir, e)),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| Error::io(dir, e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_dir() || m.uid() != me {
+        return Err(Error::io(
+            dir,
+            std::io::Error::other(format!(
+                "the control socket's directory belongs to uid {} (not this user, uid {me}) or \
+                 is not a directory: remove it",
+                m.uid()
+            )),
+        ));
+    }
+    if m.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
 pub fn serve(shared: Arc<Shared>) -> Result<Control> {
     let path = socket_path(&shared.mountpoint);
     let dir = path.parent().expect("socket has a directory");
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    private_dir(dir)?;
     if path.exists() {
         // A previous daemon for this mount point died; its socket is stale.
         if UnixStream::connect(&path).is_ok() {
@@ -72,6 +111,8 @@ pub fn serve(shared: Arc<Shared>) -> Result<Control> {
         let _ = std::fs::remove_file(&path);
     }
     let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(&path, e))?;
     let done: Arc<(Mutex<Done>, Condvar)> = Arc::default();
     let d2 = done.clone();
     std::thread::Builder::new()
@@ -89,11 +130,30 @@ pub fn serve(shared: Arc<Shared>) -> Result<Control> {
     Ok(Control { done, path })
 }
 
+/// Whether the peer of `conn` may talk to this daemon: its own user, or root.
+fn peer_allowed(conn: &UnixStream) -> std::result::Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    match rustix::net::sockopt::socket_peercred(conn) {
+        Ok(c) if c.uid.as_raw() == me || c.uid.is_root() => Ok(()),
+        Ok(c) => Err(format!(
+            "refused: this daemon answers only its own user (uid {me}) and root, not uid {}",
+            c.uid.as_raw()
+        )),
+        Err(e) => Err(format!("refused: the peer's credentials are unknown ({e})")),
+    }
+}
+
 fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) {
+    if let Err(why) = peer_allowed(&conn) {
+        let mut w = conn;
+        let _ = writeln!(w, "{}", json!({"ok": false, "error": why}));
+        return;
+    }
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
-    });
+    })
+    .take(MAX_REQUEST_BYTES);
     let mut line = String::new();
     if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
         // A readiness probe (`owfs mount` connects and closes) or a client gone.
@@ -177,13 +237,14 @@ fn umount(shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) -> Value {
 pub fn request(mountpoint: &Path, op: &str) -> Result<Value> {
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
     let path = socket_path(&canon);
-    let mut s = UnixStream::connect(&path).map_err(|_| {
-        Error::io(
-            mountpoint,
-            std::io::Error::other(
-                "no owfs daemon serves this mount point (not mounted read-write by owfs?)",
-            ),
-        )
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "the owfs daemon serving this mount point belongs to another user (run this as \
+             that user, or as root)"
+        } else {
+            "no owfs daemon serves this mount point (not mounted read-write by owfs?)"
+        };
+        Error::io(mountpoint, std::io::Error::other(why))
     })?;
     writeln!(s, "{}", json!({"op": op})).map_err(|e| Error::io(&path, e))?;
     let mut line = String::new();
