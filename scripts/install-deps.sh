@@ -4,7 +4,8 @@
 #     through sudo);
 #   - the Rust toolchain's rustfmt and clippy components, cargo-nextest, and pjdfstest 0.2.2
 #     (the POSIX file system test suite scripts/pjdfstest.sh runs; it links libacl);
-#   - moto's S3 server (PyPI `moto[server]`), the S3 the tests run against.
+#   - moto's S3 server (PyPI `moto[server]`), the S3 the tests run against, and stress-ng
+#     (Debian), whose file system stressors the tests run on a mount.
 # Used by scripts/demo.sh and .ci/run. Safe to run again: it changes nothing that is present.
 #
 # Usage: scripts/install-deps.sh [--no-test-tools]
@@ -38,6 +39,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib-install.sh"
 # --- Debian packages -------------------------------------------------------------------------
 APT_PACKAGES=(fuse3 sqlite3 curl attr restic time libacl1-dev)
 apt_ensure "${APT_PACKAGES[@]}"
+if [[ $test_tools -eq 1 ]]; then
+    apt_ensure stress-ng
+fi
 
 # --- Rust ------------------------------------------------------------------------------------
 if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then

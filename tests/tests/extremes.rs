@@ -148,3 +148,59 @@ fn the_control_socket_answers_only_its_owner() {
     assert!(m.status()["generation"].as_u64().is_some());
     m.umount();
 }
+
+/// stress-ng's file system stressors that touch nothing the mount cannot have: the kernel's
+/// own interfaces (bind mounts, fanotify, fs-verity, chattr flags, ioctls, inotify/dnotify,
+/// ioprio, open_by_handle) and the long disk-I/O mixes (`hdd`, `iomix`, `io`, `sync-file`,
+/// minutes each) are left out; docs/SEMANTICS.md lists them and why.
+const STRESS_NG_EXCLUDE: &str = "bind-mount,binderfs,fanotify,verity,chattr,inode-flags,\
+file-ioctl,procfs,ioprio,handle,dnotify,inotify,hdd,iomix,io,sync-file";
+
+/// stress-ng's filesystem class, with `--verify`, on the mount: every stressor passes as it
+/// does on ext4 here (its `dirdeep` once killed the daemon). The daemon still answers
+/// afterwards, its final generation drills clean.
+#[test]
+fn stress_ng_filesystem_class_passes_on_the_mount() {
+    if std::process::Command::new("stress-ng")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("stress-ng is missing: scripts/install-deps.sh installs it");
+    }
+    for c in Case::all() {
+        let m = c.mount_rw("stress", "mnt", &[]);
+        let out = std::process::Command::new("stress-ng")
+            .current_dir(&m.at)
+            .args(["--temp-path", m.at.to_str().unwrap()])
+            .args(["--class", "filesystem", "--seq", "1", "-t", "2", "--verify"])
+            .args(["--exclude", STRESS_NG_EXCLUDE])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        let failed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("fail") || l.contains("error") || l.contains("untrustworthy"))
+            .collect();
+        assert!(
+            out.status.success() && log.contains("successful run completed") && failed.is_empty(),
+            "[{}] stress-ng exited {:?}: {failed:#?}\n{}",
+            c.name,
+            out.status.code(),
+            log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
+        assert!(
+            m.status()["generation"].as_u64().is_some(),
+            "the daemon answers"
+        );
+        let g = m.umount();
+        let out = c.owfs(&["drill", &format!("stress@{g}")]);
+        assert!(
+            out.status.success(),
+            "[{}] drill: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
