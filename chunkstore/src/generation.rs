@@ -106,7 +106,9 @@ fn parse_gen_key(key: &str) -> Option<u64> {
     key.rsplit('/').next()?.parse().ok()
 }
 
-fn decode_record(bytes: &[u8], ws: &str, n: u64) -> Result<GenRecord> {
+/// Reads generation record `ws@n` from its stored form: any bytes give a record or an error
+/// (chunkstore/tests/hostile.rs).
+pub fn decode_record(bytes: &[u8], ws: &str, n: u64) -> Result<GenRecord> {
     let rec: GenRecord = serde_json::from_slice(bytes).map_err(|e| {
         Error::corrupt(format!(
             "generation record {ws}@{n} is unreadable ({e}); truncated or damaged"

@@ -15,16 +15,27 @@ pub struct IndexFile {
     pub packs: Vec<(Hash, Vec<PackEntry>)>,
 }
 
+/// Largest decompressed body of an index object of `stored` bytes: 16 times its size plus
+/// 1 MiB. An index body is mostly BLAKE3 hashes (32 of the 36 to 49 bytes of an entry), which
+/// do not compress, so a real one expands less than 2 times; anything beyond this bound is a
+/// decompression bomb or damage, refused after allocating at most the bound.
+pub fn max_body_len(stored: usize) -> usize {
+    stored.saturating_mul(16).saturating_add(1 << 20)
+}
+
 impl IndexFile {
     pub fn encode(&self) -> Vec<u8> {
         let body = codec::encode(ObjKind::Index, self);
         zstd::bulk::compress(&body, 3).expect("zstd compression of an in-memory buffer")
     }
 
+    /// Decompresses into at most `max_body_len(bytes.len())` bytes, in one pass (no window
+    /// buffer sized by the frame header).
     pub fn decode(bytes: &[u8], what: &str) -> Result<IndexFile> {
-        let body = zstd::stream::decode_all(bytes).map_err(|e| {
+        let limit = max_body_len(bytes.len());
+        let body = crate::pack::decompress(bytes, limit).map_err(|e| {
             Error::corrupt(format!(
-                "{what}: does not decompress ({e}); truncated or damaged"
+                "{what}: does not decompress within {limit} bytes ({e}); truncated or damaged"
             ))
         })?;
         codec::decode(ObjKind::Index, &body, what)

@@ -10,6 +10,26 @@ use crate::hash::Hash;
 
 const PACK_MAGIC: &[u8; 4] = b"OWPK";
 
+/// Largest raw size of a data blob: FastCDC's largest maximum chunk size, 16 MiB
+/// (`fastcdc::v2020::MAXIMUM_MAX`). Data blobs are chunks, and `repo::decode_config` refuses a
+/// store whose `chunk_max` exceeds it (the default is 256 KiB). An entry claiming more is
+/// refused before anything is fetched or allocated.
+pub const MAX_DATA_BLOB: usize = fastcdc::v2020::MAXIMUM_MAX;
+
+/// Largest raw size of a tree or segment blob: 1 GiB. A segment holds at most 4,096 chunk
+/// references (about 150 KiB); a tree is one directory, about 100 bytes an entry, so this is
+/// some ten million entries in one directory. An entry claiming more is refused before
+/// anything is fetched or allocated (docs/decisions/hostile-store-contents.md).
+pub const MAX_META_BLOB: usize = 1 << 30;
+
+/// Largest raw size of a blob of `kind`: what decompressing it may allocate at most.
+pub fn max_raw_len(kind: BlobKind) -> usize {
+    match kind {
+        BlobKind::Data => MAX_DATA_BLOB,
+        BlobKind::Tree | BlobKind::Segment => MAX_META_BLOB,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BlobKind {
     Data,
@@ -105,7 +125,9 @@ fn with_compressor<T>(
     })
 }
 
-fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+/// Decompresses zstd frames into at most `capacity` bytes (an error beyond): the only
+/// allocation is the output, of `capacity` or the size the frames declare if smaller.
+pub(crate) fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
@@ -136,16 +158,46 @@ pub fn read_trailer(pack: &[u8], what: &str) -> Result<Vec<PackEntry>> {
         )));
     }
     let tlen = u32::from_le_bytes(pack[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
-    if tlen + 8 > n {
+    if tlen > n - 8 {
         return Err(Error::corrupt(format!(
             "{what}: pack trailer length out of range"
         )));
     }
-    codec::decode(ObjKind::PackTrailer, &pack[n - 8 - tlen..n - 8], what)
+    let data_len = (n - 8 - tlen) as u64;
+    let entries: Vec<PackEntry> =
+        codec::decode(ObjKind::PackTrailer, &pack[n - 8 - tlen..n - 8], what)?;
+    for e in &entries {
+        check_entry(e, what)?;
+        if e.offset as u64 + e.stored_len as u64 > data_len {
+            return Err(Error::corrupt(format!(
+                "{what}: blob {} lies outside the pack",
+                e.hash.short()
+            )));
+        }
+    }
+    Ok(entries)
+}
+
+/// Refuses an entry (from an index or a trailer) claiming a blob larger than its kind may be
+/// (`max_raw_len`), before anything is fetched or allocated for it.
+pub fn check_entry(entry: &PackEntry, what: &str) -> Result<()> {
+    let cap = max_raw_len(entry.kind);
+    if entry.raw_len as usize > cap || entry.stored_len as usize > cap {
+        return Err(Error::corrupt(format!(
+            "{what}: blob {} claims {} bytes ({} stored), more than a {:?} blob may hold ({cap})",
+            entry.hash.short(),
+            entry.raw_len,
+            entry.stored_len,
+            entry.kind
+        )));
+    }
+    Ok(())
 }
 
 /// Turns a stored blob back into its raw bytes and verifies it against its hash.
+/// Decompression allocates at most the entry's `raw_len`, which `check_entry` bounds.
 pub fn open_blob(entry: &PackEntry, stored: &[u8], what: &str) -> Result<Vec<u8>> {
+    check_entry(entry, what)?;
     if stored.len() != entry.stored_len as usize {
         return Err(Error::corrupt(format!(
             "{what}: blob {} truncated",

@@ -398,6 +398,7 @@ impl Repo {
     /// The blob's bytes, verified, and its kind (from the index entry that located it).
     fn read_blob_from_store(&self, hash: &Hash, what: &str) -> Result<(Vec<u8>, BlobKind)> {
         let (pack, entry) = self.locate(hash, what)?;
+        crate::pack::check_entry(&entry, what)?;
         let stored = self.block_on(async {
             if entry.kind == BlobKind::Data {
                 let start = entry.offset as u64;
@@ -406,17 +407,18 @@ impl Repo {
                     .await
             } else {
                 let whole = self.fetch_pack(&pack).await?;
+                // In u64: offset + stored_len overflows u32 in a damaged index.
                 let (s, e) = (
-                    entry.offset as usize,
-                    (entry.offset + entry.stored_len) as usize,
+                    entry.offset as u64,
+                    entry.offset as u64 + entry.stored_len as u64,
                 );
-                if e > whole.len() {
+                if e > whole.len() as u64 {
                     return Err(Error::corrupt(format!(
                         "pack {} is shorter than its index says",
                         pack.short()
                     )));
                 }
-                Ok(whole.slice(s..e))
+                Ok(whole.slice(s as usize..e as usize))
             }
         });
         let stored = stored.map_err(|e| match e {
@@ -458,7 +460,9 @@ impl Repo {
     }
 }
 
-fn decode_config(bytes: &[u8], url: &str) -> Result<StoreConfig> {
+/// Reads a store's configuration: any bytes give one whose chunk sizes FastCDC accepts and
+/// whose zstd level zstd accepts, or an error.
+pub fn decode_config(bytes: &[u8], url: &str) -> Result<StoreConfig> {
     let cfg: StoreConfig = serde_json::from_slice(bytes)
         .map_err(|e| Error::corrupt(format!("store configuration of {url} is unreadable: {e}")))?;
     if cfg.format != STORE_FORMAT {
@@ -468,6 +472,33 @@ fn decode_config(bytes: &[u8], url: &str) -> Result<StoreConfig> {
                 cfg.format
             ),
         });
+    }
+    // FastCDC's limits (it asserts them), so chunk_max is at most 16 MiB
+    // (`pack::MAX_DATA_BLOB`) and a chunker's buffer (16 chunks) at most 256 MiB.
+    use fastcdc::v2020::{
+        AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+    };
+    let (min, avg, max) = (
+        cfg.chunk_min as usize,
+        cfg.chunk_avg as usize,
+        cfg.chunk_max as usize,
+    );
+    let chunks_ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
+        && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
+        && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max)
+        && min <= avg
+        && avg <= max
+        && [min, avg, max].iter().all(|s| s % 2 == 0);
+    if !chunks_ok {
+        return Err(Error::corrupt(format!(
+            "store configuration of {url}: chunk sizes {min}/{avg}/{max} are out of range"
+        )));
+    }
+    if !zstd::compression_level_range().contains(&cfg.zstd_level) {
+        return Err(Error::corrupt(format!(
+            "store configuration of {url}: zstd level {} is out of range",
+            cfg.zstd_level
+        )));
     }
     Ok(cfg)
 }

@@ -212,13 +212,16 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-fn encode(record: &LeaseRecord) -> Bytes {
+/// The stored form of a lease record: pretty JSON and a newline.
+pub fn encode(record: &LeaseRecord) -> Bytes {
     let mut json = serde_json::to_vec_pretty(record).expect("a lease record serializes");
     json.push(b'\n');
     Bytes::from(json)
 }
 
-fn decode(bytes: &[u8], ws: &str) -> Result<LeaseRecord, LeaseError> {
+/// Reads the lease record of `ws` from its stored form: any bytes give a record or an error
+/// (lease/tests/hostile.rs).
+pub fn decode(bytes: &[u8], ws: &str) -> Result<LeaseRecord, LeaseError> {
     let key = lease_key(ws);
     let record: LeaseRecord = serde_json::from_slice(bytes).map_err(|e| {
         chunkstore::Error::corrupt(format!("lease record {key} is not valid JSON: {e}"))
@@ -236,6 +239,15 @@ fn decode(bytes: &[u8], ws: &str) -> Result<LeaseRecord, LeaseError> {
         return Err(chunkstore::Error::corrupt(format!(
             "lease record {key} names workspace {:?}",
             record.workspace
+        ))
+        .into());
+    }
+    // The next holder takes epoch + 1: u64::MAX has no successor (an overflow panic, or a
+    // wrap to 0 that would undo fencing).
+    if record.epoch == u64::MAX {
+        return Err(chunkstore::Error::corrupt(format!(
+            "lease record {key} has epoch {}, which cannot be followed",
+            record.epoch
         ))
         .into());
     }
