@@ -45,6 +45,9 @@ const MAX_REPORTED_ERRORS: usize = 1000;
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct RestoreReport {
     pub files: u64,
+    /// Hard links the target file system refused (too many links to one inode): those names
+    /// hold copies, linked among themselves.
+    pub link_copies: u64,
     pub dirs: u64,
     pub bytes: u64,
     /// With `keep_going`: every problem met, by path.
@@ -481,15 +484,20 @@ impl Restorer<'_> {
                 let from = self
                     .open_node(*node, OFlags::PATH | OFlags::DIRECTORY)
                     .map_err(ix)?;
-                rustix::fs::linkat(
+                match rustix::fs::linkat(
                     &from,
                     &first[..],
                     self.chain.current(),
                     &e.name[..],
                     AtFlags::empty(),
-                )
-                .map_err(ix)?;
-                return Ok(());
+                ) {
+                    Ok(()) => return Ok(()),
+                    // The target file system allows fewer links to one inode than the
+                    // workspace holds (ext4: 65,000): this name starts a copy that the
+                    // group's next names link to.
+                    Err(Errno::MLINK) => self.report.link_copies += 1,
+                    Err(err) => return Err(ix(err)),
+                }
             }
             let node = self.frames.last().expect("in a directory").node;
             self.links.insert(e.link, (node, e.name.clone().into()));

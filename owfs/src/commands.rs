@@ -224,7 +224,8 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             if cli.json {
                 print_json(
                     &json!({ "generation": rec.spec(), "target": dir, "files": report.files,
-                    "dirs": report.dirs, "bytes": report.bytes, "seconds": secs, "requests": repo.store.counters() }),
+                    "dirs": report.dirs, "bytes": report.bytes, "link_copies": report.link_copies,
+                    "seconds": secs, "requests": repo.store.counters() }),
                 );
             } else {
                 println!(
@@ -235,6 +236,14 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                     report.dirs,
                     ui::size(report.bytes),
                     secs
+                );
+            }
+            if report.link_copies > 0 && !cli.quiet {
+                eprintln!(
+                    "owfs: note: {} hard links were restored as copies: {} allows fewer links \
+                     to one file than the workspace holds (ext4: 65,000)",
+                    report.link_copies,
+                    dir.display()
                 );
             }
             Ok(0)
