@@ -178,6 +178,30 @@ fn clear(dir: BorrowedFd, name: &[u8], keep_dir: bool) -> std::io::Result<()> {
     }
 }
 
+/// Removes the directory `path` and everything in it, at any depth (a drill's scratch
+/// directory); nothing if it does not exist.
+pub fn remove_dir_tree(path: &Path) -> std::io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(format!(
+            "{}: not a removable directory",
+            path.display()
+        )));
+    };
+    let parent = rustix::fs::open(
+        if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        },
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    match remove_tree(parent.as_fd(), name.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Removes the directory `name` of `dir` and everything in it, without recursion (a stack
 /// of directories still to empty) and with a bounded number of open descriptors.
 fn remove_tree(dir: BorrowedFd, name: &[u8]) -> std::io::Result<()> {

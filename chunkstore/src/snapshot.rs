@@ -210,6 +210,50 @@ pub(crate) fn list_dir(dir: BorrowedFd) -> std::io::Result<Vec<Vec<u8>>> {
     Ok(names)
 }
 
+/// Calls `f(dir, name, rel)` for every regular file below `root`, at any depth: iterative,
+/// descriptor-relative, a bounded number of descriptors open (see [`DirChain`]). `rel` is the
+/// file's path relative to `root`, starting with `/`. Symlinks are not followed.
+pub fn for_each_file(
+    root: &Path,
+    mut f: impl FnMut(BorrowedFd, &[u8], &str) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let top = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut chain = DirChain::new(top)?;
+    // Per level: the names still to visit, and the length of `rel` before the level's name.
+    let mut levels = vec![(list_dir(chain.current())?, 0usize)];
+    let mut rel = String::new();
+    while let Some((names, _)) = levels.last_mut() {
+        let Some(name) = names.pop() else {
+            let (_, len) = levels.pop().expect("a level");
+            if !levels.is_empty() {
+                chain.pop()?;
+            }
+            rel.truncate(len);
+            continue;
+        };
+        let Ok(m) = stat_at(chain.current(), &name) else {
+            continue; // gone meanwhile
+        };
+        let len = rel.len();
+        rel.push('/');
+        rel.push_str(&String::from_utf8_lossy(&name));
+        if m.kind == FileType::Directory {
+            chain.push(open_dir(chain.current(), &name)?)?;
+            levels.push((list_dir(chain.current())?, len));
+            continue;
+        }
+        if m.kind == FileType::RegularFile {
+            f(chain.current(), &name, &rel)?;
+        }
+        rel.truncate(len);
+    }
+    Ok(())
+}
+
 /// A short path naming `name` in `dir` whatever the directory's depth, for the calls that
 /// have no descriptor-relative form (xattrs of entries that cannot be opened: symlinks,
 /// FIFOs, devices). Use it with the `l*` calls: the last component is not followed.

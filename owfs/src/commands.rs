@@ -589,20 +589,43 @@ fn is_empty_dir(dir: &Path) -> Result<bool> {
     }
 }
 
-/// Databases found under `dir` (by header), as paths relative to it.
-fn find_databases(dir: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let r = format!("{rel}/{}", e.file_name().to_string_lossy());
-        match e.file_type() {
-            Ok(t) if t.is_dir() => find_databases(&p, &r, out),
-            Ok(t) if t.is_file() && vfs::is_database(&p) => out.push((p, r)),
-            _ => {}
+/// The SQLite databases (by header) restored under `dir`, moved with their `-wal` and
+/// `-journal` into `db_dir` so that each opens by a short path whatever its depth: (that
+/// path, its path relative to `dir`).
+fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+    std::fs::create_dir_all(db_dir)?;
+    let to = rustix::fs::open(
+        db_dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut out = Vec::new();
+    chunkstore::snapshot::for_each_file(dir, |at, name, rel| {
+        let mut head = [0u8; 16];
+        let Ok(f) = rustix::fs::openat(
+            at,
+            name,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW,
+            rustix::fs::Mode::empty(),
+        ) else {
+            return Ok(());
+        };
+        if rustix::io::read(&f, &mut head).ok() != Some(16) || !vfs::is_database_header(&head) {
+            return Ok(());
         }
-    }
+        let n = out.len();
+        let short = format!("{n}.db");
+        rustix::fs::renameat(at, name, &to, short.as_str())?;
+        for suffix in ["-wal", "-journal"] {
+            let mut companion = name.to_vec();
+            companion.extend_from_slice(suffix.as_bytes());
+            let _ =
+                rustix::fs::renameat(at, &companion[..], &to, format!("{short}{suffix}").as_str());
+        }
+        out.push((db_dir.join(short), rel.to_string()));
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn drill(
@@ -622,7 +645,11 @@ fn drill(
         rec.spec().replace('@', "-"),
         std::process::id()
     ));
-    let _ = std::fs::remove_dir_all(&dir);
+    let mut db_dir = dir.clone().into_os_string();
+    db_dir.push(".databases");
+    let db_dir = PathBuf::from(db_dir);
+    let _ = chunkstore::restore::remove_dir_tree(&dir);
+    let _ = chunkstore::restore::remove_dir_tree(&db_dir);
     let progress = Arc::new(Progress::default());
     progress
         .total_bytes
@@ -644,7 +671,10 @@ fn drill(
     let report = match result {
         Ok(r) => {
             problems.extend(r.errors.iter().cloned());
-            find_databases(&dir, "", &mut databases);
+            match collect_databases(&dir, &db_dir) {
+                Ok(found) => databases = found,
+                Err(e) => problems.push(format!("looking for SQLite databases: {e}")),
+            }
             for (p, rel) in &databases {
                 match vfs::integrity_check(p) {
                     Ok(v) if v.is_empty() => {}
@@ -659,7 +689,14 @@ fn drill(
             Default::default()
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    for d in [&dir, &db_dir] {
+        if let Err(e) = chunkstore::restore::remove_dir_tree(d) {
+            eprintln!(
+                "owfs: drill: cannot remove its scratch directory {}: {e}",
+                d.display()
+            );
+        }
+    }
     let secs = t0.elapsed().as_secs_f64();
     let ok = problems.is_empty();
     let verdict = json!({

@@ -65,6 +65,12 @@ fn a_tree_ten_thousand_directories_deep_round_trips() {
         )
         .unwrap();
         rustix::io::write(&f, b"the bottom").unwrap();
+        // A database at the bottom too, made at the top and renamed down (no path reaches it).
+        let db = rusqlite::Connection::open(m.path("app.db")).unwrap();
+        db.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (42);")
+            .unwrap();
+        drop(db);
+        rustix::fs::renameat(open_root(&m.at), "app.db", &fd, "app.db").unwrap();
         drop((f, fd));
         let g = m.sync();
         let path = vec!["d"; DEPTH].join("/") + "/bottom";
@@ -77,6 +83,19 @@ fn a_tree_ten_thousand_directories_deep_round_trips() {
         // The daemon is alive and answers after the commit.
         assert_eq!(m.status()["generation"].as_u64(), Some(g));
         m.umount();
+
+        // Restore and drill walk it too (neither recursion nor a path past PATH_MAX).
+        let restored = c.dir("restored");
+        c.ok(&["restore", &format!("deep@{g}"), restored.to_str().unwrap()]);
+        assert_eq!(
+            read_bottom(&restored),
+            b"the bottom",
+            "[{}] restored",
+            c.name
+        );
+        let drill = c.json(&["drill", &format!("deep@{g}")]);
+        assert_eq!(drill["ok"], true, "[{}] drill: {drill}", c.name);
+        assert_eq!(drill["databases"], 1, "[{}] drill: {drill}", c.name);
 
         // A fresh node: empty cache, directories loaded one by one from the store.
         let m2 = c.mount_rw("deep", "mnt2", &[]);

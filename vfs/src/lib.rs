@@ -24,6 +24,11 @@ pub enum Error {
 
 /// Whether `path` starts with the SQLite database header (companions `-wal`, `-journal` and
 /// `-shm` do not).
+/// Whether `head`, a file's first 16 bytes, is SQLite's header.
+pub fn is_database_header(head: &[u8; 16]) -> bool {
+    head == SQLITE_HEADER
+}
+
 pub fn is_database(path: &Path) -> bool {
     let mut head = [0u8; 16];
     match std::fs::File::open(path) {
