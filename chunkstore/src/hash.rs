@@ -29,6 +29,30 @@ impl Hash {
         Some(Hash(out))
     }
 
+    /// The hash of `len` zero bytes (memoized: a sparse file's holes are long runs of the
+    /// same zero chunk, which readers need not fetch: its hash says what it holds).
+    pub fn of_zeros(len: u32) -> Hash {
+        static KNOWN: std::sync::Mutex<Vec<(u32, Hash)>> = std::sync::Mutex::new(Vec::new());
+        let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, h)) = known.iter().find(|(l, _)| *l == len) {
+            return *h;
+        }
+        let h = Hash::of(&vec![0u8; len as usize]);
+        // A handful of lengths in practice (the zero chunk of each chunking setting).
+        if known.len() >= 16 {
+            known.remove(0);
+        }
+        known.push((len, h));
+        h
+    }
+
+    /// Whether this is the hash of a chunk of `len` zero bytes. Only lengths that are powers
+    /// of two are recognised (a hole's chunks are the chunker's maximum, 256 KiB by default):
+    /// a check costs a lookup, never hashing a new length on the read path.
+    pub fn is_zeros(&self, len: u32) -> bool {
+        len.is_power_of_two() && *self == Hash::of_zeros(len)
+    }
+
     /// Short form for messages.
     pub fn short(&self) -> String {
         self.to_hex()[..12].to_string()

@@ -13,6 +13,12 @@ use std::os::unix::fs::FileExt;
 /// file that writers keep changing.
 pub trait ReadAt {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+
+    /// Where a run of bytes known to be zero that starts at `offset` ends (a hole of a sparse
+    /// file); `offset` itself when none is known. Re-chunking skips such runs without reading.
+    fn zeros_until(&self, offset: u64) -> u64 {
+        offset
+    }
 }
 
 impl ReadAt for std::fs::File {
@@ -27,6 +33,19 @@ use crate::tree::{chunk_starts, ChunkRef};
 
 /// Read window when re-chunking a region: several maximal chunks.
 const WINDOW_CHUNKS: usize = 4;
+
+/// The length of a chunk that starts in a run of at least `max` zero bytes: the cut depends
+/// only on the bytes from the chunk's start, so every such chunk has this length.
+fn zero_chunk_len(p: ChunkParams) -> usize {
+    let zeros = vec![0u8; p.max as usize * 2];
+    let mut len = 0;
+    cut_chunks::<std::convert::Infallible>(&zeros, false, p, |data, _| {
+        len = data.len();
+        Ok(true)
+    })
+    .expect("infallible");
+    len
+}
 
 /// Sorted, merged ranges of bytes that may differ from the old content, in file offsets.
 fn normalize(mut dirty: Vec<Range<u64>>, old_size: u64, new_size: u64) -> Vec<Range<u64>> {
@@ -72,6 +91,8 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     let mut pos = 0u64; // new-file offset covered so far by `out`
     let mut buf: Vec<u8> = Vec::new();
     let mut d = 0usize; // next dirty range
+    let mut zero_len: Option<usize> = None;
+    let mut zero_sent = false;
     while pos < new_size {
         // Copy old chunks while the chunk and the bytes that decided its end are unchanged.
         if d >= dirty.len() || pos < dirty[d].start {
@@ -88,6 +109,30 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
                     continue;
                 }
             }
+        }
+        // A hole: chunks that start at least `max` bytes before its end are all the same zero
+        // chunk, produced without reading (a sparse file of 1 TiB costs its chunk list, not
+        // reading 1 TiB).
+        let zeros_end = file.zeros_until(pos).min(new_size);
+        if zeros_end >= pos + max {
+            let zlen = *zero_len.get_or_insert_with(|| zero_chunk_len(p)) as u64;
+            let n = (zeros_end - max - pos) / zlen + 1;
+            let hash = Hash::of_zeros(zlen as u32);
+            if !zero_sent {
+                fresh(&vec![0u8; zlen as usize], hash)?;
+                zero_sent = true;
+            }
+            for _ in 0..n {
+                out.push(ChunkRef {
+                    hash,
+                    len: zlen as u32,
+                });
+            }
+            pos += n * zlen;
+            while d < dirty.len() && dirty[d].end <= pos {
+                d += 1;
+            }
+            continue;
         }
         // Re-chunk from `pos` until re-synchronised with an old boundary past the changes.
         let window = (max as usize) * WINDOW_CHUNKS;
@@ -158,21 +203,75 @@ mod tests {
         std::fs::write(&path, &new).unwrap();
         let f = std::fs::File::open(&path).unwrap();
         let old_list = full(old);
+        let whole = full(&new);
         let (got, read) = rechunk::<std::io::Error, _>(
             &f,
             new.len() as u64,
             &old_list,
-            dirty,
+            dirty.clone(),
             ChunkParams::default(),
             |_, _| Ok(()),
         )
         .unwrap();
         assert_eq!(
-            got,
-            full(&new),
+            got, whole,
             "re-chunked list differs from chunking the whole file"
         );
+        // The same through a reader that knows where the zero runs are (a sparse file's
+        // holes): skipping them must change nothing in the list.
+        let mut fresh = 0usize;
+        let (got, _) = rechunk::<std::io::Error, _>(
+            &Mem(new.clone()),
+            new.len() as u64,
+            &old_list,
+            dirty,
+            ChunkParams::default(),
+            |data, hash| {
+                assert_eq!(Hash::of(data), hash);
+                fresh += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, whole, "skipping zero runs changed the chunk list");
         read
+    }
+
+    /// A file in memory that reports its zero runs.
+    struct Mem(Vec<u8>);
+
+    impl ReadAt for Mem {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+
+        fn zeros_until(&self, offset: u64) -> u64 {
+            let rest = &self.0[(offset as usize).min(self.0.len())..];
+            offset + rest.iter().position(|b| *b != 0).unwrap_or(rest.len()) as u64
+        }
+    }
+
+    #[test]
+    fn a_hole_is_chunked_without_reading_it() {
+        let mut data = noise(1 << 20, 7);
+        data.resize(200 << 20, 0);
+        data.extend(noise(1 << 20, 8));
+        let m = Mem(data.clone());
+        let (got, read) = rechunk::<std::io::Error, _>(
+            &m,
+            data.len() as u64,
+            &[],
+            std::iter::once(0..data.len() as u64).collect(),
+            ChunkParams::default(),
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, full(&data));
+        assert!(
+            read < 8 << 20,
+            "read {read} bytes of a file that is 200 MiB of hole"
+        );
     }
 
     #[test]

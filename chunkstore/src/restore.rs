@@ -547,6 +547,11 @@ impl Restorer<'_> {
         let idx = self.files.len();
         let mut offset = 0u64;
         for c in &chunks {
+            if c.hash.is_zeros(c.len) {
+                // A hole's chunk: the file stays sparse there, nothing to fetch.
+                offset += c.len as u64;
+                continue;
+            }
             let (pack, entry) = self.repo.locate(&c.hash, &format!("content of {rel:?}"))?;
             self.jobs.push(Job {
                 pack,

@@ -865,7 +865,10 @@ impl FileData {
                 let (cs, ce) = (starts[i], starts[i] + list[i].len as u64);
                 let ce_clip = ce.min(remote_end);
                 let missing = st.present.gaps(cs, ce_clip);
-                if !missing.is_empty() {
+                if !missing.is_empty() && list[i].hash.is_zeros(list[i].len) {
+                    // A hole's chunk: bytes not yet local already read as zeros.
+                    st.present.insert(cs, ce_clip);
+                } else if !missing.is_empty() {
                     let data = repo
                         .read_blob(&list[i].hash, &format!("{}", self.path.display()))
                         .map_err(eio)?;
@@ -1153,6 +1156,56 @@ impl FileData {
         Ok(())
     }
 
+    /// Where a run of bytes that read as zero at the cut, starting at `offset`, ends: a hole
+    /// of the cache file (SEEK_DATA) that no byte saved for the cut and no byte still in the
+    /// store covers. `offset` when none is known.
+    pub fn frozen_zeros_until(&self, offset: u64) -> u64 {
+        let mut st = self.st.lock();
+        self.wait_landed(&mut st, true);
+        let Some(fz) = st.frozen.as_ref() else {
+            return offset;
+        };
+        let mut end = fz.size;
+        // Saved bytes are the cut's, whatever they are: the run stops before them.
+        if let Some((&s, bytes)) = fz.bytes.range(..=offset).next_back() {
+            if s + bytes.len() as u64 > offset {
+                return offset;
+            }
+        }
+        if let Some((&s, _)) = fz.bytes.range(offset..).next() {
+            end = end.min(s);
+        }
+        // Bytes not fetched yet hold the store's content, not zeros.
+        if let Some(r) = &st.remote {
+            if offset < r.end {
+                match st.present.gaps(offset, r.end).first() {
+                    Some(g) if g.start <= offset => return offset,
+                    Some(g) => end = end.min(g.start),
+                    None => {}
+                }
+            }
+        }
+        let data = match &st.local {
+            Local::None => end,
+            Local::Mem(v) => {
+                let held = v.get(offset as usize..).unwrap_or(&[]);
+                offset + held.iter().position(|b| *b != 0).unwrap_or(held.len()) as u64
+            }
+            Local::Disk => {
+                let Ok(f) = self.file(&mut st) else {
+                    return offset;
+                };
+                match rustix::fs::seek(&*f, rustix::fs::SeekFrom::Data(offset)) {
+                    Ok(d) => d,
+                    // No data at or past `offset`: a hole to the end of the file.
+                    Err(rustix::io::Errno::NXIO) => end,
+                    Err(_) => offset,
+                }
+            }
+        };
+        end.min(data).max(offset)
+    }
+
     /// After the cut's generation is durable (`Some(new base)`), or failed (`None`: the
     /// frozen ranges are dirty again).
     pub fn thaw(&self, result: Option<(Content, Arc<Vec<ChunkRef>>)>, frozen_dirty: &[Range<u64>]) {
@@ -1214,5 +1267,9 @@ pub struct FrozenView<'a> {
 impl chunkstore::rechunk::ReadAt for FrozenView<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.data.read_frozen(self.repo, buf, offset)
+    }
+
+    fn zeros_until(&self, offset: u64) -> u64 {
+        self.data.frozen_zeros_until(offset)
     }
 }
