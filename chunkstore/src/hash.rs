@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Hash(pub [u8; 32]);
 
+/// The largest chunk a zero chunk can be: FastCDC's largest maximum (16 MiB).
+const MAX_ZERO_CHUNK: u32 = 16 << 20;
+
 impl Hash {
     pub fn of(data: &[u8]) -> Hash {
         Hash(*blake3::hash(data).as_bytes())
@@ -33,13 +36,16 @@ impl Hash {
     /// same zero chunk, which readers need not fetch: its hash says what it holds).
     pub fn of_zeros(len: u32) -> Hash {
         static KNOWN: std::sync::Mutex<Vec<(u32, Hash)>> = std::sync::Mutex::new(Vec::new());
-        let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        let known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, h)) = known.iter().find(|(l, _)| *l == len) {
             return *h;
         }
+        drop(known);
         let h = Hash::of(&vec![0u8; len as usize]);
-        // A handful of lengths in practice (the zero chunk of each chunking setting).
-        if known.len() >= 16 {
+        let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        // A handful of lengths in practice (the zero chunk of each chunking setting); at most
+        // 25 through `is_zeros` (the powers of two up to 16 MiB), so nothing is evicted there.
+        if known.len() >= 32 {
             known.remove(0);
         }
         known.push((len, h));
@@ -50,7 +56,8 @@ impl Hash {
     /// of two are recognised (a hole's chunks are the chunker's maximum, 256 KiB by default):
     /// a check costs a lookup, never hashing a new length on the read path.
     pub fn is_zeros(&self, len: u32) -> bool {
-        len.is_power_of_two() && *self == Hash::of_zeros(len)
+        // A length from the store is not trusted: past the largest chunk, never zeros.
+        len.is_power_of_two() && len <= MAX_ZERO_CHUNK && *self == Hash::of_zeros(len)
     }
 
     /// Short form for messages.

@@ -592,7 +592,10 @@ fn is_empty_dir(dir: &Path) -> Result<bool> {
 /// The SQLite databases (by header) restored under `dir`, moved with their `-wal` and
 /// `-journal` into `db_dir` so that each opens by a short path whatever its depth: (that
 /// path, its path relative to `dir`).
-fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+/// Databases that cannot be moved are problems of the drill, said and skipped.
+type Databases = (Vec<(PathBuf, String)>, Vec<String>);
+
+fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Databases> {
     std::fs::create_dir_all(db_dir)?;
     let to = rustix::fs::open(
         db_dir,
@@ -600,6 +603,7 @@ fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Vec<(PathBuf,
         rustix::fs::Mode::empty(),
     )?;
     let mut out = Vec::new();
+    let mut problems = Vec::new();
     chunkstore::snapshot::for_each_file(dir, |at, name, rel| {
         let mut head = [0u8; 16];
         let Ok(f) = rustix::fs::openat(
@@ -615,7 +619,12 @@ fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Vec<(PathBuf,
         }
         let n = out.len();
         let short = format!("{n}.db");
-        rustix::fs::renameat(at, name, &to, short.as_str())?;
+        if let Err(e) = rustix::fs::renameat(at, name, &to, short.as_str()) {
+            problems.push(format!(
+                "{rel}: a SQLite database the drill cannot check: {e}"
+            ));
+            return Ok(());
+        }
         for suffix in ["-wal", "-journal"] {
             let mut companion = name.to_vec();
             companion.extend_from_slice(suffix.as_bytes());
@@ -625,7 +634,7 @@ fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Vec<(PathBuf,
         out.push((db_dir.join(short), rel.to_string()));
         Ok(())
     })?;
-    Ok(out)
+    Ok((out, problems))
 }
 
 fn drill(
@@ -672,7 +681,10 @@ fn drill(
         Ok(r) => {
             problems.extend(r.errors.iter().cloned());
             match collect_databases(&dir, &db_dir) {
-                Ok(found) => databases = found,
+                Ok((found, unchecked)) => {
+                    databases = found;
+                    problems.extend(unchecked);
+                }
                 Err(e) => problems.push(format!("looking for SQLite databases: {e}")),
             }
             for (p, rel) in &databases {

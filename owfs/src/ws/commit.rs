@@ -45,6 +45,12 @@ enum Item {
         ino: u64,
         entry: Entry,
     },
+    /// A directory changed (its attributes, its name) but never loaded from the store: its
+    /// content is its tree in the mounted generation.
+    Unloaded {
+        ino: u64,
+        entry: Entry,
+    },
 }
 
 struct FrozenFile {
@@ -65,6 +71,9 @@ pub struct Cut {
     /// Files this cut held back (a name holds what it held before a rename, see
     /// `state::Replaced`): they stay changed for the next cut.
     pub held_back: Vec<u64>,
+    /// Directories that show a held-back rename's source at its old name: changed again for
+    /// the next cut too.
+    held_dirs: Vec<u64>,
 }
 
 /// A frozen file, once per inode however many names it has.
@@ -84,18 +93,41 @@ fn freeze_tree(
     t: &Table,
     files: &mut HashMap<u64, FrozenFile>,
     held_back: &mut Vec<u64>,
-) -> FrozenDirs {
+) -> (FrozenDirs, Vec<u64>) {
     let mut dirs: FrozenDirs = vec![Vec::new()];
     let mut todo = vec![(ROOT, 0usize)];
+    // Sources of held-back renames, shown where they were (see `state::Replaced`).
+    let mut sources = t.held_back_sources();
+    let mut held_dirs = Vec::new();
     while let Some((ino, index)) = todo.pop() {
-        let items = freeze_dir(t, ino, files, held_back, |child| {
+        let mut items = freeze_dir(t, ino, files, held_back, |child| {
             dirs.push(Vec::new());
             todo.push((child, dirs.len() - 1));
             dirs.len() - 1
         });
+        if let Some(back) = sources.remove(&ino) {
+            for (name, src) in back {
+                let Some(n) = t.get(src) else { continue };
+                let item = match (&n.committed, n.data()) {
+                    (Some(e), _) => Item::Clean(e.clone()),
+                    (None, Some(d)) => {
+                        freeze_file(files, src, d);
+                        Item::File {
+                            ino: src,
+                            entry: n.entry(src),
+                        }
+                    }
+                    (None, None) => continue,
+                };
+                items.push((name, item));
+                // Its old directory holds the name only in this generation.
+                held_dirs.push(ino);
+            }
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         dirs[index] = items;
     }
-    dirs
+    (dirs, held_dirs)
 }
 
 /// Freezes one directory's entries; `subdir` gives a changed subdirectory its index.
@@ -137,6 +169,15 @@ fn freeze_dir(
         }
         let entry = c.entry(child);
         let item = match &c.body {
+            Body::Dir {
+                children: None,
+                tree: Some(tree),
+                ..
+            } => {
+                let mut entry = entry;
+                entry.subtree = Some(*tree);
+                Item::Unloaded { ino: child, entry }
+            }
             Body::Dir { .. } => Item::Dir {
                 ino: child,
                 entry,
@@ -186,7 +227,7 @@ impl Shared {
         let root_entry = root.entry(ROOT);
         let mut files = HashMap::new();
         let mut held_back = Vec::new();
-        let dirs = freeze_tree(&t, &mut files, &mut held_back);
+        let (dirs, held_dirs) = freeze_tree(&t, &mut files, &mut held_back);
         let epoch = t.epoch;
         t.epoch += 1;
         let totals = (t.files, t.dirs, t.bytes);
@@ -200,6 +241,7 @@ impl Shared {
             pending_at_cut,
             totals,
             held_back,
+            held_dirs,
         }))
     }
 
@@ -228,7 +270,7 @@ impl Shared {
                     }
                 }
                 // Held back: not in this generation, so not committed.
-                for ino in &cut.held_back {
+                for ino in cut.held_back.iter().chain(&cut.held_dirs) {
                     t.touch(*ino);
                 }
                 self.pending
@@ -394,6 +436,11 @@ fn build_dir(
                 entry
             }
             Item::Leaf { ino, entry } => {
+                results.push((ino, entry.clone()));
+                entry
+            }
+            Item::Unloaded { ino, entry } => {
+                note_entry_reused(writer, &entry);
                 results.push((ino, entry.clone()));
                 entry
             }

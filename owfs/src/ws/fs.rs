@@ -858,7 +858,7 @@ impl OwfsFs {
                 }
             }
             if let Some(prior) = prior {
-                t.note_replacing_rename(child, newparent, newname, prior);
+                t.note_replacing_rename(child, (parent, name), (newparent, newname), prior);
             }
             // The old parent first: touching the child marks only its new place.
             t.touch(parent);

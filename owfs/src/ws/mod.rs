@@ -495,13 +495,15 @@ impl Shared {
         let cut = loop {
             if flush_kernel {
                 self.flush_kernel(thorough && attempt == 0);
-            } else {
-                // The kernel is gone (the mount stopped): no byte of a rename's source can
-                // still arrive, so what arrived is the file.
+            } else if !self.halting.load(Ordering::SeqCst) {
+                // Unmounted: the kernel wrote every page back before it let the mount go, so
+                // what arrived of a rename's source is the file.
                 let mut t = self.table.lock();
                 let (renames, _) = t.unflushed_renames();
                 t.renames_flushed_up_to(renames);
             }
+            // Halting (the daemon cannot serve the kernel any more): pages the kernel still
+            // holds never arrive, so the names stay held back.
             // A rename that replaced a file during the flush: flush its source too rather
             // than hold its name back, a few times, then cut anyway (state::Replaced).
             attempt += 1;

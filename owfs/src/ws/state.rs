@@ -137,6 +137,10 @@ pub struct Replaced {
     pub dir: u64,
     pub name: Vec<u8>,
     pub prior: Prior,
+    /// Where the source was: a held-back cut shows it there, so that it holds the state
+    /// before the rename whole (the source is not lost from the generation).
+    pub from_dir: u64,
+    pub from_name: Vec<u8>,
 }
 
 /// What a replaced name held before the rename.
@@ -317,16 +321,24 @@ impl Table {
         })
     }
 
-    /// After the rename of `src` to `dir/name` replaced a file that held `prior`.
-    pub fn note_replacing_rename(&mut self, src: u64, dir: u64, name: &[u8], prior: Prior) {
+    /// After the rename of `src` from `from` to `to` replaced a file that held `prior`.
+    pub fn note_replacing_rename(
+        &mut self,
+        src: u64,
+        from: (u64, &[u8]),
+        to: (u64, &[u8]),
+        prior: Prior,
+    ) {
         self.renames += 1;
         let seq = self.renames;
         if let Some(n) = self.nodes.get_mut(&src) {
             n.replaced = Some(Box::new(Replaced {
                 seq,
-                dir,
-                name: name.to_vec(),
+                dir: to.0,
+                name: to.1.to_vec(),
                 prior,
+                from_dir: from.0,
+                from_name: from.1.to_vec(),
             }));
             self.unflushed_renames.push((seq, src));
         }
@@ -354,6 +366,37 @@ impl Table {
                 }
             }
         }
+    }
+
+    /// The sources of renames a cut holds back now, by the directory they came from: (their
+    /// old name, the source). A source whose old name was taken again meanwhile is left out.
+    pub fn held_back_sources(&self) -> HashMap<u64, Vec<(Vec<u8>, u64)>> {
+        let mut out: HashMap<u64, Vec<(Vec<u8>, u64)>> = HashMap::new();
+        for &(_, src) in &self.unflushed_renames {
+            let Some(r) = self.nodes.get(&src).and_then(|n| n.replaced.as_ref()) else {
+                continue;
+            };
+            let at = |dir: u64, name: &[u8]| {
+                self.nodes
+                    .get(&dir)
+                    .and_then(|d| d.children())
+                    .and_then(|c| c.get(name).copied())
+            };
+            if r.seq > self.renames_flushed
+                && at(r.dir, &r.name) == Some(src)
+                && at(r.from_dir, &r.from_name).is_none()
+                && self
+                    .nodes
+                    .get(&r.from_dir)
+                    .and_then(|d| d.children())
+                    .is_some()
+            {
+                out.entry(r.from_dir)
+                    .or_default()
+                    .push((r.from_name.clone(), src));
+            }
+        }
+        out
     }
 
     /// What a cut holds at `dir/name` instead of `child`, if `child` replaced it by a rename
@@ -711,6 +754,9 @@ impl FileData {
 
     fn drop_local(&self, st: &mut FileState) {
         st.discarded = true;
+        // Nothing may fetch it again (the prefetcher may still hold this file).
+        st.remote = None;
+        st.present = RangeSet::default();
         self.set_inline(st, None);
         if let Local::Disk = std::mem::replace(&mut st.local, Local::None) {
             self.local.forget(self.id);
