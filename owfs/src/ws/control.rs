@@ -65,6 +65,8 @@ impl Control {
 
 /// A request line longer than this is refused (the requests are a few dozen bytes).
 const MAX_REQUEST_BYTES: u64 = 4096;
+/// A client that sends no request line within this is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The socket's directory: created 0700, or, if it exists, owned by us and made 0700. One
 /// that another user owns is refused: they could replace our socket with theirs.
@@ -144,11 +146,9 @@ fn peer_allowed(conn: &UnixStream) -> std::result::Result<(), String> {
 }
 
 fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condvar)>) {
-    if let Err(why) = peer_allowed(&conn) {
-        let mut w = conn;
-        let _ = writeln!(w, "{}", json!({"ok": false, "error": why}));
-        return;
-    }
+    // The request is read first (bounded in size and time), so that a refused client reads
+    // the refusal instead of finding the connection closed under its request.
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -157,6 +157,11 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>, done: &Arc<(Mutex<Done>, Condv
     let mut line = String::new();
     if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
         // A readiness probe (`owfs mount` connects and closes) or a client gone.
+        return;
+    }
+    if let Err(why) = peer_allowed(&conn) {
+        let mut w = conn;
+        let _ = writeln!(w, "{}", json!({"ok": false, "error": why}));
         return;
     }
     let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
