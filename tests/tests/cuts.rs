@@ -51,31 +51,15 @@ fn a_file_that_goes_after_the_barrier_is_committed_as_it_was_at_the_cut() {
             std::fs::write(m.path(name), vec![b'2'; size]).unwrap();
             std::fs::write(m.path(&format!("{name}.journal")), vec![b'J'; size]).unwrap();
         }
-        let at = m.at.clone();
-        let bin = owfs_tests::owfs_bin();
-        let url = c.url.clone();
         // The sync's cut freezes the files, then pauses before reading them.
-        let sync = std::thread::spawn(move || {
-            let out = Command::new(bin)
-                .args(["--store", &url, "--json", "sync", at.to_str().unwrap()])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            v["generation"].as_u64().unwrap()
+        let g = sync_around(&c, &m, || {
+            for (name, size) in sizes {
+                let tmp = m.path(&format!("{name}.tmp"));
+                std::fs::write(&tmp, vec![b'3'; size]).unwrap();
+                std::fs::rename(&tmp, m.path(name)).unwrap();
+                std::fs::remove_file(m.path(&format!("{name}.journal"))).unwrap();
+            }
         });
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        for (name, size) in sizes {
-            let tmp = m.path(&format!("{name}.tmp"));
-            std::fs::write(&tmp, vec![b'3'; size]).unwrap();
-            std::fs::rename(&tmp, m.path(name)).unwrap();
-            std::fs::remove_file(m.path(&format!("{name}.journal"))).unwrap();
-        }
-        let g = sync.join().unwrap();
         for (name, size) in sizes {
             let got = c.cat("gone", g, name).unwrap();
             assert!(
@@ -178,8 +162,8 @@ for i in range(12):
     }
 }
 
-/// `owfs sync` in the background whose cut waits 600 ms between its flush and its barrier
-/// (`barrier_pause_ms`), so that what `during` does lands there; its generation.
+/// `owfs sync` in the background; `during` runs 250 ms after it started, inside the pause a
+/// fault gives its commit (`barrier_pause_ms`, `commit_pause_ms`). The sync's generation.
 fn sync_around(c: &Case, m: &owfs_tests::RwMount, during: impl FnOnce()) -> u64 {
     let at = m.at.clone();
     let bin = owfs_tests::owfs_bin();
