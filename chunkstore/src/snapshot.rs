@@ -525,7 +525,7 @@ impl Walker<'_> {
             let tree = Tree {
                 entries: done.entries,
             };
-            let bytes = tree.encode();
+            let bytes = tree.encode_checked(&self.rel.show())?;
             let hash = Hash::of(&bytes);
             self.writer.add(hash, BlobKind::Tree, bytes)?;
             let Some(mut e) = done.entry else {

@@ -125,6 +125,26 @@ impl Tree {
         codec::encode(ObjKind::Tree, self)
     }
 
+    /// `encode`, refusing a tree no reader would accept (over `pack::MAX_META_BLOB`): a
+    /// directory too large to store is an error of the commit that names it, never a
+    /// generation that cannot be read back.
+    pub fn encode_checked(&self, dir: &str) -> Result<Vec<u8>> {
+        let bytes = self.encode();
+        if bytes.len() > crate::pack::MAX_META_BLOB {
+            return Err(Error::io(
+                dir,
+                std::io::Error::other(format!(
+                    "this directory's {} entries take {} bytes as one tree, more than the {} \
+                     a tree may hold: spread them over several directories",
+                    self.entries.len(),
+                    bytes.len(),
+                    crate::pack::MAX_META_BLOB
+                )),
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// Decodes and validates a tree: safe names, sorted and unique, consistent kinds.
     pub fn decode(bytes: &[u8], dir: &str) -> Result<Tree> {
         let tree: Tree = codec::decode(ObjKind::Tree, bytes, &format!("tree of {dir:?}"))?;

@@ -449,7 +449,7 @@ fn build_dir(
         entries.push(e);
     }
     let tree = Tree { entries };
-    let bytes = tree.encode();
+    let bytes = tree.encode_checked("a directory of the workspace")?;
     let hash = Hash::of(&bytes);
     writer.add(hash, BlobKind::Tree, bytes)?;
     Ok(hash)
