@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, CWD};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
@@ -27,7 +27,9 @@ use crate::hash::Hash;
 use crate::pack::PackEntry;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::snapshot::{list_dir, open_dir, proc_path, stat_at, under, DirChain, RelPath};
+use crate::snapshot::{
+    list_dir, open_dir, open_dir_path, proc_path, stat_at, under, DirChain, RelPath,
+};
 use crate::tree::{Entry, Kind};
 
 /// A batch is fetched when it holds this much raw data or this many files.
@@ -123,13 +125,7 @@ pub fn restore_tree(
 ) -> Result<RestoreReport> {
     std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
     repo.ensure_index()?;
-    let root_fd = rustix::fs::openat(
-        CWD,
-        target,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(target, e.into()))?;
+    let root_fd = open_dir_path(target).map_err(|e| Error::io(target, e))?;
     let chain = DirChain::new(root_fd).map_err(|e| Error::io(target, e))?;
     let mut r = Restorer {
         repo,
@@ -187,15 +183,11 @@ pub fn remove_dir_tree(path: &Path) -> std::io::Result<()> {
             path.display()
         )));
     };
-    let parent = rustix::fs::open(
-        if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        },
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    let parent = open_dir_path(if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    })?;
     match remove_tree(parent.as_fd(), name.as_bytes()) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,

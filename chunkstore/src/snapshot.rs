@@ -185,6 +185,15 @@ pub(crate) fn stat_at(dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<Meta> 
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| Meta::of(&st))
 }
 
+/// Opens the directory at `path` (a walk's root, given by the user) for reading.
+pub(crate) fn open_dir_path(path: &Path) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
 /// Opens the directory `name` of `dir` for reading; never through a symlink.
 pub(crate) fn open_dir(dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
@@ -217,12 +226,7 @@ pub fn for_each_file(
     root: &Path,
     mut f: impl FnMut(BorrowedFd, &[u8], &str) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let top = rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut chain = DirChain::new(top)?;
+    let mut chain = DirChain::new(open_dir_path(root)?)?;
     // Per level: the names still to visit, and the length of `rel` before the level's name.
     let mut levels = vec![(list_dir(chain.current())?, 0usize)];
     let mut rel = String::new();
@@ -446,13 +450,7 @@ pub fn snapshot_dir(
     if !meta.is_dir() {
         return Err(Error::io(dir, std::io::Error::other("not a directory")));
     }
-    let root_fd = rustix::fs::openat(
-        CWD,
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(dir, e.into()))?;
+    let root_fd = open_dir_path(dir).map_err(|e| Error::io(dir, e))?;
     check_proc_path(root_fd.as_fd(), dir)?;
     let names = list_dir(root_fd.as_fd()).map_err(|e| Error::io(dir, e))?;
     let chain = DirChain::new(root_fd).map_err(|e| Error::io(dir, e))?;

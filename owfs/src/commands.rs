@@ -589,12 +589,12 @@ fn is_empty_dir(dir: &Path) -> Result<bool> {
     }
 }
 
-/// The SQLite databases (by header) restored under `dir`, moved with their `-wal` and
-/// `-journal` into `db_dir` so that each opens by a short path whatever its depth: (that
-/// path, its path relative to `dir`).
-/// Databases that cannot be moved are problems of the drill, said and skipped.
+/// Databases found (a short path, the path relative to the restore) and problems met.
 type Databases = (Vec<(PathBuf, String)>, Vec<String>);
 
+/// The SQLite databases (by header) restored under `dir`, moved with their `-wal` and
+/// `-journal` into `db_dir` so that each opens by a short path whatever its depth. A
+/// database that cannot be moved is a problem of the drill, said and skipped.
 fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Databases> {
     std::fs::create_dir_all(db_dir)?;
     let to = rustix::fs::open(

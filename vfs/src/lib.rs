@@ -22,17 +22,17 @@ pub enum Error {
     },
 }
 
-/// Whether `path` starts with the SQLite database header (companions `-wal`, `-journal` and
-/// `-shm` do not).
-/// Whether `head`, a file's first 16 bytes, is SQLite's header.
+/// Whether `head`, a file's first 16 bytes, is SQLite's database header (companions
+/// `-wal`, `-journal` and `-shm` have none).
 pub fn is_database_header(head: &[u8; 16]) -> bool {
     head == SQLITE_HEADER
 }
 
+/// Whether `path` starts with the SQLite database header.
 pub fn is_database(path: &Path) -> bool {
     let mut head = [0u8; 16];
     match std::fs::File::open(path) {
-        Ok(mut f) => f.read_exact(&mut head).is_ok() && &head == SQLITE_HEADER,
+        Ok(mut f) => f.read_exact(&mut head).is_ok() && is_database_header(&head),
         Err(_) => false,
     }
 }

@@ -498,9 +498,7 @@ impl Shared {
             } else if !self.halting.load(Ordering::SeqCst) {
                 // Unmounted: the kernel wrote every page back before it let the mount go, so
                 // what arrived of a rename's source is the file.
-                let mut t = self.table.lock();
-                let (renames, _) = t.unflushed_renames();
-                t.renames_flushed_up_to(renames);
+                self.table.lock().all_renames_flushed();
             }
             // Halting (the daemon cannot serve the kernel any more): pages the kernel still
             // holds never arrive, so the names stay held back.
@@ -1028,6 +1026,17 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
     })
 }
 
+/// A delay of `OWFS_FAULTS` (tests only): `None` when unset or zero.
+fn fault_ms(
+    faults: &Option<chunkstore::faulty::FaultConfig>,
+    ms: impl Fn(&chunkstore::faulty::FaultConfig) -> u64,
+) -> Option<Duration> {
+    faults
+        .as_ref()
+        .map(|f| Duration::from_millis(ms(f)))
+        .filter(|d| !d.is_zero())
+}
+
 /// Blocks SIGTERM, SIGINT and SIGHUP in every thread; one thread waits for them and unmounts.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask on this thread (the
@@ -1234,19 +1243,10 @@ pub fn run(
         renew_cv: Condvar::new(),
         flushing: AtomicBool::new(false),
         flusher,
-        write_delay: faults
-            .as_ref()
-            .map(|f| Duration::from_millis(f.fuse_write_delay_ms))
-            .filter(|d| !d.is_zero()),
+        write_delay: fault_ms(&faults, |f| f.fuse_write_delay_ms),
         uring_stop_after: faults.as_ref().and_then(|f| f.uring_stop_after),
-        commit_pause: faults
-            .as_ref()
-            .map(|f| Duration::from_millis(f.commit_pause_ms))
-            .filter(|d| !d.is_zero()),
-        barrier_pause: faults
-            .as_ref()
-            .map(|f| Duration::from_millis(f.barrier_pause_ms))
-            .filter(|d| !d.is_zero()),
+        commit_pause: fault_ms(&faults, |f| f.commit_pause_ms),
+        barrier_pause: fault_ms(&faults, |f| f.barrier_pause_ms),
         cut_attempts: faults
             .as_ref()
             .and_then(|f| f.cut_attempts)

@@ -355,11 +355,16 @@ impl Table {
         !self.unflushed_renames.is_empty()
     }
 
+    /// The mount is gone cleanly: every page the kernel held was written back before.
+    pub fn all_renames_flushed(&mut self) {
+        self.renames_flushed_up_to(self.renames);
+    }
+
     pub fn renames_flushed_up_to(&mut self, seq: u64) {
         assert!(seq <= self.renames, "flushed renames that never happened");
         self.renames_flushed = self.renames_flushed.max(seq);
         let done = self.unflushed_renames.partition_point(|&(s, _)| s <= seq);
-        for (_, ino) in self.unflushed_renames.drain(..done).collect::<Vec<_>>() {
+        for (_, ino) in self.unflushed_renames.drain(..done) {
             if let Some(n) = self.nodes.get_mut(&ino) {
                 if n.replaced.as_ref().is_some_and(|r| r.seq <= seq) {
                     n.replaced = None;
@@ -373,24 +378,13 @@ impl Table {
     pub fn held_back_sources(&self) -> HashMap<u64, Vec<(Vec<u8>, u64)>> {
         let mut out: HashMap<u64, Vec<(Vec<u8>, u64)>> = HashMap::new();
         for &(_, src) in &self.unflushed_renames {
-            let Some(r) = self.nodes.get(&src).and_then(|n| n.replaced.as_ref()) else {
+            let Some(r) = self.nodes.get(&src).and_then(|n| self.unflushed(n)) else {
                 continue;
             };
-            let at = |dir: u64, name: &[u8]| {
-                self.nodes
-                    .get(&dir)
-                    .and_then(|d| d.children())
-                    .and_then(|c| c.get(name).copied())
-            };
-            if r.seq > self.renames_flushed
-                && at(r.dir, &r.name) == Some(src)
-                && at(r.from_dir, &r.from_name).is_none()
-                && self
-                    .nodes
-                    .get(&r.from_dir)
-                    .and_then(|d| d.children())
-                    .is_some()
-            {
+            let children = |dir: u64| self.nodes.get(&dir).and_then(|d| d.children());
+            let still_there = children(r.dir).and_then(|c| c.get(&r.name)) == Some(&src);
+            let old_name_free = children(r.from_dir).is_some_and(|c| !c.contains_key(&r.from_name));
+            if still_there && old_name_free {
                 out.entry(r.from_dir)
                     .or_default()
                     .push((r.from_name.clone(), src));
@@ -402,11 +396,16 @@ impl Table {
     /// What a cut holds at `dir/name` instead of `child`, if `child` replaced it by a rename
     /// whose source's bytes may not all have arrived.
     pub fn held_back<'a>(&self, child: &'a Node, dir: u64, name: &[u8]) -> Option<&'a Prior> {
-        child
-            .replaced
-            .as_ref()
-            .filter(|r| r.seq > self.renames_flushed && r.dir == dir && r.name == name)
+        self.unflushed(child)
+            .filter(|r| r.dir == dir && r.name == name)
             .map(|r| &r.prior)
+    }
+
+    /// `n`'s replacing rename, if its source was not flushed yet.
+    fn unflushed<'a>(&self, n: &'a Node) -> Option<&'a Replaced> {
+        n.replaced
+            .as_deref()
+            .filter(|r| r.seq > self.renames_flushed)
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
