@@ -3,12 +3,9 @@
 //! returns Ok or Err. It never panics, and no single allocation it makes exceeds the bound
 //! the decision states, whatever a length field claims. Unmodified encodings round-trip.
 //!
-//! A tracking global allocator records the largest allocation made on the current thread
-//! (the test harness runs tests on several threads), so `largest_alloc` measures one call.
-//! It sees Rust allocations only (zstd's own contexts come from C `malloc`).
+//! A tracking global allocator (tests/support/largest_alloc.rs) records the largest
+//! allocation made on the current thread, so `largest_alloc` measures one call.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -25,47 +22,9 @@ use chunkstore::{Repo, Store};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| {
-        if size > l.get() {
-            l.set(size)
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Tracking = Tracking;
-
-/// `f()` and the largest single allocation it made on this thread.
-fn largest_alloc<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    LARGEST.with(|l| l.set(0));
-    let r = f();
-    (r, LARGEST.with(|l| l.get()))
-}
+#[path = "support/largest_alloc.rs"]
+mod tracking;
+use tracking::largest_alloc;
 
 /// Largest allocation a postcard decoder may make: serde preallocates a sequence from its
 /// length field only up to 1 MiB (`serde::__private::size_hint::cautious`), postcard checks a

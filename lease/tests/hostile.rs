@@ -3,54 +3,19 @@
 //! panics, allocates no more than about its input, and never returns a record the lease code
 //! cannot go on from (an epoch with no successor). Unmodified records round-trip.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use lease::{decode, encode, is_free, Holder, LeaseConfig, LeaseRecord, FORMAT};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| {
-        if size > l.get() {
-            l.set(size)
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Tracking = Tracking;
+#[path = "../../chunkstore/tests/support/largest_alloc.rs"]
+mod tracking;
+use tracking::largest_alloc;
 
 /// Decodes `b` as the lease of `ws`; checks the allocation bound and that an accepted record
 /// is one the lease code can use.
+#[allow(clippy::result_large_err)] // the decoder's own error type, measured as it is
 fn check(b: &[u8]) {
-    LARGEST.with(|l| l.set(0));
-    let r = decode(b, "ws");
-    let largest = LARGEST.with(|l| l.get());
+    let (r, largest) = largest_alloc(|| decode(b, "ws"));
     assert!(
         largest <= b.len() + (64 << 10),
         "decode of {} bytes allocated {largest} bytes",

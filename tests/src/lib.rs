@@ -422,6 +422,24 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
 }
 
+/// A read-only mount of a generation, unmounted when dropped.
+pub struct RoMount<'a> {
+    case: &'a Case,
+    pub at: PathBuf,
+}
+
+impl Drop for RoMount<'_> {
+    fn drop(&mut self) {
+        if is_mounted(&self.at) {
+            let out = self.case.owfs(&["umount", self.at.to_str().unwrap()]);
+            if !out.status.success() {
+                // Still busy (a failed assertion left a file open): detach it lazily.
+                let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+            }
+        }
+    }
+}
+
 /// A read-write mount of a workspace, unmounted (with its final commit) when dropped.
 pub struct RwMount<'a> {
     pub case: &'a Case,
@@ -459,6 +477,32 @@ impl Case {
         }
         args.extend(flags.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// `mount_rw` with environment variables for the mount's daemon (`OWFS_FAULTS`).
+    pub fn mount_rw_env(
+        &self,
+        ws: &str,
+        name: &str,
+        opts: &[&str],
+        env: &[(&str, &str)],
+    ) -> RwMount<'_> {
+        let out = self.mount_cmd(ws, name, opts, &[], env).output().unwrap();
+        assert!(
+            out.status.success(),
+            "[{}] mount: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.rw_handle(ws, name)
+    }
+
+    /// Mounts `spec` (`WS` or `WS@N`) read-only (time travel) on a fresh directory `name`.
+    pub fn mount_ro(&self, spec: &str, name: &str) -> RoMount<'_> {
+        let at = self.dir(name);
+        std::fs::create_dir_all(&at).unwrap();
+        self.ok(&["mount", spec, at.to_str().unwrap(), "-o", "ro"]);
+        RoMount { case: self, at }
     }
 
     /// The handle of a mount made elsewhere (e.g. by a daemon the test runs in the

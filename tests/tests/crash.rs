@@ -131,33 +131,36 @@ fn check_writers(m: &owfs_tests::RwMount) -> Result<String, String> {
     Ok(out.join(" "))
 }
 
+/// `python3 -c script args…`, its stderr dropped.
+fn python(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    stdout: Stdio,
+) -> Result<std::process::Child, String> {
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("python3: {e}"))
+}
+
 fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let m = c.mount_rw(ws, &format!("m{n}"), &[]);
     let pid = m.daemon_pid();
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(WORKLOAD)
-        .arg(&m.at)
-        .arg(mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("python3: {e}"))?;
+    let mut child = python(WORKLOAD, &[m.at.as_os_str(), mode.as_ref()], Stdio::piped())?;
     let mut writers: Vec<_> = (0..WRITERS)
         .map(|k| {
-            Command::new("python3")
-                .arg("-c")
-                .arg(WRITER)
-                .arg(&m.at)
-                .arg(mode)
-                .arg(k.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("python3")
+            python(
+                WRITER,
+                &[m.at.as_os_str(), mode.as_ref(), k.to_string().as_ref()],
+                Stdio::null(),
+            )
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let out = child.stdout.take().unwrap();
     let synced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let s2 = synced.clone();

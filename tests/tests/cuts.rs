@@ -7,25 +7,6 @@ use std::process::{Command, Stdio};
 
 use owfs_tests::Case;
 
-fn mount_with_faults<'a>(
-    c: &'a Case,
-    ws: &str,
-    opts: &[&str],
-    faults: &str,
-) -> owfs_tests::RwMount<'a> {
-    let out = c
-        .mount_cmd(ws, "mnt", opts, &[], &[("OWFS_FAULTS", faults)])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "[{}] mount: {}",
-        c.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.rw_handle(ws, "mnt")
-}
-
 /// The committer reads a frozen file after the barrier. A file that loses its last name in
 /// between (replaced by a rename, unlinked: SQLite's rollback journal at every commit) must
 /// still be read as it was at the cut: its bytes are dropped only after. Here the committer
@@ -34,11 +15,11 @@ fn mount_with_faults<'a>(
 #[test]
 fn a_file_that_goes_after_the_barrier_is_committed_as_it_was_at_the_cut() {
     for c in Case::all() {
-        let m = mount_with_faults(
-            &c,
+        let m = c.mount_rw_env(
             "gone",
+            "mnt",
             &["commit_interval_ms=600000"],
-            "commit_pause_ms=1500",
+            &[("OWFS_FAULTS", "commit_pause_ms=1500")],
         );
         // Small files live in memory, large ones in the cache directory: both kinds.
         let sizes = [("small", 3000usize), ("large", 300_000)];
@@ -100,11 +81,13 @@ fn a_rename_over_a_file_commits_the_old_content_or_the_new_whole() {
     for c in Case::all() {
         for attempts in ["1", "4"] {
             let ws = format!("ren{attempts}");
-            let m = mount_with_faults(
-                &c,
+            let faults =
+                format!("fuse_write_delay_ms=150,barrier_pause_ms=60,cut_attempts={attempts}");
+            let m = c.mount_rw_env(
                 &ws,
+                "mnt",
                 &["commit_interval_ms=40"],
-                &format!("fuse_write_delay_ms=150,barrier_pause_ms=60,cut_attempts={attempts}"),
+                &[("OWFS_FAULTS", &faults)],
             );
             // Every rename replaces a file: the first version is there before them.
             std::fs::write(m.path("target"), vec![b'a'; 5000]).unwrap();
@@ -193,11 +176,11 @@ fn sync_around(c: &Case, m: &owfs_tests::RwMount, during: impl FnOnce()) -> u64 
 #[test]
 fn a_held_back_rename_keeps_its_source_where_it_was() {
     for c in Case::all() {
-        let m = mount_with_faults(
-            &c,
+        let m = c.mount_rw_env(
             "held",
+            "mnt",
             &["commit_interval_ms=600000"],
-            "barrier_pause_ms=600,cut_attempts=1",
+            &[("OWFS_FAULTS", "barrier_pause_ms=600,cut_attempts=1")],
         );
         std::fs::write(m.path("a"), b"AAAA").unwrap();
         std::fs::write(m.path("b"), b"BBBB").unwrap();

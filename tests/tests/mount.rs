@@ -687,20 +687,12 @@ os.fsync(fd)
 #[test]
 fn sync_holds_writes_the_kernel_is_still_writing_back() {
     for c in Case::all() {
-        let mut cmd = c.mount_cmd(
+        let m = c.mount_rw_env(
             "wb",
             "mnt",
             &["commit_interval_ms=600000"],
-            &[],
             &[("OWFS_FAULTS", "fuse_write_delay_ms=500")],
         );
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m = c.rw_handle("wb", "mnt");
         let script = r#"
 import sys
 f = open(sys.argv[1], "wb")
@@ -786,16 +778,7 @@ fn a_full_cache_directory_is_reported_not_hidden() {
     let _tmpfs = Tmpfs(cache.clone());
     // Every publish takes 400 ms more, so that two syncs below overlap.
     let faults = [("OWFS_FAULTS", "delay_ms=400,only=/gens/")];
-    let out = c
-        .mount_cmd("full", "full", &[], &[], &faults)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = c.rw_handle("full", "full");
+    let m = c.mount_rw_env("full", "full", &[], &faults);
     std::fs::create_dir(m.path("d")).unwrap();
     let mut f = std::fs::File::create(m.path("d/big")).unwrap();
     let chunk = vec![0x5au8; 1 << 20];

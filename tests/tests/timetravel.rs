@@ -11,33 +11,6 @@ fn write(p: &Path, data: &[u8]) {
     std::fs::write(p, data).unwrap();
 }
 
-struct Mounted<'a> {
-    case: &'a Case,
-    at: std::path::PathBuf,
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        if owfs_tests::is_mounted(&self.at) {
-            let out = self.case.owfs(&["umount", self.at.to_str().unwrap()]);
-            if !out.status.success() {
-                // Still busy (a failed assertion left a file open): detach it lazily.
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.at)
-                    .status();
-            }
-        }
-    }
-}
-
-fn mount<'a>(case: &'a Case, spec: &str, name: &str) -> Mounted<'a> {
-    let at = case.dir(name);
-    std::fs::create_dir_all(&at).unwrap();
-    case.ok(&["mount", spec, at.to_str().unwrap(), "-o", "ro"]);
-    Mounted { case, at }
-}
-
 #[test]
 fn a_mounted_generation_is_exactly_what_was_committed() {
     for c in Case::all() {
@@ -68,8 +41,8 @@ fn a_mounted_generation_is_exactly_what_was_committed() {
         std::fs::remove_file(src.join("empty")).unwrap();
         c.ok(&["snapshot", src.to_str().unwrap(), "tt"]);
 
-        let m1 = mount(&c, "tt@1", "m1");
-        let m2 = mount(&c, "tt", "m2");
+        let m1 = c.mount_ro("tt@1", "m1");
+        let m2 = c.mount_ro("tt", "m2");
         assert_same_tree(&gen1, &m1.at);
         assert_same_tree(&src, &m2.at);
         // Random reads across chunk boundaries return the committed bytes.
@@ -117,7 +90,7 @@ fn damaged_data_reads_as_an_error_never_as_wrong_bytes() {
             rt.block_on(store.put(&p.key, bytes.into())).unwrap();
         }
     }
-    let m = mount(&c, "dmg", "m");
+    let m = c.mount_ro("dmg", "m");
     let err = std::fs::read(m.at.join("data.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
 }
