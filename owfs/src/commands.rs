@@ -16,8 +16,8 @@ use chunkstore::{Error, Repo, Result, Store};
 use serde_json::json;
 
 use crate::cli::{Cli, Command};
-use crate::exit;
 use crate::ui::{self, Bar};
+use owfs::exit;
 
 /// The embedded default store: /var/lib/owfs/store for root, else under $XDG_DATA_HOME.
 pub fn default_store_url() -> String {
@@ -316,11 +316,15 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             takeover,
             prefetch_only,
         } => {
-            let mut opts = crate::mount::MountOpts::parse(options.as_deref())?;
+            let mut opts = owfs::mount::MountOpts::parse(options.as_deref())?;
             if *prefetch_only {
                 let repo = open(cli, &rt, false)?;
                 let bars = !cli.json && !cli.quiet;
-                let report = crate::ws::prepull(&repo, spec, cache_dir.clone(), bars)?;
+                let progress = Arc::new(chunkstore::progress::Progress::default());
+                let report = {
+                    let _bar = ui::Bar::start(progress.clone(), "pre-pull:", bars);
+                    owfs::daemon::prepull(&repo, spec, cache_dir.clone(), &progress)?
+                };
                 if cli.json {
                     print_json(&serde_json::to_value(&report).expect("json"));
                 } else {
@@ -359,7 +363,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 if *takeover {
                     forwarded.push("--takeover".into());
                 }
-                return crate::mount::spawn_and_wait(
+                return owfs::mount::spawn_and_wait(
                     cli.store.as_deref(),
                     spec,
                     mountpoint,
@@ -371,7 +375,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             if opts.read_only {
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-                return crate::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
+                return owfs::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
             }
             let (ws, n) = generation::parse_spec(spec)?;
             if n.is_some() {
@@ -384,12 +388,12 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             }
             // The store is created on first use, like the workspace.
             let repo = open(cli, &rt, true)?;
-            crate::ws::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
+            owfs::daemon::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
         }
-        Command::Umount { mountpoint } => crate::mount::umount(mountpoint, cli.json, false),
-        Command::Handoff { mountpoint } => crate::mount::umount(mountpoint, cli.json, true),
+        Command::Umount { mountpoint } => owfs::mount::umount(mountpoint, cli.json, false),
+        Command::Handoff { mountpoint } => owfs::mount::umount(mountpoint, cli.json, true),
         Command::Sync { mountpoint } => {
-            let v = crate::ws::control::request(mountpoint, "sync")?;
+            let v = owfs::daemon::control::request(mountpoint, "sync")?;
             if cli.json {
                 print_json(&v);
             } else {
@@ -446,7 +450,7 @@ fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> 
 fn live_lease(repo: &Repo, ws: &str) -> Result<Option<lease::LeaseRecord>> {
     let lease = repo
         .block_on(lease::read(&repo.store, ws))
-        .map_err(|e| crate::ws::lease_error(ws, e))?;
+        .map_err(|e| owfs::daemon::lease_error(ws, e))?;
     let (now, cfg) = (generation::now_ms(), lease::LeaseConfig::default());
     Ok(lease.filter(|l| !lease::is_free(l, now, &cfg)))
 }
@@ -455,8 +459,8 @@ fn live_lease(repo: &Repo, ws: &str) -> Result<Option<lease::LeaseRecord>> {
 /// store (lease and latest generation only).
 fn status(cli: &Cli, rt: &tokio::runtime::Handle, target: &str) -> Result<i32> {
     let path = std::path::Path::new(target);
-    let st = if crate::mount::is_owfs_mount(path) {
-        crate::ws::control::request(path, "status")?["status"].take()
+    let st = if owfs::mount::is_owfs_mount(path) {
+        owfs::daemon::control::request(path, "status")?["status"].take()
     } else {
         generation::check_workspace_name(target).map_err(|_| Error::BadName {
             name: target.to_string(),
@@ -468,7 +472,7 @@ fn status(cli: &Cli, rt: &tokio::runtime::Handle, target: &str) -> Result<i32> {
             .ok_or_else(|| Error::UnknownWorkspace(target.to_string()))?;
         let lease = repo
             .block_on(lease::read(&repo.store, target))
-            .map_err(|e| crate::ws::lease_error(target, e))?;
+            .map_err(|e| owfs::daemon::lease_error(target, e))?;
         let now = generation::now_ms();
         json!({
             "workspace": target,

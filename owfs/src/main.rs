@@ -3,13 +3,10 @@
 
 mod cli;
 mod commands;
-mod exit;
-mod fuse_util;
-mod mount;
 mod mount_helper;
-mod timetravel;
 mod ui;
-mod ws;
+
+use owfs::{exit, mount};
 
 use clap::Parser;
 

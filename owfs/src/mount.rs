@@ -17,7 +17,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct MountOpts {
     pub read_only: bool,
-    pub ws: crate::ws::WsOptions,
+    pub ws: crate::daemon::WsOptions,
 }
 
 impl MountOpts {
@@ -111,7 +111,7 @@ pub fn run_read_only(
     repo: Arc<Repo>,
     rec: GenRecord,
     mountpoint: &Path,
-    flags: crate::ws::KernelFlags,
+    flags: crate::daemon::KernelFlags,
 ) -> Result<i32> {
     let spec = rec.spec();
     let fs = TimeTravel::new(repo, rec)?;
@@ -180,7 +180,7 @@ pub fn spawn_and_wait(
     let t0 = Instant::now();
     let socket = std::fs::canonicalize(mountpoint)
         .ok()
-        .map(|m| crate::ws::control::socket_path(&m));
+        .map(|m| crate::daemon::control::socket_path(&m));
     // A stale socket of a killed daemon may still be there: it must answer.
     let answers = || {
         opts.read_only
@@ -248,8 +248,8 @@ pub fn umount(mountpoint: &Path, json: bool, handoff: bool) -> Result<i32> {
     // A read-write mount: the daemon commits, unmounts, commits what came last, and answers
     // once that generation is durable.
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
-    if crate::ws::control::socket_path(&canon).exists() {
-        let v = crate::ws::control::request(mountpoint, "umount")?;
+    if crate::daemon::control::socket_path(&canon).exists() {
+        let v = crate::daemon::control::request(mountpoint, "umount")?;
         if let Some(why) = v["lost_writes"].as_str() {
             eprintln!("owfs: warning: {why}");
         }

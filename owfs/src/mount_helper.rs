@@ -117,7 +117,7 @@ pub fn translate(
             ("store" | "cache_dir" | "env_file", None) => {
                 return Err(format!("option {k} needs a value ({k}=...)"))
             }
-            _ if crate::mount::is_mount8_only(&o) => {}
+            _ if owfs::mount::is_mount8_only(&o) => {}
             _ => match check(&o) {
                 Ok(()) => daemon.push(o),
                 Err(e) if sloppy => eprintln!("owfs: ignoring mount option {o} (-s): {e}"),

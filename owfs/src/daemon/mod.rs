@@ -1,13 +1,14 @@
 //! The read-write workspace mount: a FUSE file system whose working copy lives on local disk,
 //! and a committer that cuts a generation of it every commit interval and on `sync`.
 
-mod commit;
+mod content;
 pub mod control;
+mod cut;
 mod flusher;
-mod fs;
 mod holder;
+mod inodes;
+mod ops;
 mod ranges;
-mod state;
 mod uring;
 mod wire;
 
@@ -22,11 +23,11 @@ use chunkstore::generation::{self, GenRecord};
 use chunkstore::{Error, Repo, Result};
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use commit::CutOutcome;
-use state::{Attr, Body, NKind, Node, Table, ROOT};
+use cut::CutOutcome;
+use inodes::{Attr, Body, NKind, Node, Table, ROOT};
 
 /// Barriers a commit tries before it cuts with names held back by renames whose sources
-/// kept arriving during its flushes (state::Replaced).
+/// kept arriving during its flushes (inodes::Replaced).
 const CUT_ATTEMPTS: u32 = 4;
 
 /// Options of the read-write mount (`-o a=b,c`, and the lease flags).
@@ -120,7 +121,7 @@ pub enum Uring {
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub commits: u64,
-    /// Names cuts held at their content before a rename replaced them (state::Replaced).
+    /// Names cuts held at their content before a rename replaced them (inodes::Replaced).
     pub names_held_back: u64,
     pub commit_failures: u64,
     pub last_error: Option<String>,
@@ -460,7 +461,7 @@ impl Shared {
         let t = self.table.lock();
         let mut parts: Vec<String> = Vec::new();
         let mut cur = ino;
-        while cur != state::ROOT && parts.len() < 256 {
+        while cur != inodes::ROOT && parts.len() < 256 {
             let found = t.nodes.iter().find_map(|(&dir, n)| {
                 n.children()
                     .and_then(|c| c.iter().find(|(_, &c)| c == cur))
@@ -503,7 +504,7 @@ impl Shared {
             // Halting (the daemon cannot serve the kernel any more): pages the kernel still
             // holds never arrive, so the names stay held back.
             // A rename that replaced a file during the flush: flush its source too rather
-            // than hold its name back, a few times, then cut anyway (state::Replaced).
+            // than hold its name back, a few times, then cut anyway (inodes::Replaced).
             attempt += 1;
             if let Some(d) = self.barrier_pause {
                 std::thread::sleep(d);
@@ -545,7 +546,7 @@ impl Shared {
 
     /// Brings the kernel's dirty pages to the daemon before a cut (`thorough`: every file's,
     /// and waits for them; else only starts them), and waits for the sources of renames that
-    /// replaced a file, whose names are held back until then (state::Replaced). This thread
+    /// replaced a file, whose names are held back until then (inodes::Replaced). This thread
     /// serves no FUSE request, so the writes it causes can be served.
     fn flush_kernel(&self, thorough: bool) {
         // Opening the mount point is a request too: release throttled writers first.
@@ -885,12 +886,13 @@ fn blobs_dir(cache_dir: &Path) -> PathBuf {
 }
 
 /// `owfs mount --prefetch-only WS`: downloads WS's latest generation into the cache
-/// directory's blob cache, without the lease (the serving node goes on).
+/// directory's blob cache, without the lease (the serving node goes on). `progress` counts
+/// what is fetched, for a caller that shows it.
 pub fn prepull(
     repo: &Arc<Repo>,
     ws: &str,
     cache_dir: Option<PathBuf>,
-    bars: bool,
+    progress: &Arc<chunkstore::progress::Progress>,
 ) -> Result<chunkstore::blobcache::PrepullReport> {
     let rec = repo
         .block_on(generation::latest(&repo.store, ws))?
@@ -900,9 +902,7 @@ pub fn prepull(
     let cache = Arc::new(chunkstore::blobcache::BlobCache::open(&blobs_dir(
         &cache_dir,
     ))?);
-    let progress = Arc::new(chunkstore::progress::Progress::default());
-    let _bar = crate::ui::Bar::start(progress.clone(), "pre-pull:", bars);
-    chunkstore::blobcache::prepull(repo, &rec, &cache, &progress)
+    chunkstore::blobcache::prepull(repo, &rec, &cache, progress)
 }
 
 /// One process per cache directory (a mount or a pre-pull). The lock file names its holder
@@ -1287,7 +1287,7 @@ pub fn run(
     if shared.opts.uring == Uring::Auto && rustix::process::geteuid().is_root() {
         uring::enable_in_kernel();
     }
-    let fs = fs::OwfsFs::new(shared.clone());
+    let fs = ops::OwfsFs::new(shared.clone());
     let dev = fs.dev.clone();
     let session =
         fuser::Session::new(fs, &mountpoint, &config).map_err(|e| Error::io(&mountpoint, e))?;

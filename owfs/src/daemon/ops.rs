@@ -20,7 +20,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use super::state::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
+use super::inodes::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
 use super::Op;
 use super::{now_ns, Shared};
 use crate::fuse_util::{file_type, time};
@@ -438,7 +438,7 @@ impl OwfsFs {
     }
 
     /// The regular file whose data the caller holds.
-    fn file_data(&self, ino: u64) -> Result<Arc<super::state::FileData>, Errno> {
+    fn file_data(&self, ino: u64) -> Result<Arc<super::content::FileData>, Errno> {
         let t = self.s.table.lock();
         let n = t.get(ino).ok_or(Errno::ENOENT)?;
         n.data().cloned().ok_or(match n.kind {
@@ -476,7 +476,7 @@ impl OwfsFs {
 /// What Linux does to a regular file written or truncated by a caller without CAP_FSETID,
 /// or chowned (FUSE_HANDLE_KILLPRIV_V2 leaves it to us): setuid goes; setgid goes when group
 /// execution is allowed, or when the caller is not in the file's group.
-fn kill_suidgid(n: &mut super::state::Node, caller_in_group: impl FnOnce(u32) -> bool) -> bool {
+fn kill_suidgid(n: &mut super::inodes::Node, caller_in_group: impl FnOnce(u32) -> bool) -> bool {
     if n.kind != NKind::File {
         return false;
     }

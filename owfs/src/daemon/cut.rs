@@ -15,7 +15,8 @@ use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{Error, GenRecord, Hash, Result};
 
-use super::state::{Body, FileData, FrozenView, Prior, Table, ROOT};
+use super::content::{FileData, FrozenView};
+use super::inodes::{Body, Prior, Table, ROOT};
 use super::Shared;
 
 /// A frozen directory's entries, by name.
@@ -69,7 +70,7 @@ pub struct Cut {
     /// Files, directories and bytes in the workspace at the cut.
     totals: (i64, i64, i64),
     /// Files this cut held back (a name holds what it held before a rename, see
-    /// `state::Replaced`): they stay changed for the next cut.
+    /// `inodes::Replaced`): they stay changed for the next cut.
     pub held_back: Vec<u64>,
     /// Directories that show a held-back rename's source at its old name: changed again for
     /// the next cut too.
@@ -96,7 +97,7 @@ fn freeze_tree(
 ) -> (FrozenDirs, Vec<u64>) {
     let mut dirs: FrozenDirs = vec![Vec::new()];
     let mut todo = vec![(ROOT, 0usize)];
-    // Sources of held-back renames, shown where they were (see `state::Replaced`).
+    // Sources of held-back renames, shown where they were (see `inodes::Replaced`).
     let mut sources = t.held_back_sources();
     let mut held_dirs = Vec::new();
     while let Some((ino, index)) = todo.pop() {
@@ -145,7 +146,7 @@ fn freeze_dir(
     let mut out = Vec::with_capacity(children.len());
     for (name, &child) in children {
         let Some(c) = t.get(child) else { continue };
-        if c.local_only || c.kind.to_tree().is_none() || super::state::node_local_name(name) {
+        if c.local_only || c.kind.to_tree().is_none() || super::inodes::node_local_name(name) {
             continue;
         }
         if let Some(prior) = t.held_back(c, ino, name) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fuser::Errno;
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::fs::{OwfsFs, MAX_WRITE};
+use super::ops::{OwfsFs, MAX_WRITE};
 use super::wire::{self, InHeader, IN_HEADER};
 
 /// `FUSE_URING_IN_OUT_HEADER_SZ` and `FUSE_URING_OP_IN_OUT_SZ`.

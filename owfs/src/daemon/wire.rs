@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, RenameFlags, TimeOrNow};
 
-use super::fs::{Caller, OwfsFs, SetAttr, Xattr, DIR_OPEN_FLAGS, TTL};
+use super::ops::{Caller, OwfsFs, SetAttr, Xattr, DIR_OPEN_FLAGS, TTL};
 
 /// `struct fuse_in_header`.
 pub(super) const IN_HEADER: usize = 40;

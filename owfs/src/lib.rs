@@ -1,0 +1,10 @@
+//! owfs as a library: the read-write daemon (`daemon`), the read-only time-travel mount
+//! (`timetravel`), mounting and unmounting (`mount`), restore drills (`drill`) and the exit
+//! statuses every command shares (`exit`). The `owfs` binary only parses arguments, calls
+//! into this library and prints; docs/ARCHITECTURE.md is the map.
+
+pub mod daemon;
+pub mod exit;
+pub mod fuse_util;
+pub mod mount;
+pub mod timetravel;
