@@ -61,7 +61,8 @@ struct FrozenFile {
 }
 
 pub struct Cut {
-    epoch: u64,
+    /// The table's cut sequence number at this cut (`Table::cut_seq`; not the lease epoch).
+    seq: u64,
     root: Option<(Entry, FrozenDirs)>,
     files: HashMap<u64, FrozenFile>,
     root_attr: RootAttr,
@@ -229,12 +230,12 @@ impl Shared {
         let mut files = HashMap::new();
         let mut held_back = Vec::new();
         let (dirs, held_dirs) = freeze_tree(&t, &mut files, &mut held_back);
-        let epoch = t.epoch;
-        t.epoch += 1;
+        let seq = t.cut_seq;
+        t.cut_seq += 1;
         let totals = (t.files, t.dirs, t.bytes);
         drop(t);
         CutOutcome::Cut(Box::new(Cut {
-            epoch,
+            seq,
             root: Some((root_entry, dirs)),
             files,
             root_attr,
@@ -265,7 +266,7 @@ impl Shared {
             Ok(_) => {
                 for (ino, e) in results {
                     if let Some(n) = t.get_mut(ino) {
-                        if n.touched <= cut.epoch {
+                        if n.touched <= cut.seq {
                             n.committed = Some(Arc::new(e));
                         }
                     }

@@ -111,7 +111,8 @@ pub struct Node {
     /// This node as the last generation recorded it; `None` once it or (for a directory)
     /// anything below it changed.
     pub committed: Option<Arc<Entry>>,
-    /// Cut epoch of the last change: changes in the current epoch need not propagate again.
+    /// Cut sequence number (`Table::cut_seq`) of the last change: a change in the current one
+    /// need not propagate again.
     pub touched: u64,
     /// Never committed (a `-shm` file, a socket).
     pub local_only: bool,
@@ -228,8 +229,9 @@ fn link_count(key: u64) -> u32 {
 pub struct Table {
     pub nodes: HashMap<u64, Node>,
     next_ino: u64,
-    /// Current cut epoch (bumped at every cut).
-    pub epoch: u64,
+    /// The cut sequence number, bumped at every cut. Not the lease epoch: it counts cuts of
+    /// this mount, from 1.
+    pub cut_seq: u64,
     /// Hard-link groups of the mounted generation → inode, so every name gets one inode.
     links: HashMap<u64, u64>,
     pub data_dir: PathBuf,
@@ -254,7 +256,7 @@ impl Table {
         Table {
             nodes,
             next_ino: ROOT + 1,
-            epoch: 1,
+            cut_seq: 1,
             links: HashMap::new(),
             data_dir,
             local: Arc::new(LocalRes::new()),
@@ -408,18 +410,18 @@ impl Table {
 
     /// Records a change of `ino`: it and every directory above it leave the committed state.
     pub fn touch(&mut self, ino: u64) {
-        let epoch = self.epoch;
+        let seq = self.cut_seq;
         let mut stack = vec![ino];
         while let Some(i) = stack.pop() {
             let Some(n) = self.nodes.get_mut(&i) else {
                 continue;
             };
             n.committed = None;
-            if n.touched == epoch || (n.local_only && i == ino) {
-                n.touched = epoch;
+            if n.touched == seq || (n.local_only && i == ino) {
+                n.touched = seq;
                 continue;
             }
-            n.touched = epoch;
+            n.touched = seq;
             match &n.body {
                 Body::Dir { parent, .. } if i != ROOT => stack.push(*parent),
                 Body::Dir { .. } => {}
