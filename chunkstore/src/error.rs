@@ -51,6 +51,11 @@ pub enum Error {
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: String },
 
+    /// A command-line or mount option with a value that cannot be used (`commit_interval_ms=x`,
+    /// `--wait=soon`, `fork` with `rollback`).
+    #[error("invalid option {option:?}: {reason}")]
+    BadOption { option: String, reason: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -346,8 +346,8 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 None => None,
                 Some("forever") => Some(None),
                 Some(d) => Some(Some(humantime::parse_duration(d).map_err(|e| {
-                    Error::BadName {
-                        name: format!("--wait={d}"),
+                    Error::BadOption {
+                        option: format!("--wait={d}"),
                         reason: format!("{e}; give a duration such as 90s or 5m"),
                     }
                 })?)),

@@ -20,7 +20,7 @@ pub const DRILL_FAILED: i32 = 12;
 
 pub fn code(e: &Error) -> i32 {
     match e {
-        Error::BadStoreUrl { .. } | Error::BadName { .. } => USAGE,
+        Error::BadStoreUrl { .. } | Error::BadName { .. } | Error::BadOption { .. } => USAGE,
         Error::UnknownWorkspace(_)
         | Error::UnknownGeneration { .. }
         | Error::UnknownPath { .. } => NOT_FOUND,
@@ -41,6 +41,7 @@ pub fn hint(e: &Error) -> &'static str {
     match e {
         Error::BadStoreUrl { .. } => "give --store file:///abs/path or s3://bucket/prefix (or set OWFS_STORE)",
         Error::BadName { .. } => "see `owfs --help` for the forms of names",
+        Error::BadOption { .. } => "see `owfs mount --help` for the options and their values",
         Error::UnknownWorkspace(_) => "`owfs workspaces` lists the workspaces of this store; check --store / OWFS_STORE",
         Error::UnknownGeneration { .. } => "`owfs log WS` lists the generations that exist (gc may have removed old ones)",
         Error::UnknownPath { .. } => "`owfs ls WS[@N] DIR` lists what is there",

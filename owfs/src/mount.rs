@@ -41,8 +41,8 @@ impl MountOpts {
             }
         }
         let refuse = |name: &str, reason: &str| {
-            Err(Error::BadName {
-                name: name.into(),
+            Err(Error::BadOption {
+                option: name.into(),
                 reason: reason.into(),
             })
         };

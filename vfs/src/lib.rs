@@ -1,5 +1,7 @@
-//! SQLite awareness. For now: recognising database files and checking them with
-//! `PRAGMA integrity_check` (drills). WAL parsing and the page-serving VFS come with the mount.
+//! SQLite awareness: recognising database files by their header and checking restored copies
+//! with `PRAGMA integrity_check` (drills). The crate is named for what it is about to hold, the
+//! read-only SQLite VFS over generations, with WAL parsing and verification
+//! (docs/DESIGN.md, "SQLite"); neither exists yet.
 
 use std::io::Read;
 use std::path::Path;
@@ -37,7 +39,11 @@ pub fn is_database(path: &Path) -> bool {
     }
 }
 
-/// Runs `PRAGMA integrity_check` read-only; returns the problems found (empty: "ok").
+/// Runs `PRAGMA integrity_check` on a database restored for a drill; returns the problems found
+/// (empty: "ok"). Opens it read-write, as any program would, so that SQLite first recovers it
+/// (rolls back a hot journal, reads the WAL up to its last commit): the check sees what a
+/// program restarting on this copy would see, and may change the copy while doing so. Never
+/// call it on a live database that programs use.
 pub fn integrity_check(path: &Path) -> Result<Vec<String>, Error> {
     let shown = path.display().to_string();
     let conn = rusqlite::Connection::open_with_flags(

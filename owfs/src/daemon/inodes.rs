@@ -66,8 +66,8 @@ impl NKind {
     }
 }
 
-/// Names that stay on this node and are never committed (DESIGN §2: SQLite's shared-memory
-/// index is rebuilt from the WAL by whoever opens the database next).
+/// Names that stay on this node and are never committed (docs/DESIGN.md §2: SQLite's
+/// shared-memory index is rebuilt from the WAL by whoever opens the database next).
 pub fn node_local_name(name: &[u8]) -> bool {
     name.ends_with(b"-shm")
 }

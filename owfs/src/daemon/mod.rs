@@ -723,8 +723,8 @@ impl Shared {
 }
 
 fn parse_number(v: &str, key: &str) -> Result<u64> {
-    v.parse::<u64>().map_err(|_| Error::BadName {
-        name: format!("{key}={v}"),
+    v.parse::<u64>().map_err(|_| Error::BadOption {
+        option: format!("{key}={v}"),
         reason: "expected a whole number".into(),
     })
 }
@@ -743,8 +743,8 @@ impl WsOptions {
                     "auto" | "on" | "1" | "yes" | "true" => Uring::Auto,
                     "off" | "0" | "no" | "false" => Uring::Off,
                     _ => {
-                        return Err(Error::BadName {
-                            name: format!("{key}={v}"),
+                        return Err(Error::BadOption {
+                            option: format!("{key}={v}"),
                             reason: "expected auto or off".into(),
                         })
                     }
@@ -764,8 +764,8 @@ impl WsOptions {
             }
             "rollback" => self.rollback_to = Some(parse_number(v, key)?),
             _ => {
-                return Err(Error::BadName {
-                    name: key.to_string(),
+                return Err(Error::BadOption {
+                    option: key.to_string(),
                     reason: "unknown mount option (known: ro, rw, nosuid, nodev, noexec, commit_interval_ms=, max_backlog_mb=, prefetch=, threads=, uring=, read_ahead_kb=, lease_ttl_ms=, lease_renew_ms=, lease_margin_ms=, lease_skew_ms=, on_lease_loss=, fork=, rollback=)".into(),
                 })
             }
