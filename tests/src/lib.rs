@@ -246,6 +246,13 @@ impl Case {
         }
     }
 
+    /// `owfs restore SPEC DIR` into a new directory of this case (SPEC: `ws` or `ws@N`).
+    pub fn restore(&self, spec: &str, name: &str) -> PathBuf {
+        let out = self.dir(name);
+        self.ok(&["restore", spec, out.to_str().unwrap()]);
+        out
+    }
+
     pub fn store(&self) -> Store {
         if let Some(m) = &self._moto {
             set_s3_env(&m.endpoint);
