@@ -658,6 +658,24 @@ def cmd_report(a):
         idle=sizes.get("idle_s", "?"),
     )
     others = [s for s in systems if s != "native"]
+    # owfs before and after a change, side by side: a column comparing them per workload.
+    ab = "owfs-base" in others and "owfs" in others and not ({"owfs-base", "owfs"} & set(failed))
+
+    def ab_ratio(key):
+        """owfs-base time / owfs time (the median), and the range of the per-run ratios (run r
+        of each ran back to back) when there are two runs or more."""
+        b, _ = med_time("owfs-base", key)
+        t, _ = med_time("owfs", key)
+        if not b or not t:
+            return "—"
+        cell = f"{b / t:.2f}"
+        tb = {r["run"]: r["seconds"] for r in by.get(("owfs-base", key), []) if "seconds" in r}
+        ta = {r["run"]: r["seconds"] for r in by.get(("owfs", key), []) if "seconds" in r}
+        per_run = [tb[r] / ta[r] for r in tb if r in ta and ta[r] > 0]
+        if len(per_run) >= 2:
+            cell += f" ({min(per_run):.2f}–{max(per_run):.2f})"
+        return cell
+
     out = []
     w = out.append
     w(f"# Mount benchmark ({info.get('date', '')})")
@@ -668,6 +686,13 @@ def cmd_report(a):
     )
     if info.get("versions"):
         w("Versions: " + "; ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".")
+    vers = info.get("versions", {})
+    if "owfs-base" in systems:
+        w("")
+        w(
+            f"**owfs-base** is owfs before the change ({vers.get('owfs-base', '?')}), **owfs** "
+            f"after it ({vers.get('owfs', '?')}): mounted the same way, each on its own store."
+        )
     w("")
     w(
         "**Speed relative to native** = native time / system time, measured in the same run: "
@@ -676,10 +701,19 @@ def cmd_report(a):
         "itself (the program's view); uploads a system does later in the background are not "
         "in them (see the second table: settle s)."
     )
+    if ab:
+        w("")
+        w(
+            "**owfs vs owfs-base** = owfs-base time / owfs time: above 1 = the change made owfs "
+            "faster on that workload, below 1 = slower (with two runs or more, in brackets: the "
+            "lowest and highest ratio of one run's pair, a hint of the noise)."
+        )
     w("")
     hdr = ["workload", "native"]
     for s in others:
         hdr += [s, f"{s} speed"]
+    if ab:
+        hdr.append("owfs vs owfs-base")
     w("| " + " | ".join(hdr) + " |")
     w("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
     for key, label in ROWS:
@@ -697,6 +731,8 @@ def cmd_report(a):
             else:
                 mark = "†" if (s, key) in fewer else ""
                 row += [fmt_s(t) + mark + note, f"{nat / t:.2f}" if nat and t > 0 else "—"]
+        if ab:
+            row.append(ab_ratio(key))
         w("| " + " | ".join(row) + " |")
     w("")
     if fewer:
