@@ -119,3 +119,24 @@ fn mount_refuses_what_it_cannot_do() {
     );
     assert!(!owfs_tests::is_mounted(&at));
 }
+
+#[test]
+fn holes_of_a_sparse_file_read_as_zeros() {
+    let c = Case::file();
+    let m = c.mount_rw("sparse", "rw", &[]);
+    let f = std::fs::File::create(m.path("sparse")).unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 5 << 20).unwrap();
+    drop(f);
+    m.umount();
+    let ro = c.mount_ro("sparse", "ro");
+    let got = std::fs::read(ro.at.join("sparse")).unwrap();
+    let mut want = vec![0u8; (5 << 20) + 4];
+    want[..4].copy_from_slice(b"head");
+    want[5 << 20..].copy_from_slice(b"tail");
+    assert!(got == want, "the file reads back as written");
+    let f = std::fs::File::open(ro.at.join("sparse")).unwrap();
+    let mut buf = vec![1u8; 1 << 20];
+    f.read_exact_at(&mut buf, 2 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+}
