@@ -2,7 +2,7 @@
 //! lazily fetched from the generation the mount started from; the dirty ranges since the last
 //! cut; freezing a file for a cut and reading it as frozen while writers go on.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -46,8 +46,8 @@ const INLINE_MAX: u64 = 64 << 10;
 const INLINE_BUDGET: u64 = 64 << 20;
 
 /// At most this many cache files are open at once (a workspace can hold far more files than
-/// a process may open), and at most half the process's limit on open files: the least
-/// recently opened is closed first and reopened on next use.
+/// a process may open), and at most half the process's limit on open files: past it, the
+/// cache of open files (`LocalRes::open`) closes one, reopened on next use.
 const MAX_OPEN: usize = 1024;
 
 /// Where a file's local bytes are: nowhere yet (all zeros), in memory, or in its cache file.
@@ -58,15 +58,13 @@ enum Local {
     Disk,
 }
 
-/// Open cache files by file id, and the order they were opened in.
-type OpenFiles = (HashMap<u64, Arc<File>>, VecDeque<u64>);
-
 /// Local resources all files of a table share.
 pub struct LocalRes {
     /// Bytes of small files held in memory (`Local::Mem`), by capacity.
     inline: AtomicU64,
-    open: Mutex<OpenFiles>,
-    max_open: usize,
+    /// Open cache files by file id, at most `MAX_OPEN` (or half the process's limit on open
+    /// files); the one evicted is reopened on next use.
+    open: quick_cache::sync::Cache<u64, Arc<File>>,
 }
 
 impl LocalRes {
@@ -76,39 +74,24 @@ impl LocalRes {
             .unwrap_or(u64::MAX);
         LocalRes {
             inline: AtomicU64::new(0),
-            open: Mutex::default(),
-            max_open: MAX_OPEN.min((limit / 2) as usize).max(16),
+            open: quick_cache::sync::Cache::new(MAX_OPEN.min((limit / 2) as usize).max(16)),
         }
     }
 
     fn cached(&self, id: u64) -> Option<Arc<File>> {
-        self.open.lock().0.get(&id).cloned()
+        self.open.get(&id)
     }
 
+    /// Keeps `f` open for later uses. A file in use elsewhere keeps its descriptor until that
+    /// use ends, even once evicted here.
     fn keep(&self, id: u64, f: File) -> Arc<File> {
         let f = Arc::new(f);
-        let mut g = self.open.lock();
-        let (map, order) = &mut *g;
-        if map.insert(id, f.clone()).is_none() {
-            order.push_back(id);
-        }
-        // A file in use elsewhere keeps its descriptor until that use ends.
-        while map.len() > self.max_open {
-            match order.pop_front() {
-                Some(old) => {
-                    map.remove(&old);
-                }
-                None => break,
-            }
-        }
+        self.open.insert(id, f.clone());
         f
     }
 
     fn forget(&self, id: u64) {
-        let mut g = self.open.lock();
-        if g.0.remove(&id).is_some() {
-            g.1.retain(|&x| x != id);
-        }
+        self.open.remove(&id);
     }
 }
 
