@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chunkstore::generation::GenRecord;
 use chunkstore::read::{FileMap, Reader};
-use chunkstore::tree::{Entry, Kind};
+use chunkstore::tree::{link_count, Entry, Kind};
 use chunkstore::{Hash, Repo};
 
 use crate::fuse_util::{file_type, time};
@@ -81,8 +81,13 @@ fn attr(ino: u64, e: &Entry) -> FileAttr {
         crtime: t,
         kind: file_type(e.kind),
         perm: (e.mode & 0o7777) as u16,
-        // The group's size is not recorded; 2 tells tools the file has other names.
-        nlink: if e.link != 0 { 2 } else { 1 },
+        // The count the mount recorded in the group's key (as the read-write mount reads it);
+        // a key from `owfs snapshot` records none: 2 tells tools the file has other names.
+        nlink: match (e.link, link_count(e.link)) {
+            (0, _) => 1,
+            (_, 0) => 2,
+            (_, n) => n,
+        },
         uid: e.uid,
         gid: e.gid,
         rdev: e.rdev as u32,

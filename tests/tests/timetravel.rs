@@ -121,6 +121,31 @@ fn mount_refuses_what_it_cannot_do() {
 }
 
 #[test]
+fn a_generation_shows_the_link_count_the_mount_recorded() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Case::file();
+    let m = c.mount_rw("links", "rw", &[]);
+    std::fs::create_dir_all(m.path("d")).unwrap();
+    std::fs::write(m.path("a"), b"linked").unwrap();
+    std::fs::hard_link(m.path("a"), m.path("b")).unwrap();
+    // The third name is in a directory of its own, which a reader may not have listed.
+    std::fs::hard_link(m.path("a"), m.path("d/c")).unwrap();
+    std::fs::write(m.path("single"), b"one").unwrap();
+    m.umount();
+    let ro = c.mount_ro("links", "ro");
+    for name in ["d/c", "a", "b"] {
+        let md = std::fs::metadata(ro.at.join(name)).unwrap();
+        assert_eq!(md.nlink(), 3, "{name}");
+        assert_eq!(
+            std::fs::read(ro.at.join(name)).unwrap(),
+            b"linked",
+            "{name}"
+        );
+    }
+    assert_eq!(std::fs::metadata(ro.at.join("single")).unwrap().nlink(), 1);
+}
+
+#[test]
 fn holes_of_a_sparse_file_read_as_zeros() {
     let c = Case::file();
     let m = c.mount_rw("sparse", "rw", &[]);
