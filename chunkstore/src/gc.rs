@@ -14,6 +14,7 @@ use crate::generation::{self, now_ms};
 use crate::hash::Hash;
 use crate::index::IndexFile;
 use crate::pack::{pack_key, read_trailer, PackEntry};
+use crate::read::chunk_list;
 use crate::repo::Repo;
 use crate::tree::{Content, Kind};
 
@@ -101,7 +102,7 @@ pub fn mark(repo: &Arc<Repo>, root: Hash, live: &mut HashSet<Hash>) -> Result<()
                     for s in ss {
                         if live.insert(s.hash) {
                             let path = format!("{}{}", dir, e.name_lossy());
-                            let chunks = repo.chunk_list(&Content::Segments(vec![*s]), &path)?;
+                            let chunks = chunk_list(repo, &Content::Segments(vec![*s]), &path)?;
                             live.extend(chunks.iter().map(|c| c.hash));
                         }
                     }

@@ -14,6 +14,7 @@ pub mod generation;
 pub mod hash;
 pub mod index;
 pub mod pack;
+pub mod prepull;
 pub mod progress;
 pub mod read;
 pub mod rechunk;

@@ -1,20 +1,21 @@
-//! A store opened for owfs: its configuration, the blob index, and verified reads of blobs,
-//! trees and file contents. Every byte read back is checked against its hash.
+//! A store opened for owfs: its configuration, the blob index, and verified reads of blobs
+//! and trees. Every byte read back is checked against its hash. A generation's files are read
+//! through `read.rs`.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::blobcache::BlobCache;
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::index::{Index, IndexFile};
 use crate::pack::{open_blob, pack_key, BlobKind, PackEntry};
 use crate::store::{Created, Store};
-use crate::tree::{ChunkRef, Content, Segment, Tree};
+use crate::tree::Tree;
 
 const CONFIG_KEY: &str = "config";
 pub const STORE_FORMAT: u32 = 1;
@@ -48,34 +49,29 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Default)]
-struct PackCache {
-    packs: HashMap<Hash, Bytes>,
-    order: VecDeque<Hash>,
-    bytes: usize,
+/// Whole packs of trees and segments, bounded by their total size. A pack is large next to
+/// the budget (a few MiB of 64), so the cache is one shard: split in several, each would hold
+/// a few packs at most.
+type PackCache = quick_cache::sync::Cache<Hash, Bytes, PackWeight>;
+
+/// A cached pack weighs its length.
+#[derive(Clone)]
+struct PackWeight;
+
+impl quick_cache::Weighter<Hash, Bytes> for PackWeight {
+    fn weight(&self, _: &Hash, pack: &Bytes) -> u64 {
+        (pack.len() as u64).max(1)
+    }
 }
 
-impl PackCache {
-    fn get(&self, name: &Hash) -> Option<Bytes> {
-        self.packs.get(name).cloned()
-    }
-
-    fn insert(&mut self, name: Hash, data: Bytes) {
-        if self.packs.contains_key(&name) {
-            return;
-        }
-        self.bytes += data.len();
-        self.packs.insert(name, data);
-        self.order.push_back(name);
-        while self.bytes > PACK_CACHE_BYTES {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(d) = self.packs.remove(&old) {
-                self.bytes -= d.len();
-            }
-        }
-    }
+fn pack_cache() -> PackCache {
+    let options = quick_cache::OptionsBuilder::new()
+        .shards(1)
+        .estimated_items_capacity(PACK_CACHE_BYTES / (4 << 20))
+        .weight_capacity(PACK_CACHE_BYTES as u64)
+        .build()
+        .expect("pack cache options");
+    PackCache::with_options(options, PackWeight, Default::default(), Default::default())
 }
 
 pub struct Repo {
@@ -84,9 +80,9 @@ pub struct Repo {
     pub config: StoreConfig,
     index: RwLock<Index>,
     index_loaded: Mutex<bool>,
-    pack_cache: Mutex<PackCache>,
+    pack_cache: PackCache,
     /// Node-local verified blobs (filled by a pre-pull), consulted before the store.
-    blob_cache: RwLock<Option<Arc<crate::blobcache::BlobCache>>>,
+    blob_cache: RwLock<Option<Arc<BlobCache>>>,
     /// Index objects this process wrote recently, which `compact_own_index` may merge.
     own_index: Mutex<Vec<OwnIndex>>,
 }
@@ -142,7 +138,7 @@ impl Repo {
             config,
             index: RwLock::default(),
             index_loaded: Mutex::new(false),
-            pack_cache: Mutex::default(),
+            pack_cache: pack_cache(),
             blob_cache: RwLock::default(),
             own_index: Mutex::default(),
         }))
@@ -356,7 +352,7 @@ impl Repo {
     }
 
     async fn fetch_pack(&self, name: &Hash) -> Result<Bytes> {
-        if let Some(b) = self.pack_cache.lock().expect("pack cache").get(name) {
+        if let Some(b) = self.pack_cache.get(name) {
             return Ok(b);
         }
         let bytes = self.store.get(&pack_key(name)).await?;
@@ -366,10 +362,7 @@ impl Repo {
                 name.short()
             )));
         }
-        self.pack_cache
-            .lock()
-            .expect("pack cache")
-            .insert(*name, bytes.clone());
+        self.pack_cache.insert(*name, bytes.clone());
         Ok(bytes)
     }
 
@@ -391,7 +384,7 @@ impl Repo {
     }
 
     /// Reads blobs from `cache` first (set by a mount whose node ran a pre-pull).
-    pub fn set_blob_cache(&self, cache: Option<Arc<crate::blobcache::BlobCache>>) {
+    pub fn set_blob_cache(&self, cache: Option<Arc<BlobCache>>) {
         *self.blob_cache.write().expect("blob cache") = cache;
     }
 
@@ -434,29 +427,6 @@ impl Repo {
     pub fn read_tree(&self, hash: &Hash, dir: &str) -> Result<Tree> {
         let bytes = self.read_blob(hash, &format!("tree of {dir:?}"))?;
         Tree::decode(&bytes, dir)
-    }
-
-    /// The full chunk list of a file's content (segments expanded).
-    pub fn chunk_list(&self, content: &Content, path: &str) -> Result<Vec<ChunkRef>> {
-        match content {
-            Content::Empty => Ok(Vec::new()),
-            Content::Chunks(c) => Ok(c.clone()),
-            Content::Segments(segs) => {
-                let mut out = Vec::new();
-                for s in segs {
-                    let what = format!("chunk list of {path:?}");
-                    let seg = Segment::decode(&self.read_blob(&s.hash, &what)?, &what)?;
-                    if seg.chunks.len() != s.chunks as usize {
-                        return Err(Error::corrupt(format!(
-                            "{what}: segment {} has a wrong length",
-                            s.hash.short()
-                        )));
-                    }
-                    out.extend(seg.chunks);
-                }
-                Ok(out)
-            }
-        }
     }
 }
 

@@ -26,6 +26,7 @@ use crate::fetch::{fetch_blobs, FetchPlan};
 use crate::hash::Hash;
 use crate::pack::PackEntry;
 use crate::progress::Progress;
+use crate::read::{check_chunk, FileMap, Piece};
 use crate::repo::Repo;
 use crate::snapshot::{
     list_dir, open_dir, open_dir_path, proc_path, stat_at, under, DirChain, RelPath,
@@ -73,7 +74,8 @@ struct Job {
     pack: Hash,
     entry: PackEntry,
     file: usize,
-    offset: u64,
+    /// The chunk and where it goes in the file.
+    piece: Piece,
 }
 
 /// A restored directory: its parent's index in `Restorer::nodes` and its name. The chain of
@@ -528,30 +530,22 @@ impl Restorer<'_> {
         let file = File::from(fd);
         // Regions never written stay holes.
         file.set_len(e.size).map_err(io)?;
-        let chunks = self.repo.chunk_list(&e.content, rel)?;
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        if total != e.size {
-            return Err(Error::corrupt(format!(
-                "{rel:?}: chunks hold {total} bytes, the entry says {}",
-                e.size
-            )));
-        }
+        let map = FileMap::load(self.repo, &e.content, e.size, rel)?;
         let idx = self.files.len();
-        let mut offset = 0u64;
-        for c in &chunks {
-            if c.hash.is_zeros(c.len) {
-                // A hole's chunk: the file stays sparse there, nothing to fetch.
-                offset += c.len as u64;
+        for piece in map.pieces() {
+            if piece.is_hole() {
+                // The file stays sparse there, nothing to fetch.
                 continue;
             }
-            let (pack, entry) = self.repo.locate(&c.hash, &format!("content of {rel:?}"))?;
+            let (pack, entry) = self
+                .repo
+                .locate(&piece.chunk.hash, &format!("content of {rel:?}"))?;
             self.jobs.push(Job {
                 pack,
                 entry,
                 file: idx,
-                offset,
+                piece,
             });
-            offset += c.len as u64;
         }
         self.batch_bytes += e.size;
         self.report.files += 1;
@@ -578,12 +572,13 @@ impl Restorer<'_> {
             let j = &jobs[i];
             let pf = &self.files[j.file];
             let res = raw.and_then(|raw| {
+                let raw = check_chunk(&j.piece.chunk, raw, &pf.rel)?;
                 self.opts.progress.add(0, raw.len() as u64);
                 if raw.iter().all(|b| *b == 0) {
                     return Ok(());
                 }
                 pf.file
-                    .write_all_at(&raw, j.offset)
+                    .write_all_at(&raw, j.piece.start)
                     .map_err(|e| Error::io(under(target, &pf.rel), e))
             });
             let rel = pf.rel.clone();

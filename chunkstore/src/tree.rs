@@ -84,6 +84,21 @@ impl Entry {
     }
 }
 
+/// A hard-link group key (`Entry::link`) written by the mount also carries the group's size
+/// in its high bits: a reader then knows a file's link count without loading every directory
+/// that names it. Keys from `owfs snapshot` (plain inode numbers) carry none.
+const LINK_COUNT_SHIFT: u32 = 40;
+
+/// The hard-link group key of a file with inode `ino` and `nlink` names.
+pub fn link_key(ino: u64, nlink: u32) -> u64 {
+    (ino & ((1 << LINK_COUNT_SHIFT) - 1)) | ((nlink as u64) << LINK_COUNT_SHIFT)
+}
+
+/// The number of names a hard-link group key records; 0 when it records none.
+pub fn link_count(key: u64) -> u32 {
+    (key >> LINK_COUNT_SHIFT) as u32
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Tree {
     /// Sorted by name, names unique.

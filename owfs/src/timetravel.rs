@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chunkstore::generation::GenRecord;
-use chunkstore::tree::{chunk_starts, ChunkRef, Entry, Kind};
+use chunkstore::read::{FileMap, Reader};
+use chunkstore::tree::{link_count, Entry, Kind};
 use chunkstore::{Hash, Repo};
 
 use crate::fuse_util::{file_type, time};
@@ -23,32 +24,27 @@ use fuser::{
 /// Immutable content: let the kernel keep what it learns.
 const TTL: Duration = Duration::from_secs(3600);
 /// Decoded chunks kept in memory, by total size.
-const CHUNK_CACHE_BYTES: usize = 64 << 20;
+const CHUNK_CACHE_BYTES: u64 = 64 << 20;
 const ROOT: u64 = 1;
 
 struct Node {
     entry: Entry,
     /// Children by name → inode, once the directory was listed.
     children: Option<Vec<(Vec<u8>, u64)>>,
-    /// Chunk list and start offsets, once the file was opened.
-    chunks: Option<Arc<ChunkMap>>,
+    /// The file's chunk map, once the file was opened.
+    chunks: Option<Arc<FileMap>>,
 }
-
-/// A file's chunks and the offset where each starts.
-type ChunkMap = (Vec<ChunkRef>, Vec<u64>);
 
 struct State {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
     /// Hard-link group → inode, so every name of a file has one inode.
     links: HashMap<u64, u64>,
-    chunk_cache: HashMap<Hash, Arc<Vec<u8>>>,
-    cache_order: std::collections::VecDeque<Hash>,
-    cache_bytes: usize,
 }
 
 pub struct TimeTravel {
-    repo: Arc<Repo>,
+    /// Reads trees and files of the generation, with a cache of fetched chunks.
+    reader: Reader,
     rec: GenRecord,
     state: Mutex<State>,
 }
@@ -85,8 +81,13 @@ fn attr(ino: u64, e: &Entry) -> FileAttr {
         crtime: t,
         kind: file_type(e.kind),
         perm: (e.mode & 0o7777) as u16,
-        // The group's size is not recorded; 2 tells tools the file has other names.
-        nlink: if e.link != 0 { 2 } else { 1 },
+        // The count the mount recorded in the group's key (as the read-write mount reads it);
+        // a key from `owfs snapshot` records none: 2 tells tools the file has other names.
+        nlink: match (e.link, link_count(e.link)) {
+            (0, _) => 1,
+            (_, 0) => 2,
+            (_, n) => n,
+        },
         uid: e.uid,
         gid: e.gid,
         rdev: e.rdev as u32,
@@ -110,15 +111,12 @@ impl TimeTravel {
             },
         );
         Ok(TimeTravel {
-            repo,
+            reader: Reader::new(repo, CHUNK_CACHE_BYTES),
             rec,
             state: Mutex::new(State {
                 nodes,
                 next_ino: ROOT + 1,
                 links: HashMap::new(),
-                chunk_cache: HashMap::new(),
-                cache_order: Default::default(),
-                cache_bytes: 0,
             }),
         })
     }
@@ -139,7 +137,8 @@ impl TimeTravel {
             node.entry.subtree.ok_or(Errno::ENOTDIR)?
         };
         let tree = self
-            .repo
+            .reader
+            .repo()
             .read_tree(&subtree, &format!("inode {ino}"))
             .map_err(|e| self.fail("reading a directory", e))?;
         let mut st = self.state.lock().expect("state");
@@ -186,50 +185,40 @@ impl TimeTravel {
         st.nodes.get(&ino).map(f).ok_or(Errno::ENOENT)
     }
 
-    /// The chunk list of a file and its chunk offsets, read once per inode.
-    fn chunks_of(&self, ino: u64) -> Result<Arc<ChunkMap>, Errno> {
-        let content = self.with_node(ino, |n| {
-            n.chunks.clone().ok_or_else(|| n.entry.content.clone())
+    /// The chunk map of a file, read once per inode.
+    fn chunks_of(&self, ino: u64) -> Result<Arc<FileMap>, Errno> {
+        let entry = self.with_node(ino, |n| {
+            n.chunks
+                .clone()
+                .ok_or_else(|| (n.entry.content.clone(), n.entry.size))
         })?;
-        let content = match content {
-            Ok(list) => return Ok(list),
-            Err(content) => content,
+        let (content, size) = match entry {
+            Ok(map) => return Ok(map),
+            Err(entry) => entry,
         };
-        let chunks = self
-            .repo
-            .chunk_list(&content, &format!("inode {ino}"))
-            .map_err(|e| self.fail("reading a chunk list", e))?;
-        let (starts, _) = chunk_starts(&chunks);
-        let list = Arc::new((chunks, starts));
-        let mut st = self.state.lock().expect("state");
-        if let Some(n) = st.nodes.get_mut(&ino) {
-            n.chunks = Some(list.clone());
-        }
-        Ok(list)
-    }
-
-    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, Errno> {
-        if let Some(d) = self.state.lock().expect("state").chunk_cache.get(&c.hash) {
-            return Ok(d.clone());
-        }
-        let data = Arc::new(
-            self.repo
-                .read_blob(&c.hash, "file content")
-                .map_err(|e| self.fail("reading file content", e))?,
+        let map = Arc::new(
+            self.reader
+                .open(&content, size, &format!("inode {ino}"))
+                .map_err(|e| self.fail("reading a chunk list", e))?,
         );
         let mut st = self.state.lock().expect("state");
-        st.cache_bytes += data.len();
-        st.chunk_cache.insert(c.hash, data.clone());
-        st.cache_order.push_back(c.hash);
-        while st.cache_bytes > CHUNK_CACHE_BYTES {
-            let Some(old) = st.cache_order.pop_front() else {
-                break;
-            };
-            if let Some(d) = st.chunk_cache.remove(&old) {
-                st.cache_bytes -= d.len();
-            }
+        if let Some(n) = st.nodes.get_mut(&ino) {
+            n.chunks = Some(map.clone());
         }
-        Ok(data)
+        Ok(map)
+    }
+
+    /// Up to `size` bytes of an opened file at `offset` (fewer at its end), every chunk
+    /// verified; a damaged or missing chunk is EIO.
+    fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let map = self
+            .with_node(ino, |n| n.chunks.clone())?
+            .ok_or(Errno::EBADF)?;
+        let mut out = vec![0u8; map.size().saturating_sub(offset).min(size as u64) as usize];
+        self.reader
+            .read_at(&map, offset, &mut out, &format!("inode {ino}"))
+            .map_err(|e| self.fail("reading file content", e))?;
+        Ok(out)
     }
 }
 
@@ -292,28 +281,10 @@ impl fuser::Filesystem for TimeTravel {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let (list, file_size) = match self.with_node(ino.0, |n| (n.chunks.clone(), n.entry.size)) {
-            Ok((Some(list), size)) => (list, size),
-            Ok((None, _)) => return reply.error(Errno::EBADF),
-            Err(e) => return reply.error(e),
-        };
-        let (chunks, starts) = (&list.0, &list.1);
-        let end = (offset + size as u64).min(file_size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-        let mut i = starts.partition_point(|s| *s <= offset).saturating_sub(1);
-        let mut pos = offset;
-        while pos < end && i < chunks.len() {
-            let data = match self.chunk(&chunks[i]) {
-                Ok(d) => d,
-                Err(e) => return reply.error(e),
-            };
-            let from = (pos - starts[i]) as usize;
-            let to = ((end - starts[i]) as usize).min(data.len());
-            out.extend_from_slice(&data[from..to]);
-            pos = starts[i] + to as u64;
-            i += 1;
+        match self.read_file(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
         }
-        reply.data(&out);
     }
 
     fn readdir(

@@ -119,3 +119,49 @@ fn mount_refuses_what_it_cannot_do() {
     );
     assert!(!owfs_tests::is_mounted(&at));
 }
+
+#[test]
+fn a_generation_shows_the_link_count_the_mount_recorded() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Case::file();
+    let m = c.mount_rw("links", "rw", &[]);
+    std::fs::create_dir_all(m.path("d")).unwrap();
+    std::fs::write(m.path("a"), b"linked").unwrap();
+    std::fs::hard_link(m.path("a"), m.path("b")).unwrap();
+    // The third name is in a directory of its own, which a reader may not have listed.
+    std::fs::hard_link(m.path("a"), m.path("d/c")).unwrap();
+    std::fs::write(m.path("single"), b"one").unwrap();
+    m.umount();
+    let ro = c.mount_ro("links", "ro");
+    for name in ["d/c", "a", "b"] {
+        let md = std::fs::metadata(ro.at.join(name)).unwrap();
+        assert_eq!(md.nlink(), 3, "{name}");
+        assert_eq!(
+            std::fs::read(ro.at.join(name)).unwrap(),
+            b"linked",
+            "{name}"
+        );
+    }
+    assert_eq!(std::fs::metadata(ro.at.join("single")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn holes_of_a_sparse_file_read_as_zeros() {
+    let c = Case::file();
+    let m = c.mount_rw("sparse", "rw", &[]);
+    let f = std::fs::File::create(m.path("sparse")).unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 5 << 20).unwrap();
+    drop(f);
+    m.umount();
+    let ro = c.mount_ro("sparse", "ro");
+    let got = std::fs::read(ro.at.join("sparse")).unwrap();
+    let mut want = vec![0u8; (5 << 20) + 4];
+    want[..4].copy_from_slice(b"head");
+    want[5 << 20..].copy_from_slice(b"tail");
+    assert!(got == want, "the file reads back as written");
+    let f = std::fs::File::open(ro.at.join("sparse")).unwrap();
+    let mut buf = vec![1u8; 1 << 20];
+    f.read_exact_at(&mut buf, 2 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+}

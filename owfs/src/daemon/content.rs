@@ -2,7 +2,7 @@
 //! lazily fetched from the generation the mount started from; the dirty ranges since the last
 //! cut; freezing a file for a cut and reading it as frozen while writers go on.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -11,15 +11,20 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use chunkstore::tree::{chunk_starts, ChunkRef, Content};
+use chunkstore::read::{self, FileMap};
+use chunkstore::tree::{ChunkRef, Content};
 use chunkstore::Repo;
 use parking_lot::{Condvar, Mutex};
 
 use super::ranges::RangeSet;
 
+/// What of the file is still in the generation the mount started from.
 struct Remote {
+    /// The file's content and size in that generation.
     content: Content,
-    chunks: Option<Arc<(Vec<ChunkRef>, Vec<u64>)>>,
+    size: u64,
+    /// Its chunk map, once something was fetched.
+    map: Option<Arc<FileMap>>,
     /// Bytes at or past this offset were cut off by a truncate: never fetched.
     end: u64,
 }
@@ -41,8 +46,8 @@ const INLINE_MAX: u64 = 64 << 10;
 const INLINE_BUDGET: u64 = 64 << 20;
 
 /// At most this many cache files are open at once (a workspace can hold far more files than
-/// a process may open), and at most half the process's limit on open files: the least
-/// recently opened is closed first and reopened on next use.
+/// a process may open), and at most half the process's limit on open files: past it, the
+/// cache of open files (`LocalRes::open`) closes one, reopened on next use.
 const MAX_OPEN: usize = 1024;
 
 /// Where a file's local bytes are: nowhere yet (all zeros), in memory, or in its cache file.
@@ -53,15 +58,13 @@ enum Local {
     Disk,
 }
 
-/// Open cache files by file id, and the order they were opened in.
-type OpenFiles = (HashMap<u64, Arc<File>>, VecDeque<u64>);
-
 /// Local resources all files of a table share.
 pub struct LocalRes {
     /// Bytes of small files held in memory (`Local::Mem`), by capacity.
     inline: AtomicU64,
-    open: Mutex<OpenFiles>,
-    max_open: usize,
+    /// Open cache files by file id, at most `MAX_OPEN` (or half the process's limit on open
+    /// files); the one evicted is reopened on next use.
+    open: quick_cache::sync::Cache<u64, Arc<File>>,
 }
 
 impl LocalRes {
@@ -71,39 +74,24 @@ impl LocalRes {
             .unwrap_or(u64::MAX);
         LocalRes {
             inline: AtomicU64::new(0),
-            open: Mutex::default(),
-            max_open: MAX_OPEN.min((limit / 2) as usize).max(16),
+            open: quick_cache::sync::Cache::new(MAX_OPEN.min((limit / 2) as usize).max(16)),
         }
     }
 
     fn cached(&self, id: u64) -> Option<Arc<File>> {
-        self.open.lock().0.get(&id).cloned()
+        self.open.get(&id)
     }
 
+    /// Keeps `f` open for later uses. A file in use elsewhere keeps its descriptor until that
+    /// use ends, even once evicted here.
     fn keep(&self, id: u64, f: File) -> Arc<File> {
         let f = Arc::new(f);
-        let mut g = self.open.lock();
-        let (map, order) = &mut *g;
-        if map.insert(id, f.clone()).is_none() {
-            order.push_back(id);
-        }
-        // A file in use elsewhere keeps its descriptor until that use ends.
-        while map.len() > self.max_open {
-            match order.pop_front() {
-                Some(old) => {
-                    map.remove(&old);
-                }
-                None => break,
-            }
-        }
+        self.open.insert(id, f.clone());
         f
     }
 
     fn forget(&self, id: u64) {
-        let mut g = self.open.lock();
-        if g.0.remove(&id).is_some() {
-            g.1.retain(|&x| x != id);
-        }
+        self.open.remove(&id);
     }
 }
 
@@ -169,7 +157,8 @@ impl FileData {
     ) -> FileData {
         let remote = (size > 0).then(|| Remote {
             content: base.clone(),
-            chunks: None,
+            size,
+            map: None,
             end: size,
         });
         FileData {
@@ -349,43 +338,34 @@ impl FileData {
         if start >= end || st.present.covers(start, end) {
             return Ok(());
         }
-        let chunks = match &remote.chunks {
-            Some(c) => c.clone(),
+        let path = self.path.display().to_string();
+        let map = match &remote.map {
+            Some(m) => m.clone(),
             None => {
-                let list = repo
-                    .chunk_list(&remote.content, &self.path.display().to_string())
-                    .map_err(eio)?;
-                let (starts, _) = chunk_starts(&list);
-                let c = Arc::new((list, starts));
-                remote.chunks = Some(c.clone());
-                c
+                let m = Arc::new(
+                    FileMap::load(repo, &remote.content, remote.size, &path).map_err(eio)?,
+                );
+                remote.map = Some(m.clone());
+                m
             }
         };
         let remote_end = remote.end;
-        let (list, starts) = (&chunks.0, &chunks.1);
         for gap in st.present.gaps(start, end) {
-            let mut i = starts
-                .partition_point(|s| *s <= gap.start)
-                .saturating_sub(1);
-            while i < list.len() && starts[i] < gap.end {
-                let (cs, ce) = (starts[i], starts[i] + list[i].len as u64);
-                let ce_clip = ce.min(remote_end);
+            for piece in map.covering(gap.start, gap.end) {
+                let (cs, ce_clip) = (piece.start, piece.end().min(remote_end));
                 let missing = st.present.gaps(cs, ce_clip);
-                if !missing.is_empty() && list[i].hash.is_zeros(list[i].len) {
-                    // A hole's chunk: bytes not yet local already read as zeros.
-                    st.present.insert(cs, ce_clip);
-                } else if !missing.is_empty() {
-                    let data = repo
-                        .read_blob(&list[i].hash, &format!("{}", self.path.display()))
-                        .map_err(eio)?;
+                if missing.is_empty() {
+                    continue;
+                }
+                // A hole's chunk is not fetched: bytes not yet local already read as zeros.
+                if let Some(data) = read::fetch_chunk(repo, &piece, &path).map_err(eio)? {
                     for m in &missing {
                         let a = (m.start - cs) as usize;
                         let b = (m.end - cs) as usize;
                         self.put(st, &data[a..b], m.start)?;
                     }
-                    st.present.insert(cs, ce_clip);
                 }
-                i += 1;
+                st.present.insert(cs, ce_clip);
             }
         }
         let remote_end = st.remote.as_ref().map(|r| r.end).unwrap_or(0);
@@ -611,10 +591,8 @@ impl FileData {
         if let Some(c) = cached {
             return Ok(c);
         }
-        let list = Arc::new(
-            repo.chunk_list(&base, &self.path.display().to_string())
-                .map_err(eio)?,
-        );
+        let list =
+            Arc::new(read::chunk_list(repo, &base, &self.path.display().to_string()).map_err(eio)?);
         self.st.lock().base_chunks = Some(list.clone());
         Ok(list)
     }

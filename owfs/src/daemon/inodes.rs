@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use chunkstore::tree::{Content, Entry, Kind};
+use chunkstore::tree::{link_count, link_key, Content, Entry, Kind};
 use chunkstore::Hash;
 
 use super::content::{FileData, LocalRes, Pinned};
@@ -211,19 +211,6 @@ impl Node {
             content: Content::Empty,
         }
     }
-}
-
-/// A hard-link group key that also carries the group's size: a lazily loaded directory
-/// then knows a file's link count before every directory naming it was loaded. Keys from
-/// `owfs snapshot` (plain inode numbers) carry none.
-const LINK_COUNT_SHIFT: u32 = 40;
-
-fn link_key(ino: u64, nlink: u32) -> u64 {
-    (ino & ((1 << LINK_COUNT_SHIFT) - 1)) | ((nlink as u64) << LINK_COUNT_SHIFT)
-}
-
-fn link_count(key: u64) -> u32 {
-    (key >> LINK_COUNT_SHIFT) as u32
 }
 
 pub struct Table {

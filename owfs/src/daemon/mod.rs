@@ -893,7 +893,7 @@ pub fn prepull(
     ws: &str,
     cache_dir: Option<PathBuf>,
     progress: &Arc<chunkstore::progress::Progress>,
-) -> Result<chunkstore::blobcache::PrepullReport> {
+) -> Result<chunkstore::prepull::PrepullReport> {
     let rec = repo
         .block_on(generation::latest(&repo.store, ws))?
         .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
@@ -902,7 +902,7 @@ pub fn prepull(
     let cache = Arc::new(chunkstore::blobcache::BlobCache::open(&blobs_dir(
         &cache_dir,
     ))?);
-    chunkstore::blobcache::prepull(repo, &rec, &cache, progress)
+    chunkstore::prepull::prepull(repo, &rec, &cache, progress)
 }
 
 /// One process per cache directory (a mount or a pre-pull). The lock file names its holder
