@@ -410,7 +410,15 @@ impl FileData {
             self.get(st, &mut buf, g.start)?;
             let fz = st.frozen.as_mut().expect("frozen");
             fz.saved.insert(g.start, g.end);
-            fz.bytes.insert(g.start, buf);
+            // Invariant: saved extents never overlap (only gaps of `saved` are saved), so
+            // `read_frozen` may lay them over the file in any order.
+            let earlier = fz.bytes.insert(g.start, buf);
+            assert!(
+                earlier.is_none(),
+                "owfs bug: bytes at {} of {} saved twice for one cut",
+                g.start,
+                self.path.display()
+            );
         }
         Ok(())
     }
@@ -570,6 +578,13 @@ impl FileData {
     /// Freezes the file for a cut: returns the ranges written since the last cut.
     pub fn freeze(&self) -> (u64, Vec<Range<u64>>) {
         let mut st = self.st.lock();
+        // Invariant: one cut at a time holds a file frozen. A second freeze would drop the
+        // bytes the first one saved, and its commit would read what writers wrote since.
+        assert!(
+            st.frozen.is_none(),
+            "owfs bug: {} frozen by a cut while an earlier cut still holds it",
+            self.path.display()
+        );
         let dirty = std::mem::take(&mut st.dirty).to_vec();
         let size = st.len;
         st.inflight_before_cut += std::mem::take(&mut st.inflight);
@@ -614,6 +629,15 @@ impl FileData {
         }
         self.wait_landed(&mut st, true);
         let end = off + buf.len() as u64;
+        // Invariant: a cut reads only inside the size it froze; past it are bytes written
+        // after the cut, which no generation of this cut may hold.
+        let frozen_size = st.frozen.as_ref().map(|f| f.size);
+        if frozen_size.is_none_or(|size| end > size) {
+            return Err(eio(format!(
+                "owfs bug: the cut read bytes {off}..{end} of {}, frozen at {frozen_size:?} bytes",
+                self.path.display()
+            )));
+        }
         self.ensure_present(&mut st, repo, off, end)?;
         if let Local::Disk = st.local {
             let f = self.file(&mut st)?;
