@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use chunkstore::commit;
 use chunkstore::gc::{self, GcOptions};
 use chunkstore::generation::{self, GenRecord};
 use chunkstore::progress::Progress;
+use chunkstore::publish;
 use chunkstore::read::{self, Found};
 use chunkstore::restore::{restore_tree, RestoreOptions};
 use chunkstore::tree::Kind;
@@ -56,7 +56,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             let t0 = Instant::now();
             let done = {
                 let _bar = Bar::start(progress.clone(), "snapshot:", bars);
-                commit::snapshot(&repo, dir, ws, &progress)?
+                publish::snapshot(&repo, dir, ws, &progress)?
             };
             let secs = t0.elapsed().as_secs_f64();
             if cli.json {
@@ -251,7 +251,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
         Command::Fork { spec, new } => {
             let repo = open(cli, &rt, false)?;
             let src = repo.block_on(generation::resolve(&repo.store, spec))?;
-            let rec = commit::fork(&repo, &src, new)?;
+            let rec = publish::fork(&repo, &src, new)?;
             report_gen(cli, &rec, &format!("forked {} as", src.spec()));
             Ok(0)
         }
@@ -264,7 +264,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                     l.holder.node, l.holder.host, l.holder.pid
                 )));
             }
-            let rec = commit::rollback(&repo, ws, *n, None)?;
+            let rec = publish::rollback(&repo, ws, *n, None)?;
             report_gen(cli, &rec, &format!("rolled back {ws} to generation {n} as"));
             Ok(0)
         }

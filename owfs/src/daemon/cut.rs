@@ -7,9 +7,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chunkstore::commit::{publish_checked, record, NewGen};
 use chunkstore::generation::RootAttr;
 use chunkstore::pack::BlobKind;
+use chunkstore::publish::{publish_checked, record, NewGen};
 use chunkstore::snapshot::{encode_content, TreeStats};
 use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
 use chunkstore::writer::BlobWriter;

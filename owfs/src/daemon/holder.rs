@@ -85,8 +85,8 @@ pub fn fence(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRecord> {
                 latest.number, latest.epoch
             )));
         }
-        let rec = chunkstore::commit::fence(&latest, epoch);
-        match chunkstore::commit::publish_checked(
+        let rec = chunkstore::publish::fence(&latest, epoch);
+        match chunkstore::publish::publish_checked(
             repo,
             &rec,
             &std::collections::HashSet::from([latest.root_hash()?]),

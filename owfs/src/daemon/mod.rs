@@ -785,7 +785,7 @@ fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
         Some(rec) => rec,
         None => {
             let src = repo.block_on(generation::resolve(&repo.store, from))?;
-            match chunkstore::commit::fork(repo, &src, ws) {
+            match chunkstore::publish::fork(repo, &src, ws) {
                 Ok(rec) => {
                     eprintln!("owfs: {ws}: forked from {} as {}", src.spec(), rec.spec());
                     return Ok(());
@@ -854,7 +854,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRec
     w.add(hash, chunkstore::pack::BlobKind::Tree, tree)?;
     let reused = std::mem::take(&mut w.reused);
     let write = w.finish()?;
-    let mut rec = chunkstore::commit::record(chunkstore::commit::NewGen {
+    let mut rec = chunkstore::publish::record(chunkstore::publish::NewGen {
         ws,
         parent: None,
         kind: "create",
@@ -870,7 +870,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRec
         gid: rustix::process::getgid().as_raw(),
         mtime_ns: now_ns(),
     });
-    match chunkstore::commit::publish_checked(repo, &rec, &reused) {
+    match chunkstore::publish::publish_checked(repo, &rec, &reused) {
         Ok(()) => Ok(rec),
         // Someone created it at the same time: use theirs.
         Err(Error::Conflict(_)) => repo
@@ -1176,7 +1176,7 @@ pub fn run(
         )));
     }
     let rec = match opts.rollback_to {
-        Some(n) => match chunkstore::commit::rollback(&repo, ws, n, Some(epoch)) {
+        Some(n) => match chunkstore::publish::rollback(&repo, ws, n, Some(epoch)) {
             Ok(back) => {
                 eprintln!(
                     "owfs: {ws}: rolled back to generation {n} as {}",

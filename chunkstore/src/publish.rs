@@ -1,5 +1,7 @@
-//! Turning written blobs into a published generation, and the operations that publish one:
-//! snapshot of a directory, fork, rollback.
+//! Making and publishing generation records: a record for written blobs (`record`), its
+//! publication after the gc check (`publish_checked`), and the commands that publish one:
+//! snapshot of a directory, fork, rollback. (The daemon's own commit of a live mount is
+//! `owfs::daemon`'s cut; it publishes through here.)
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
