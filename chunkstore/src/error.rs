@@ -1,5 +1,6 @@
 //! One error type for the crate. Every variant says what happened and where; the binary adds
-//! what to do and maps each kind to a distinct exit status (see `docs/EXIT_CODES.md`).
+//! what to do and maps each kind to a distinct exit status (see `docs/EXIT_CODES.md`). The
+//! lease's failures (held, lost) are the lease crate's own (`lease::Error`).
 
 use std::path::PathBuf;
 
@@ -39,14 +40,6 @@ pub enum Error {
 
     #[error("{0}")]
     Conflict(String),
-
-    /// Another node holds the workspace's lease (the text names it and its expiry).
-    #[error("{0}")]
-    Held(String),
-
-    /// This node lost the workspace's lease, or could not renew it in time: it stopped.
-    #[error("{0}")]
-    LeaseLost(String),
 
     #[error("invalid name {name:?}: {reason}")]
     BadName { name: String, reason: String },

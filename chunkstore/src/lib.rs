@@ -5,7 +5,6 @@
 pub mod blobcache;
 pub mod chunker;
 pub mod codec;
-pub mod commit;
 pub mod error;
 pub mod faulty;
 pub mod fetch;
@@ -16,6 +15,7 @@ pub mod index;
 pub mod pack;
 pub mod prepull;
 pub mod progress;
+pub mod publish;
 pub mod read;
 pub mod rechunk;
 pub mod repo;

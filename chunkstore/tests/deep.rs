@@ -321,7 +321,7 @@ fn ten_thousand_levels_round_trip() {
     eprintln!("built and scanned {DEPTH} levels in {:?}", t.elapsed());
 
     let t = Instant::now();
-    let done = chunkstore::commit::snapshot(&e.repo, &src, "deep", &Progress::default()).unwrap();
+    let done = chunkstore::publish::snapshot(&e.repo, &src, "deep", &Progress::default()).unwrap();
     eprintln!("snapshot in {:?}", t.elapsed());
     assert_eq!(done.tree.dirs, DEPTH as u64 + 1);
     assert_eq!(done.tree.files, 3, "f and both names of h");
@@ -386,7 +386,7 @@ fn ten_thousand_levels_round_trip() {
     let flat = e.base.join("flat");
     std::fs::create_dir(&flat).unwrap();
     create(open_path(&flat).as_fd(), "d", b"flat\n", 0o644);
-    let done = chunkstore::commit::snapshot(&e.repo, &flat, "flat", &Progress::default()).unwrap();
+    let done = chunkstore::publish::snapshot(&e.repo, &flat, "flat", &Progress::default()).unwrap();
     let t = Instant::now();
     let report = restore(&e.repo, done.generation.root_hash().unwrap(), &out);
     eprintln!("restore over the deep tree in {:?}", t.elapsed());
@@ -422,7 +422,7 @@ fn a_hundred_thousand_entries_in_one_directory_round_trip() {
     eprintln!("created {WIDE} files in {:?}", t.elapsed());
 
     let t = Instant::now();
-    let done = chunkstore::commit::snapshot(&e.repo, &src, "wide", &Progress::default()).unwrap();
+    let done = chunkstore::publish::snapshot(&e.repo, &src, "wide", &Progress::default()).unwrap();
     eprintln!("snapshot in {:?}", t.elapsed());
     assert_eq!(done.tree.files, WIDE as u64);
     assert_eq!(done.tree.dirs, 1);

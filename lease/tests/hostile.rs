@@ -13,7 +13,6 @@ use tracking::largest_alloc;
 
 /// Decodes `b` as the lease of `ws`; checks the allocation bound and that an accepted record
 /// is one the lease code can use.
-#[allow(clippy::result_large_err)] // the decoder's own error type, measured as it is
 fn check(b: &[u8]) {
     let (r, largest) = largest_alloc(|| decode(b, "ws"));
     assert!(

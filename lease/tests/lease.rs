@@ -1,10 +1,16 @@
 //! The lease against `file://` (a temporary directory) and, when `OWFS_TEST_S3_ENDPOINT` is
 //! set (e.g. `http://127.0.0.1:5998` of a `moto_server`), against a fresh S3 bucket.
+//!
+//! Time is simulated (`ManualClock`): it moves only when a test says so, so timings are exact
+//! and nothing sleeps. The store is real; only `a_slow_acquire_renews_before_handing_out_the_lease`
+//! runs on the system clock, because the slowness it needs is the store's own.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chunkstore::Store;
-use lease::{acquire, read, Holder, Lease, LeaseConfig, LeaseError, Mode};
+use lease::clock::MANUAL_CLOCK_START_MS;
+use lease::{acquire, read, Clock, Error, Holder, Lease, LeaseConfig, ManualClock, Mode};
 
 struct Stores {
     stores: Vec<Store>,
@@ -49,34 +55,59 @@ fn short() -> LeaseConfig {
     }
 }
 
-/// `who` acquires workspace w.
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// `who` acquires workspace w on `clock`.
 async fn acquire_w(
     store: &Store,
     who: &str,
     cfg: &LeaseConfig,
     mode: Mode,
-) -> Result<Lease, LeaseError> {
-    acquire(store, "w", node(who), cfg, mode).await
+    clock: &Arc<ManualClock>,
+) -> Result<Lease, Error> {
+    acquire(store, "w", node(who), cfg, mode, clock.clone()).await
 }
 
-fn held_by(e: LeaseError, who: &str) {
+fn held_by(e: Error, who: &str) {
     match e {
-        LeaseError::Held { record, .. } => assert_eq!(record.holder.node, who),
+        Error::Held { record, .. } => assert_eq!(record.holder.node, who),
         other => panic!("expected Held by {who}, got {other}"),
     }
+}
+
+/// Runs `task` to its end on simulated time: whenever it sleeps on `clock`, moves the clock to
+/// the end of that sleep (the task does nothing else while it sleeps); while it waits for the
+/// store, lets it run.
+async fn drive<T: Send + 'static>(clock: &ManualClock, task: tokio::task::JoinHandle<T>) -> T {
+    while !task.is_finished() {
+        match clock.next_wake() {
+            Some(t) if t > clock.now() => clock.advance_to(t),
+            _ => tokio::time::sleep(ms(1)).await,
+        }
+    }
+    task.await.unwrap()
 }
 
 #[tokio::test]
 async fn acquire_held_renew_release_reacquire() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
+        let clock = Arc::new(ManualClock::new());
         assert!(read(store, "w").await.unwrap().is_none());
-        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
+        let t0 = clock.now();
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         assert_eq!(a.epoch(), 1);
         assert!(a.took_over().is_none());
-        assert!(a.deadline() > Instant::now() + Duration::from_secs(24));
+        // ttl 30 s − margin 5 s from the start of the acquiring write.
+        assert_eq!(a.deadline(), t0 + Duration::from_secs(25));
 
-        let e = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap_err();
+        let e = acquire_w(store, "b", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap_err();
         let text = e.to_string();
         assert!(
             text.starts_with("workspace w is held by node a (host a-host, pid 4242), epoch 1;")
@@ -86,24 +117,23 @@ async fn acquire_held_renew_release_reacquire() {
             "{text}"
         );
         match &e {
-            LeaseError::Held { expires_in, .. } => {
-                assert!(*expires_in <= Duration::from_secs(32), "{expires_in:?}")
-            }
+            // ttl + skew, to the millisecond: no time passed.
+            Error::Held { expires_in, .. } => assert_eq!(*expires_in, Duration::from_secs(32)),
             other => panic!("{other}"),
         }
 
         let before = a.record().clone();
         let old_deadline = a.deadline();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        clock.advance(ms(20));
         a.renew().await.unwrap();
         let after = read(store, "w").await.unwrap().unwrap();
         assert_eq!(&after, a.record());
         assert_eq!(after.epoch, 1);
         assert_eq!(after.acquired_ms, before.acquired_ms);
-        assert!(after.expires_ms > before.expires_ms);
+        assert_eq!(after.renewed_ms, before.renewed_ms + 20);
         assert_eq!(after.expires_ms, after.renewed_ms + 30_000);
         assert_ne!(after.nonce, before.nonce);
-        assert!(a.deadline() > old_deadline);
+        assert_eq!(a.deadline(), old_deadline + ms(20));
 
         a.release().await.unwrap();
         let released = read(store, "w").await.unwrap().unwrap();
@@ -111,14 +141,18 @@ async fn acquire_held_renew_release_reacquire() {
         assert_eq!(released.epoch, 1);
 
         // Released: taken at once, no fence needed.
-        let b = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         assert_eq!(b.epoch(), 2);
         assert!(b.took_over().is_none());
         b.release().await.unwrap();
-        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
+        let a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         assert_eq!(a.epoch(), 3);
         // Another workspace is independent.
-        let other = acquire(store, "v", node("b"), &cfg, Mode::Normal)
+        let other = acquire(store, "v", node("b"), &cfg, Mode::Normal, clock.clone())
             .await
             .unwrap();
         assert_eq!(other.epoch(), 1);
@@ -129,14 +163,29 @@ async fn acquire_held_renew_release_reacquire() {
 async fn expired_lease_is_taken_over_and_the_old_holder_loses() {
     let cfg = short();
     for store in &stores().stores {
-        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         held_by(
-            acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap_err(),
+            acquire_w(store, "b", &cfg, Mode::Normal, &clock)
+                .await
+                .unwrap_err(),
             "a",
         );
-        // a stops renewing (crashed, partitioned): free after ttl + skew.
-        tokio::time::sleep(Duration::from_millis(750)).await;
-        let b = acquire_w(store, "b", &cfg, Mode::Normal).await.unwrap();
+        // a stops renewing (crashed, partitioned). At ttl + skew exactly it is still held...
+        clock.advance(ms(700));
+        held_by(
+            acquire_w(store, "b", &cfg, Mode::Normal, &clock)
+                .await
+                .unwrap_err(),
+            "a",
+        );
+        // ...and free 1 ms later.
+        clock.advance(ms(1));
+        let b = acquire_w(store, "b", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         assert_eq!(b.epoch(), 2);
         let prev = b
             .took_over()
@@ -146,68 +195,118 @@ async fn expired_lease_is_taken_over_and_the_old_holder_loses() {
 
         // a is past its deadline (400 ms): lost without even asking the store.
         match a.renew().await.unwrap_err() {
-            LeaseError::Lost { reason } => assert!(reason.contains("deadline"), "{reason}"),
+            Error::Lost { reason } => assert!(reason.contains("deadline"), "{reason}"),
             other => panic!("{other}"),
         }
     }
+}
+
+/// The timing argument of docs/decisions/lease.md on two clocks: a taker whose wall clock runs
+/// `max_skew` ahead of the holder's takes over no earlier than the holder's lease runs out,
+/// and by then the holder has stopped serving (its deadline is `margin` earlier).
+#[tokio::test]
+async fn a_taker_with_a_fast_wall_clock_takes_over_only_after_the_holder_stopped() {
+    let cfg = short();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+    let clock_a = Arc::new(ManualClock::new());
+    let skew = cfg.max_skew.as_millis() as u64;
+    let clock_b = Arc::new(ManualClock::with_wall_ms(MANUAL_CLOCK_START_MS + skew));
+    let a = acquire_w(&store, "a", &cfg, Mode::Normal, &clock_a)
+        .await
+        .unwrap();
+    let mut elapsed = Duration::ZERO;
+    let b = loop {
+        match acquire_w(&store, "b", &cfg, Mode::Normal, &clock_b).await {
+            Ok(b) => break b,
+            Err(Error::Held { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+        // True time moves on both nodes alike.
+        clock_a.advance(ms(10));
+        clock_b.advance(ms(10));
+        elapsed += ms(10);
+    };
+    assert_eq!(b.epoch(), 2);
+    // Free by b's clock once it passes expires_ms + skew: true time past the ttl.
+    assert_eq!(elapsed, cfg.ttl + ms(10));
+    assert!(!a.may_serve(clock_a.now()));
+    assert!(!a.serving_deadline().may_serve_now());
+    assert!(a.deadline() + cfg.margin <= clock_a.now());
 }
 
 #[tokio::test]
 async fn takeover_fences_out_a_live_holder() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let mut a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
-        let b = acquire_w(store, "b", &cfg, Mode::Takeover).await.unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let mut a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
+        let b = acquire_w(store, "b", &cfg, Mode::Takeover, &clock)
+            .await
+            .unwrap();
         assert_eq!(b.epoch(), 2);
         assert_eq!(b.took_over().map(|r| r.epoch), Some(1));
 
         // a is well inside its deadline, but its record was replaced.
-        assert!(a.deadline() > Instant::now());
+        assert!(a.may_serve(clock.now()));
         match a.renew().await.unwrap_err() {
-            LeaseError::Lost { reason } => assert!(
+            Error::Lost { reason } => assert!(
                 reason.contains("taken over by node b (host b-host, pid 4242), epoch 2"),
                 "{reason}"
             ),
             other => panic!("{other}"),
         }
-        assert!(matches!(
-            a.release().await.unwrap_err(),
-            LeaseError::Lost { .. }
-        ));
+        assert!(matches!(a.release().await.unwrap_err(), Error::Lost { .. }));
         // b's lease is untouched by a's attempts.
         assert_eq!(read(store, "w").await.unwrap().unwrap().holder.node, "b");
 
         // Takeover of a released lease needs no fence.
         b.release().await.unwrap();
-        let c = acquire_w(store, "c", &cfg, Mode::Takeover).await.unwrap();
+        let c = acquire_w(store, "c", &cfg, Mode::Takeover, &clock)
+            .await
+            .unwrap();
         assert_eq!(c.epoch(), 3);
         assert!(c.took_over().is_none());
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn wait_succeeds_after_release() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
-        let t0 = Instant::now();
+        let clock = Arc::new(ManualClock::new());
+        let a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
         let waiter = {
-            let (store, cfg) = (store.clone(), cfg.clone());
+            let (store, cfg, clock) = (store.clone(), cfg.clone(), clock.clone());
             tokio::spawn(async move {
-                acquire_w(&store, "b", &cfg, Mode::Wait(Some(Duration::from_secs(10)))).await
+                acquire_w(
+                    &store,
+                    "b",
+                    &cfg,
+                    Mode::Wait(Some(Duration::from_secs(10))),
+                    &clock,
+                )
+                .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The waiter polls, then sleeps (the holder's lease has 32 s to go).
+        while clock.next_wake().is_none() {
+            tokio::time::sleep(ms(1)).await;
+        }
+        assert!(!waiter.is_finished());
+        clock.advance(ms(300));
         a.release().await.unwrap();
-        let b = waiter.await.unwrap().unwrap();
+        let released_at = clock.now();
+        let b = drive(&clock, waiter).await.unwrap();
         assert_eq!(b.epoch(), 2);
         assert!(b.took_over().is_none());
         // Polled at least once a second.
-        assert!(
-            t0.elapsed() < Duration::from_millis(2500),
-            "{:?}",
-            t0.elapsed()
-        );
+        let waited = clock.now() - released_at;
+        assert!(waited <= Duration::from_secs(1), "{waited:?}");
     }
 }
 
@@ -215,17 +314,28 @@ async fn wait_succeeds_after_release() {
 async fn wait_succeeds_after_expiry() {
     let cfg = short();
     for store in &stores().stores {
-        let a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
-        drop(a); // crashed: never renews, never releases
-        let t0 = Instant::now();
-        let b = acquire_w(store, "b", &cfg, Mode::Wait(Some(Duration::from_secs(5))))
+        let clock = Arc::new(ManualClock::new());
+        let a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
             .await
             .unwrap();
-        assert!(
-            t0.elapsed() >= Duration::from_millis(500),
-            "{:?}",
-            t0.elapsed()
-        );
+        drop(a); // crashed: never renews, never releases
+        let t0 = clock.now();
+        let waiter = {
+            let (store, cfg, clock) = (store.clone(), cfg.clone(), clock.clone());
+            tokio::spawn(async move {
+                acquire_w(
+                    &store,
+                    "b",
+                    &cfg,
+                    Mode::Wait(Some(Duration::from_secs(5))),
+                    &clock,
+                )
+                .await
+            })
+        };
+        let b = drive(&clock, waiter).await.unwrap();
+        // Free after ttl + skew (700 ms): the waiter slept until 1 ms past that.
+        assert_eq!(clock.now() - t0, ms(701));
         assert_eq!(b.epoch(), 2);
         assert_eq!(b.took_over().map(|r| r.holder.node.as_str()), Some("a"));
     }
@@ -235,20 +345,22 @@ async fn wait_succeeds_after_expiry() {
 async fn wait_times_out_on_a_live_holder() {
     let cfg = LeaseConfig::default();
     for store in &stores().stores {
-        let _a = acquire_w(store, "a", &cfg, Mode::Normal).await.unwrap();
-        let t0 = Instant::now();
-        let e = acquire_w(
-            store,
-            "b",
-            &cfg,
-            Mode::Wait(Some(Duration::from_millis(300))),
-        )
-        .await
-        .unwrap_err();
-        assert!(t0.elapsed() >= Duration::from_millis(300));
+        let clock = Arc::new(ManualClock::new());
+        let _a = acquire_w(store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap();
+        let t0 = clock.now();
+        let waiter = {
+            let (store, cfg, clock) = (store.clone(), cfg.clone(), clock.clone());
+            tokio::spawn(async move {
+                acquire_w(&store, "b", &cfg, Mode::Wait(Some(ms(300))), &clock).await
+            })
+        };
+        let e = drive(&clock, waiter).await.unwrap_err();
+        assert_eq!(clock.now() - t0, ms(300));
         let text = e.to_string();
         assert!(
-            matches!(&e, LeaseError::Timeout { record } if record.holder.node == "a"),
+            matches!(&e, Error::Timeout { record } if record.holder.node == "a"),
             "{text}"
         );
         assert!(
@@ -262,24 +374,25 @@ async fn wait_times_out_on_a_live_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_acquirers_exactly_one_wins() {
     for store in &stores().stores {
+        let clock = Arc::new(ManualClock::new());
         for round in 0..2 {
             // Round 0: the lease never existed. Round 1: it expired.
             let cfg = short();
             if round == 1 {
-                tokio::time::sleep(Duration::from_millis(750)).await;
+                clock.advance(ms(701));
             }
             let mut tasks = Vec::new();
             for i in 0..8 {
-                let (store, cfg) = (store.clone(), cfg.clone());
+                let (store, cfg, clock) = (store.clone(), cfg.clone(), clock.clone());
                 tasks.push(tokio::spawn(async move {
-                    acquire_w(&store, &format!("n{i}"), &cfg, Mode::Normal).await
+                    acquire_w(&store, &format!("n{i}"), &cfg, Mode::Normal, &clock).await
                 }));
             }
             let mut winners = Vec::new();
             for t in tasks {
                 match t.await.unwrap() {
                     Ok(lease) => winners.push(lease),
-                    Err(LeaseError::Held { .. }) => {}
+                    Err(Error::Held { .. }) => {}
                     Err(other) => panic!("{other}"),
                 }
             }
@@ -297,19 +410,24 @@ async fn partition_makes_renew_fail_and_the_deadline_passes() {
     let dir = tempfile::tempdir().unwrap();
     let flag = dir.path().join("partitioned");
     let store = faulty_file_store(dir.path(), &format!("down_file={}", flag.display()));
+    let clock = Arc::new(ManualClock::new());
     let cfg = LeaseConfig {
-        ttl: Duration::from_millis(2000),
-        renew_every: Duration::from_millis(500),
-        margin: Duration::from_millis(500),
-        max_skew: Duration::from_millis(100),
+        ttl: ms(2000),
+        renew_every: ms(500),
+        margin: ms(500),
+        max_skew: ms(100),
     };
-    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
+    clock.advance(ms(500));
     a.renew().await.unwrap();
 
     std::fs::write(&flag, b"").unwrap();
     let deadline = a.deadline();
+    clock.advance(ms(500));
     match a.renew().await.unwrap_err() {
-        LeaseError::Store(e) => assert!(e.to_string().contains("store down"), "{e}"),
+        Error::Store(e) => assert!(e.to_string().contains("store down"), "{e}"),
         other => panic!("{other}"),
     }
     assert_eq!(
@@ -320,17 +438,125 @@ async fn partition_makes_renew_fail_and_the_deadline_passes() {
 
     // Back before the deadline: renewals work again.
     std::fs::remove_file(&flag).unwrap();
+    clock.advance(ms(100));
     a.renew().await.unwrap();
-    assert!(a.deadline() > deadline);
+    assert_eq!(a.deadline(), deadline + ms(600));
 
     // Cut off until past the deadline: the caller stops there; renew then says Lost.
     std::fs::write(&flag, b"").unwrap();
-    while Instant::now() < a.deadline() {
-        assert!(matches!(a.renew().await, Err(LeaseError::Store(_))));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut failures = 0;
+    while a.may_serve(clock.now()) {
+        assert!(matches!(a.renew().await, Err(Error::Store(_))));
+        failures += 1;
+        clock.advance(ms(200));
     }
+    // Renewed at 1100 ms: deadline at 2600 ms, tries at 1100, 1300, ..., 2500 ms.
+    assert_eq!(failures, 8);
     std::fs::remove_file(&flag).unwrap();
-    assert!(matches!(a.renew().await, Err(LeaseError::Lost { .. })));
+    assert!(matches!(a.renew().await, Err(Error::Lost { .. })));
+}
+
+/// Serving ends at the deadline of the last successful renewal, to the nanosecond, for the
+/// lease and for the lock-free handle a mount checks on every request.
+#[tokio::test]
+async fn serving_ends_at_the_deadline_of_the_last_successful_renewal() {
+    let cfg = short(); // deadline: 600 − 200 = 400 ms after each renewal's start
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let t0 = clock.now();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
+    let handle = a.serving_deadline();
+    assert_eq!(a.deadline(), t0 + ms(400));
+    assert!(a.may_serve(t0 + ms(400) - Duration::from_nanos(1)));
+    assert!(!a.may_serve(t0 + ms(400)));
+    assert_eq!(handle.get(), a.deadline());
+
+    clock.advance(ms(250));
+    a.renew().await.unwrap();
+    // The handle taken before the renewal follows it.
+    assert_eq!(handle.get(), t0 + ms(650));
+    clock.advance(ms(399));
+    assert!(handle.may_serve_now() && a.may_serve(clock.now()));
+    clock.advance(ms(1));
+    assert!(!handle.may_serve_now() && !a.may_serve(clock.now()));
+}
+
+/// A holder that let its deadline pass cannot renew its way back: renew refuses without
+/// asking the store, even though nobody took the lease; only a new acquire (once the record
+/// expired for everyone, and with a new epoch that must fence) serves again.
+#[tokio::test]
+async fn a_late_renewal_does_not_resurrect_serving() {
+    let cfg = short();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
+    let stored = read(&store, "w").await.unwrap().unwrap();
+    clock.advance(ms(400));
+    assert!(!a.may_serve(clock.now()));
+    for _ in 0..2 {
+        match a.renew().await.unwrap_err() {
+            Error::Lost { reason } => assert!(reason.contains("deadline"), "{reason}"),
+            other => panic!("{other}"),
+        }
+        assert!(!a.may_serve(clock.now()));
+        assert_eq!(read(&store, "w").await.unwrap().unwrap(), stored);
+    }
+    // Its own record still stands for others until ttl + skew: the same node is refused...
+    held_by(
+        acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+            .await
+            .unwrap_err(),
+        "a",
+    );
+    // ...and takes it afresh after that, as any node would: a new epoch, to be fenced.
+    clock.advance(ms(301));
+    let again = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
+    assert_eq!(again.epoch(), 2);
+    assert_eq!(again.took_over().map(|r| r.epoch), Some(1));
+    assert!(again.may_serve(clock.now()));
+    assert!(!a.may_serve(clock.now()));
+}
+
+/// A renewal whose request is still in flight when the deadline comes is `Lost` then, and
+/// serving stopped at the deadline.
+#[tokio::test]
+async fn a_renewal_that_does_not_answer_by_the_deadline_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // The acquiring PUT and the renewal's are slow (real time; the lease's clock stands still
+    // during the first).
+    let store = faulty_file_store(dir.path(), "delay_ms=300,slow_puts=2");
+    let clock = Arc::new(ManualClock::new());
+    let a = acquire_w(&store, "a", &short(), Mode::Normal, &clock)
+        .await
+        .unwrap();
+    let handle = a.serving_deadline();
+    let deadline = a.deadline();
+    let renewal = tokio::spawn(async move {
+        let mut a = a;
+        a.renew().await
+    });
+    // The renewal waits for its answer no longer than until the deadline.
+    while clock.next_wake().is_none() {
+        tokio::time::sleep(ms(1)).await;
+    }
+    assert_eq!(clock.next_wake(), Some(deadline));
+    clock.advance_to(deadline);
+    match renewal.await.unwrap().unwrap_err() {
+        Error::Lost { reason } => assert!(
+            reason.contains("did not answer before the deadline"),
+            "{reason}"
+        ),
+        other => panic!("{other}"),
+    }
+    assert!(!handle.may_serve_now());
 }
 
 /// Every write's reply is lost (it landed): acquire, renew and release still know they won.
@@ -338,37 +564,42 @@ async fn partition_makes_renew_fail_and_the_deadline_passes() {
 async fn lost_acks_are_resolved() {
     let dir = tempfile::tempdir().unwrap();
     let store = faulty_file_store(dir.path(), "put_lost_ack=1");
+    let clock = Arc::new(ManualClock::new());
     let cfg = LeaseConfig::default();
-    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
+    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
     a.renew().await.unwrap();
     a.renew().await.unwrap();
     held_by(
-        acquire_w(&store, "b", &cfg, Mode::Normal)
+        acquire_w(&store, "b", &cfg, Mode::Normal, &clock)
             .await
             .unwrap_err(),
         "a",
     );
     a.release().await.unwrap();
-    let b = acquire_w(&store, "b", &cfg, Mode::Normal).await.unwrap();
+    let b = acquire_w(&store, "b", &cfg, Mode::Normal, &clock)
+        .await
+        .unwrap();
     assert_eq!(b.epoch(), 2);
 }
 
 /// The acquiring write outlasts ttl − margin (a loaded store): acquire renews before it hands
-/// the lease out, instead of handing out one already past its deadline or giving up.
+/// the lease out, instead of handing out one already past its deadline or giving up. On the
+/// system clock: the delay is the store's, in real time.
 #[tokio::test]
 async fn a_slow_acquire_renews_before_handing_out_the_lease() {
+    let clock: Arc<dyn Clock> = Arc::new(lease::SystemClock);
     let dir = tempfile::tempdir().unwrap();
     let cfg = short(); // ttl 600 ms − margin 200 ms: a 500 ms write is too slow
     let store = faulty_file_store(dir.path(), "delay_ms=500,slow_puts=1");
-    let t0 = Instant::now();
-    let mut a = acquire_w(&store, "a", &cfg, Mode::Normal).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut a = acquire(&store, "w", node("a"), &cfg, Mode::Normal, clock.clone())
+        .await
+        .unwrap();
+    assert!(t0.elapsed() >= ms(500), "{:?}", t0.elapsed());
     assert!(
-        t0.elapsed() >= Duration::from_millis(500),
-        "{:?}",
-        t0.elapsed()
-    );
-    assert!(
-        a.deadline() > Instant::now(),
+        a.may_serve(std::time::Instant::now()),
         "handed out past its deadline"
     );
     let stored = read(&store, "w").await.unwrap().unwrap();
@@ -379,8 +610,8 @@ async fn a_slow_acquire_renews_before_handing_out_the_lease() {
     // A store that stays that slow: acquire gives up with Lost (the lease then expires).
     let dir = tempfile::tempdir().unwrap();
     let store = faulty_file_store(dir.path(), "delay_ms=500,slow_puts=100");
-    match acquire_w(&store, "a", &cfg, Mode::Normal).await {
-        Err(LeaseError::Lost { reason }) => assert!(reason.contains("deadline"), "{reason}"),
+    match acquire(&store, "w", node("a"), &cfg, Mode::Normal, clock).await {
+        Err(Error::Lost { reason }) => assert!(reason.contains("deadline"), "{reason}"),
         other => panic!("expected Lost, got {other:?}"),
     }
 }
@@ -430,10 +661,11 @@ async fn invalid_config_is_refused_by_acquire() {
         renew_every: Duration::from_secs(60),
         ..Default::default()
     };
-    let e = acquire_w(&store, "a", &cfg, Mode::Normal)
+    let clock = Arc::new(ManualClock::new());
+    let e = acquire_w(&store, "a", &cfg, Mode::Normal, &clock)
         .await
         .unwrap_err();
-    assert!(matches!(e, LeaseError::Config(_)), "{e}");
+    assert!(matches!(e, Error::Config(_)), "{e}");
     assert!(read(&store, "w").await.unwrap().is_none());
 }
 
@@ -441,7 +673,8 @@ async fn invalid_config_is_refused_by_acquire() {
 async fn record_is_pretty_json_at_ws_lease() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
-    let a = acquire_w(&store, "a", &LeaseConfig::default(), Mode::Normal)
+    let clock = Arc::new(ManualClock::new());
+    let a = acquire_w(&store, "a", &LeaseConfig::default(), Mode::Normal, &clock)
         .await
         .unwrap();
     let (bytes, _) = store.get_versioned("ws/w/lease").await.unwrap().unwrap();
@@ -452,6 +685,9 @@ async fn record_is_pretty_json_at_ws_lease() {
     assert_eq!(v["holder"]["node"], "a");
     assert_eq!(v["ttl_ms"], 30_000);
     assert_eq!(v["released"], false);
+    // The wall clock the lease was given.
+    assert_eq!(v["acquired_ms"], MANUAL_CLOCK_START_MS);
+    assert_eq!(v["expires_ms"], MANUAL_CLOCK_START_MS + 30_000);
     assert_eq!(v["nonce"].as_str().unwrap().len(), 32);
     assert_eq!(a.record().nonce, v["nonce"].as_str().unwrap());
 }

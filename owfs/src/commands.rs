@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use chunkstore::commit;
 use chunkstore::gc::{self, GcOptions};
 use chunkstore::generation::{self, GenRecord};
 use chunkstore::progress::Progress;
+use chunkstore::publish;
 use chunkstore::read::{self, Found};
 use chunkstore::restore::{restore_tree, RestoreOptions};
 use chunkstore::tree::Kind;
@@ -47,7 +47,8 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
-pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
+/// Runs the command; its failure is the store's or the lease's (`owfs::exit` maps both).
+pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
     let bars = !cli.json && !cli.quiet;
     match &cli.command {
         Command::Snapshot { dir, ws } => {
@@ -56,7 +57,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             let t0 = Instant::now();
             let done = {
                 let _bar = Bar::start(progress.clone(), "snapshot:", bars);
-                commit::snapshot(&repo, dir, ws, &progress)?
+                publish::snapshot(&repo, dir, ws, &progress)?
             };
             let secs = t0.elapsed().as_secs_f64();
             if cli.json {
@@ -90,7 +91,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             generation::check_workspace_name(ws)?;
             let mut numbers = repo.block_on(generation::list_generations(&repo.store, ws))?;
             if numbers.is_empty() {
-                return Err(Error::UnknownWorkspace(ws.clone()));
+                return Err(Error::UnknownWorkspace(ws.clone()).into());
             }
             numbers.reverse();
             if let Some(l) = limit {
@@ -191,7 +192,8 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 _ => Err(Error::UnknownPath {
                     at: rec.spec(),
                     path: format!("{path} (not a regular file)"),
-                }),
+                }
+                .into()),
             }
         }
         Command::Restore { spec, dir, force } => {
@@ -201,7 +203,8 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 return Err(Error::Conflict(format!(
                     "{} is not empty; restore into an empty directory, or pass --force to replace entries of the same names",
                     dir.display()
-                )));
+                ))
+                .into());
             }
             let progress = Arc::new(Progress::default());
             progress
@@ -251,7 +254,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
         Command::Fork { spec, new } => {
             let repo = open(cli, &rt, false)?;
             let src = repo.block_on(generation::resolve(&repo.store, spec))?;
-            let rec = commit::fork(&repo, &src, new)?;
+            let rec = publish::fork(&repo, &src, new)?;
             report_gen(cli, &rec, &format!("forked {} as", src.spec()));
             Ok(0)
         }
@@ -259,16 +262,16 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             let repo = open(cli, &rt, false)?;
             generation::check_workspace_name(ws)?;
             if let Some(l) = live_lease(&repo, ws)? {
-                return Err(Error::Held(format!(
+                return Err(owfs::error::Error::Mounted(format!(
                     "workspace {ws} is mounted by node {} (host {}, pid {}): a rollback now would make that mount's next commit fail and stop it; unmount it first (`owfs umount`), or roll back as it mounts: `owfs mount {ws} DIR -o rollback={n}`",
                     l.holder.node, l.holder.host, l.holder.pid
                 )));
             }
-            let rec = commit::rollback(&repo, ws, *n, None)?;
+            let rec = publish::rollback(&repo, ws, *n, None)?;
             report_gen(cli, &rec, &format!("rolled back {ws} to generation {n} as"));
             Ok(0)
         }
-        Command::Drill { spec, scratch } => drill(cli, &rt, spec, scratch.as_deref()),
+        Command::Drill { spec, scratch } => Ok(drill(cli, &rt, spec, scratch.as_deref())?),
         Command::Gc {
             dry_run,
             keep_last,
@@ -363,19 +366,24 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                 if *takeover {
                     forwarded.push("--takeover".into());
                 }
-                return owfs::mount::spawn_and_wait(
+                return Ok(owfs::mount::spawn_and_wait(
                     cli.store.as_deref(),
                     spec,
                     mountpoint,
                     cache_dir.as_deref(),
                     &forwarded,
                     &opts,
-                );
+                )?);
             }
             if opts.read_only {
                 let repo = open(cli, &rt, false)?;
                 let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-                return owfs::mount::run_read_only(repo, rec, mountpoint, opts.ws.flags);
+                return Ok(owfs::mount::run_read_only(
+                    repo,
+                    rec,
+                    mountpoint,
+                    opts.ws.flags,
+                )?);
             }
             let (ws, n) = generation::parse_spec(spec)?;
             if n.is_some() {
@@ -384,14 +392,15 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
                     reason: format!(
                         "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro (read-only), `owfs mount NEW DIR -o fork={spec}` (a new workspace from it), or `owfs mount {ws} DIR -o rollback={}` (back to it)", n.unwrap_or(0)
                     ),
-                });
+                }
+                .into());
             }
             // The store is created on first use, like the workspace.
             let repo = open(cli, &rt, true)?;
             owfs::daemon::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
         }
-        Command::Umount { mountpoint } => owfs::mount::umount(mountpoint, cli.json, false),
-        Command::Handoff { mountpoint } => owfs::mount::umount(mountpoint, cli.json, true),
+        Command::Umount { mountpoint } => Ok(owfs::mount::umount(mountpoint, cli.json, false)?),
+        Command::Handoff { mountpoint } => Ok(owfs::mount::umount(mountpoint, cli.json, true)?),
         Command::Sync { mountpoint } => {
             let v = owfs::daemon::control::request(mountpoint, "sync")?;
             if cli.json {
@@ -401,7 +410,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Status { target } => status(cli, &rt, target),
+        Command::Status { target } => Ok(status(cli, &rt, target)?),
         Command::Workspaces => {
             let repo = open(cli, &rt, false)?;
             let names = repo.block_on(generation::list_workspaces(&repo.store))?;
@@ -448,9 +457,7 @@ fn refuse_short_grace_while_mounted(repo: &Repo, grace: std::time::Duration) -> 
 
 /// The lease of `ws` if a node holds it: one a mount could not take without --takeover.
 fn live_lease(repo: &Repo, ws: &str) -> Result<Option<lease::LeaseRecord>> {
-    let lease = repo
-        .block_on(lease::read(&repo.store, ws))
-        .map_err(|e| owfs::daemon::lease_error(ws, e))?;
+    let lease = repo.block_on(lease::read(&repo.store, ws))?;
     let (now, cfg) = (generation::now_ms(), lease::LeaseConfig::default());
     Ok(lease.filter(|l| !lease::is_free(l, now, &cfg)))
 }
@@ -470,9 +477,7 @@ fn status(cli: &Cli, rt: &tokio::runtime::Handle, target: &str) -> Result<i32> {
         let latest = repo
             .block_on(generation::latest(&repo.store, target))?
             .ok_or_else(|| Error::UnknownWorkspace(target.to_string()))?;
-        let lease = repo
-            .block_on(lease::read(&repo.store, target))
-            .map_err(|e| owfs::daemon::lease_error(target, e))?;
+        let lease = repo.block_on(lease::read(&repo.store, target))?;
         let now = generation::now_ms();
         json!({
             "workspace": target,

@@ -1,6 +1,6 @@
 //! Exit statuses (docs/EXIT_CODES.md) and the hint printed under each error.
 
-use chunkstore::Error;
+use crate::error::Error;
 
 pub const INTERNAL: i32 = 1;
 pub const USAGE: i32 = 2;
@@ -20,6 +20,20 @@ pub const DRILL_FAILED: i32 = 12;
 
 pub fn code(e: &Error) -> i32 {
     match e {
+        Error::Store(e) => store_code(e),
+        Error::Lease(e) => match e {
+            lease::Error::Held { .. } | lease::Error::Timeout { .. } => HELD,
+            lease::Error::Lost { .. } => LEASE_LOST,
+            lease::Error::Config(_) => USAGE,
+            lease::Error::Store(e) => store_code(e),
+        },
+        Error::Mounted(_) => HELD,
+    }
+}
+
+fn store_code(e: &chunkstore::Error) -> i32 {
+    use chunkstore::Error;
+    match e {
         Error::BadStoreUrl { .. } | Error::BadName { .. } | Error::BadOption { .. } => USAGE,
         Error::UnknownWorkspace(_)
         | Error::UnknownGeneration { .. }
@@ -31,13 +45,26 @@ pub fn code(e: &Error) -> i32 {
         Error::Format { .. } => FORMAT,
         Error::Unsafe { .. } => UNSAFE,
         Error::Conflict(_) => CONFLICT,
-        Error::Held(_) => HELD,
-        Error::LeaseLost(_) => LEASE_LOST,
         Error::Io { .. } | Error::Store { .. } => INTERNAL,
     }
 }
 
 pub fn hint(e: &Error) -> &'static str {
+    const HELD_HINT: &str = "one writer per workspace: unmount it there (`owfs umount` hands it over at once), or mount with --wait or --takeover";
+    match e {
+        Error::Store(e) => store_hint(e),
+        Error::Lease(e) => match e {
+            lease::Error::Held { .. } | lease::Error::Timeout { .. } => HELD_HINT,
+            lease::Error::Lost { .. } => "another node took the workspace over; writes after the loss were not committed. Remount to continue from the latest generation",
+            lease::Error::Config(_) => "see `owfs mount --help` for the lease_* options and how they must relate",
+            lease::Error::Store(e) => store_hint(e),
+        },
+        Error::Mounted(_) => HELD_HINT,
+    }
+}
+
+fn store_hint(e: &chunkstore::Error) -> &'static str {
+    use chunkstore::Error;
     match e {
         Error::BadStoreUrl { .. } => "give --store file:///abs/path or s3://bucket/prefix (or set OWFS_STORE)",
         Error::BadName { .. } => "see `owfs --help` for the forms of names",
@@ -58,8 +85,6 @@ pub fn hint(e: &Error) -> &'static str {
         Error::Format { .. } => "this store was written by a different owfs format version",
         Error::Unsafe { .. } => "the manifest is malicious or damaged; nothing outside the target was touched",
         Error::Conflict(_) => "nothing was lost; read the message and run the command again",
-        Error::Held(_) => "one writer per workspace: unmount it there (`owfs umount` hands it over at once), or mount with --wait or --takeover",
-        Error::LeaseLost(_) => "another node took the workspace over; writes after the loss were not committed. Remount to continue from the latest generation",
         Error::Io { .. } => "check the local path and its permissions",
         Error::Store { .. } => "the store answered with an unexpected error; try again, or check the store's logs",
     }

@@ -9,7 +9,7 @@ use chunkstore::pack::BlobKind;
 use chunkstore::progress::Progress;
 use chunkstore::tree::{Content, Entry, Kind, Tree};
 use chunkstore::writer::BlobWriter;
-use chunkstore::{commit, Error, Hash, Repo, Store};
+use chunkstore::{publish, Error, Hash, Repo, Store};
 use owfs_tests::{assert_same_tree, noise, restore, runtime, Case};
 
 fn sample_tree(dir: &std::path::Path, seed: u64) {
@@ -84,7 +84,7 @@ fn failed_commits_never_become_the_latest() {
             let before = latest(&clean, "ws");
             let spec = format!("seed={seed},put_fail=0.35,put_lost_ack=0.3,delay_ms=1");
             let repo = faulty_repo(&case, &rt, &spec).unwrap();
-            match commit::snapshot(&repo, &src, "ws", &Progress::default()) {
+            match publish::snapshot(&repo, &src, "ws", &Progress::default()) {
                 Ok(done) => {
                     outcomes.0 += 1;
                     assert_eq!(latest(&clean, "ws"), Some(done.generation.number));
@@ -134,7 +134,7 @@ fn restore_under_read_faults_is_exact_or_fails_cleanly() {
         std::fs::create_dir_all(&src).unwrap();
         sample_tree(&src, 7);
         let clean = clean_repo(&case, &rt);
-        let done = commit::snapshot(&clean, &src, "ws", &Progress::default()).unwrap();
+        let done = publish::snapshot(&clean, &src, "ws", &Progress::default()).unwrap();
         let root = done.generation.root_hash().unwrap();
         let mut ok = 0;
         for seed in 0..8u64 {
@@ -162,7 +162,7 @@ fn restore_under_read_faults_is_exact_or_fails_cleanly() {
 }
 
 fn record(ws: &str, number: u64, root: Hash) -> GenRecord {
-    commit::record(commit::NewGen {
+    publish::record(publish::NewGen {
         ws,
         parent: None,
         kind: "test",
@@ -335,12 +335,12 @@ fn gc_and_a_concurrent_commit_never_lose_data() {
         assert!(r.packs_condemned >= 1, "[{}] {r:?}", case.name);
         let condemned = r.packs_condemned;
         // ...and the committer, reusing those blobs, refuses to publish.
-        let err = commit::snapshot(&committer, &src, "ws", &Progress::default()).unwrap_err();
+        let err = publish::snapshot(&committer, &src, "ws", &Progress::default()).unwrap_err();
         assert!(matches!(err, Error::Conflict(_)), "[{}] {err}", case.name);
         assert_eq!(latest(&committer, "ws"), None);
         // A fresh attempt uploads the data again and publishes.
         let fresh = clean_repo(&case, &rt);
-        let done = commit::snapshot(&fresh, &src, "ws", &Progress::default()).unwrap();
+        let done = publish::snapshot(&fresh, &src, "ws", &Progress::default()).unwrap();
         // The next gc deletes the condemned pack; the published generation stays whole.
         let r = gc::gc(&clean_repo(&case, &rt), &opts).unwrap();
         // A condemned pack that the fresh commit wrote again (same content, same name) is

@@ -6,8 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use chunkstore::commit;
 use chunkstore::progress::Progress;
+use chunkstore::publish;
 use owfs_tests::{assert_same_tree, noise, restore, runtime, Case};
 use proptest::prelude::*;
 
@@ -142,7 +142,7 @@ proptest! {
             if round == 1 {
                 mutate(&src, salt);
             }
-            let done = commit::snapshot(&repo, &src, "p", &progress).unwrap();
+            let done = publish::snapshot(&repo, &src, "p", &progress).unwrap();
             let out = case.dir(&format!("out{round}"));
             let root = done.generation.root_hash().unwrap();
             restore(&repo, root, &out).unwrap();

@@ -7,9 +7,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chunkstore::commit::{publish_checked, record, NewGen};
 use chunkstore::generation::RootAttr;
 use chunkstore::pack::BlobKind;
+use chunkstore::publish::{publish_checked, record, NewGen};
 use chunkstore::snapshot::{encode_content, TreeStats};
 use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
 use chunkstore::writer::BlobWriter;
@@ -248,7 +248,11 @@ impl Shared {
     }
 
     /// Uploads and publishes a cut; on failure every frozen change is dirty again.
-    pub(super) fn commit_cut(&self, mut cut: Cut, parent: &GenRecord) -> Result<GenRecord> {
+    pub(super) fn commit_cut(
+        &self,
+        mut cut: Cut,
+        parent: &GenRecord,
+    ) -> crate::error::Result<GenRecord> {
         let mut results: Vec<(u64, Entry)> = Vec::new();
         let mut contents: HashMap<u64, (Content, Arc<Vec<ChunkRef>>)> = HashMap::new();
         let outcome = self.upload(&mut cut, parent, &mut results, &mut contents);
@@ -300,7 +304,7 @@ impl Shared {
         parent: &GenRecord,
         results: &mut Vec<(u64, Entry)>,
         contents: &mut HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
-    ) -> Result<GenRecord> {
+    ) -> crate::error::Result<GenRecord> {
         let repo = &self.repo;
         let mut writer = BlobWriter::new(repo.clone())?;
         let params = repo.chunk_params();
@@ -360,12 +364,7 @@ impl Shared {
         rec.root_attr = Some(cut.root_attr);
         // Never publish past the lease's deadline; a publish already in flight when it passes
         // is refused by the new holder's fence.
-        if !self.serving() {
-            return Err(Error::LeaseLost(format!(
-                "workspace {}: the lease's deadline passed before generation {} was published",
-                self.ws, rec.number
-            )));
-        }
+        self.may_publish(rec.number)?;
         publish_checked(repo, &rec, &reused)?;
         Ok(rec)
     }

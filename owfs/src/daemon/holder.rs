@@ -1,16 +1,17 @@
-//! The mount's side of the lease (the protocol is in the `lease` crate, the argument in
-//! docs/decisions/lease.md): take it before serving, fence a holder we took it from, renew it
-//! in the background, stop serving the moment it could have passed to another node, and
-//! release it after the final commit of a planned unmount.
+//! The mount's side of the lease. The protocol (acquire, fence, renew, the serving deadline,
+//! release) is the lease crate's `lease::fence` (docs/decisions/lease.md,
+//! docs/decisions/fencing-in-one-place.md); a mount adds this node's identity, a thread that
+//! renews on schedule, its reaction to a lost lease (fail-stop) and what `owfs status` shows.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chunkstore::generation::{self, GenRecord};
+use chunkstore::generation;
 use chunkstore::{Error, Repo, Result};
-use lease::{Holder, Lease, LeaseConfig, LeaseError, Mode};
+use lease::{Holder, Lease, LeaseConfig, Mode, ServingDeadline, SystemClock};
+use parking_lot::{Condvar, Mutex};
 
 use super::Shared;
 
@@ -21,6 +22,30 @@ pub struct LeaseStats {
     pub renew_failures: u64,
     pub last_renew_error: Option<String>,
     pub lost: Option<String>,
+}
+
+/// The lease of a running mount.
+pub(super) struct MountLease {
+    /// The lease while held; taken by the release at the end of a planned unmount.
+    held: Mutex<Option<Lease>>,
+    /// Its serving deadline, read without `held`'s lock on every request.
+    deadline: Arc<ServingDeadline>,
+    stats: Mutex<LeaseStats>,
+    /// Set to end the renewer (the mount is finishing).
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+}
+
+impl MountLease {
+    pub(super) fn new(lease: Lease) -> MountLease {
+        MountLease {
+            deadline: lease.serving_deadline(),
+            held: Mutex::new(Some(lease)),
+            stats: Mutex::new(LeaseStats::default()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+        }
+    }
 }
 
 /// This node's identity: a random id kept in the cache directory (two cache directories on
@@ -38,26 +63,14 @@ pub fn holder(cache_dir: &Path) -> Result<Holder> {
     Ok(Holder::this_process(&node))
 }
 
-pub fn lease_error(ws: &str, e: LeaseError) -> Error {
-    match e {
-        LeaseError::Store(e) => e,
-        LeaseError::Held { .. } | LeaseError::Timeout { .. } => Error::Held(e.to_string()),
-        LeaseError::Lost { .. } => Error::LeaseLost(format!("workspace {ws}: {e}")),
-        LeaseError::Config(why) => Error::BadName {
-            name: "lease options".into(),
-            reason: why,
-        },
-    }
-}
-
-/// Takes the lease (or fails naming its holder). Logs while waiting.
+/// Takes the lease on the system clock (or fails naming its holder). Logs while waiting.
 pub fn acquire(
     repo: &Arc<Repo>,
     ws: &str,
     holder: Holder,
     cfg: &LeaseConfig,
     mode: Mode,
-) -> Result<Lease> {
+) -> std::result::Result<Lease, lease::Error> {
     if let Mode::Wait(_) = mode {
         if let Ok(Some(rec)) = repo.block_on(lease::read(&repo.store, ws)) {
             if !rec.released {
@@ -68,57 +81,35 @@ pub fn acquire(
             }
         }
     }
-    repo.block_on(lease::acquire(&repo.store, ws, holder, cfg, mode))
-        .map_err(|e| lease_error(ws, e))
-}
-
-/// The new holder's first act after a takeover: a generation carrying its epoch on top of
-/// the latest, so that the old holder's next publish finds the number taken and stops.
-pub fn fence(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRecord> {
-    for _ in 0..100 {
-        let latest = repo
-            .block_on(generation::latest(&repo.store, ws))?
-            .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
-        if latest.epoch > epoch {
-            return Err(Error::LeaseLost(format!(
-                "workspace {ws}: generation {} carries epoch {}, newer than ours ({epoch}): another node took over first",
-                latest.number, latest.epoch
-            )));
-        }
-        let rec = chunkstore::commit::fence(&latest, epoch);
-        match chunkstore::commit::publish_checked(
-            repo,
-            &rec,
-            &std::collections::HashSet::from([latest.root_hash()?]),
-        ) {
-            Ok(()) => return Ok(rec),
-            // The old holder published once more before it stopped: fence on top of that.
-            Err(Error::Conflict(_)) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::Conflict(format!(
-        "workspace {ws}: the previous holder keeps publishing; could not fence it"
-    )))
+    repo.block_on(lease::acquire(
+        &repo.store,
+        ws,
+        holder,
+        cfg,
+        mode,
+        Arc::new(SystemClock),
+    ))
 }
 
 impl Shared {
     /// Whether this node may still serve and commit writes: no failure, and the lease's
     /// deadline (by our monotonic clock) not passed.
     pub(super) fn serving(&self) -> bool {
-        !self.failed.load(Ordering::Relaxed)
-            && (self.started.elapsed().as_nanos() as u64)
-                < self.lease_deadline_ns.load(Ordering::Relaxed)
+        !self.failed.load(Ordering::Relaxed) && self.lease.deadline.may_serve_now()
     }
 
-    fn set_deadline(&self, deadline: Instant) {
-        let ns = deadline.saturating_duration_since(self.started).as_nanos() as u64;
-        self.lease_deadline_ns.store(ns, Ordering::SeqCst);
-    }
-
-    pub(super) fn install_lease(&self, lease: Lease) {
-        self.set_deadline(lease.deadline());
-        *self.lease.lock() = Some(lease);
+    /// Right before publishing generation `number`: `Lost` unless this node may still serve.
+    pub(super) fn may_publish(&self, number: u64) -> std::result::Result<(), lease::Error> {
+        if self.serving() {
+            return Ok(());
+        }
+        Err(lease::Error::Lost {
+            reason: format!(
+                "workspace {}: the lease's deadline passed before generation {number} was \
+                 published",
+                self.ws
+            ),
+        })
     }
 
     /// Fail-stop: every file operation now returns EIO and nothing more is committed. Runs
@@ -128,7 +119,7 @@ impl Shared {
     pub(super) fn lease_lost(&self, why: &str) {
         self.fail(why);
         {
-            let mut ls = self.lease_stats.lock();
+            let mut ls = self.lease.stats.lock();
             if ls.lost.is_some() {
                 return;
             }
@@ -187,76 +178,60 @@ impl Shared {
         let mut next = Instant::now() + cfg.renew_every;
         loop {
             {
-                let mut stop = self.renew_stop.lock();
+                let mut stop = self.lease.stop.lock();
                 while !*stop {
                     let now = Instant::now();
-                    let wake = next.min(self.deadline());
+                    let wake = next.min(self.lease.deadline.get());
                     if now >= wake {
                         break;
                     }
-                    self.renew_cv.wait_for(&mut stop, wake - now);
+                    self.lease.stop_cv.wait_for(&mut stop, wake - now);
                 }
                 if *stop {
                     return;
                 }
             }
-            let now = Instant::now();
-            let deadline = self.deadline();
-            if now >= deadline {
-                let last = self.lease_stats.lock().last_renew_error.clone();
+            if !self.lease.deadline.may_serve_now() {
+                let last = self.lease.stats.lock().last_renew_error.clone();
                 self.lease_lost(&format!(
                     "the lease could not be renewed before its deadline (last error: {})",
                     last.unwrap_or_else(|| "none".into())
                 ));
                 return;
             }
-            let mut guard = self.lease.lock();
+            let mut guard = self.lease.held.lock();
             let Some(lease) = guard.as_mut() else { return };
-            let r = self
-                .repo
-                .block_on(async { tokio::time::timeout(deadline - now, lease.renew()).await });
+            // Bounded by the deadline: a renewal that has not answered by then is `Lost`.
+            let r = self.repo.block_on(lease.renew());
+            drop(guard);
             match r {
-                Ok(Ok(())) => {
-                    let d = lease.deadline();
-                    drop(guard);
-                    self.set_deadline(d);
-                    self.lease_stats.lock().renewals += 1;
+                Ok(()) => {
+                    self.lease.stats.lock().renewals += 1;
                     next = Instant::now() + cfg.renew_every;
                 }
-                Ok(Err(LeaseError::Store(e))) => {
-                    drop(guard);
+                Err(lease::Error::Store(e)) => {
                     eprintln!("owfs: {}: lease renewal failed (will retry): {e}", self.ws);
-                    let mut ls = self.lease_stats.lock();
+                    let mut ls = self.lease.stats.lock();
                     ls.renew_failures += 1;
                     ls.last_renew_error = Some(e.to_string());
                     next = Instant::now() + retry;
                 }
-                Ok(Err(e)) => {
-                    drop(guard);
+                Err(e) => {
                     self.lease_lost(&e.to_string());
-                    return;
-                }
-                Err(_) => {
-                    drop(guard);
-                    self.lease_lost("the lease renewal did not answer before the deadline");
                     return;
                 }
             }
         }
     }
 
-    fn deadline(&self) -> Instant {
-        self.started + Duration::from_nanos(self.lease_deadline_ns.load(Ordering::SeqCst))
-    }
-
     pub(super) fn stop_renewer(&self) {
-        *self.renew_stop.lock() = true;
-        self.renew_cv.notify_all();
+        *self.lease.stop.lock() = true;
+        self.lease.stop_cv.notify_all();
     }
 
     /// Planned release after the final commit: the next node takes over at once.
     pub(super) fn release_lease(&self) {
-        let Some(lease) = self.lease.lock().take() else {
+        let Some(lease) = self.lease.held.lock().take() else {
             return;
         };
         let epoch = lease.epoch();
@@ -270,12 +245,14 @@ impl Shared {
     }
 
     pub(super) fn lease_status(&self) -> serde_json::Value {
-        let ls = self.lease_stats.lock().clone();
-        let g = self.lease.lock();
+        let ls = self.lease.stats.lock().clone();
+        let g = self.lease.held.lock();
         let holder = g.as_ref().map(|l| l.record().holder.clone());
         let expires_ms = g.as_ref().map_or(0, |l| l.record().expires_ms);
         let deadline_in_ms = self
-            .deadline()
+            .lease
+            .deadline
+            .get()
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
         serde_json::json!({

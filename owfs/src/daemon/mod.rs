@@ -12,8 +12,6 @@ mod ranges;
 mod uring;
 mod wire;
 
-pub use holder::lease_error;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -186,13 +184,8 @@ pub struct Shared {
     halting: AtomicBool,
     /// The lease epoch every generation from this mount carries.
     epoch: u64,
-    lease: Mutex<Option<lease::Lease>>,
-    /// Until when (nanoseconds after `started`, monotonic) this node may serve: the last
-    /// successful renewal's start + ttl - margin.
-    lease_deadline_ns: AtomicU64,
-    lease_stats: Mutex<holder::LeaseStats>,
-    renew_stop: Mutex<bool>,
-    renew_cv: Condvar,
+    /// The workspace's lease, its serving deadline and its renewer's state (holder.rs).
+    lease: holder::MountLease,
     /// The committer is flushing the kernel's dirty pages: throttled writers must go on, or
     /// the flush (which needs request threads) could never finish.
     flushing: AtomicBool,
@@ -491,7 +484,11 @@ impl Shared {
     /// One commit attempt: flush the kernel's dirty pages, cut, upload, publish. `thorough`
     /// (a cut someone waits for): also wait until every write the flush started has reached
     /// the daemon (syncfs alone does not, see flusher.rs).
-    fn commit_once(&self, flush_kernel: bool, thorough: bool) -> Result<Option<GenRecord>> {
+    fn commit_once(
+        &self,
+        flush_kernel: bool,
+        thorough: bool,
+    ) -> crate::error::Result<Option<GenRecord>> {
         let mut attempt = 0;
         let cut = loop {
             if flush_kernel {
@@ -611,7 +608,11 @@ impl Shared {
                     eprintln!("owfs: {}: commit failed: {e}", self.ws);
                     s.done_err = target;
                     s.err = Some(e.to_string());
-                    if matches!(e, Error::Conflict(_) | Error::LeaseLost(_)) {
+                    if matches!(
+                        e,
+                        crate::error::Error::Store(Error::Conflict(_))
+                            | crate::error::Error::Lease(_)
+                    ) {
                         // Fenced: a node took the workspace over. Stop, never retry.
                         drop(s);
                         self.lease_lost(&format!("a commit was refused: {e}"));
@@ -785,7 +786,7 @@ fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
         Some(rec) => rec,
         None => {
             let src = repo.block_on(generation::resolve(&repo.store, from))?;
-            match chunkstore::commit::fork(repo, &src, ws) {
+            match chunkstore::publish::fork(repo, &src, ws) {
                 Ok(rec) => {
                     eprintln!("owfs: {ws}: forked from {} as {}", src.spec(), rec.spec());
                     return Ok(());
@@ -854,7 +855,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRec
     w.add(hash, chunkstore::pack::BlobKind::Tree, tree)?;
     let reused = std::mem::take(&mut w.reused);
     let write = w.finish()?;
-    let mut rec = chunkstore::commit::record(chunkstore::commit::NewGen {
+    let mut rec = chunkstore::publish::record(chunkstore::publish::NewGen {
         ws,
         parent: None,
         kind: "create",
@@ -870,7 +871,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRec
         gid: rustix::process::getgid().as_raw(),
         mtime_ns: now_ns(),
     });
-    match chunkstore::commit::publish_checked(repo, &rec, &reused) {
+    match chunkstore::publish::publish_checked(repo, &rec, &reused) {
         Ok(()) => Ok(rec),
         // Someone created it at the same time: use theirs.
         Err(Error::Conflict(_)) => repo
@@ -1135,9 +1136,9 @@ pub fn run(
     mountpoint: &Path,
     cache_dir: Option<PathBuf>,
     opts: WsOptions,
-) -> Result<i32> {
+) -> crate::error::Result<i32> {
     generation::check_workspace_name(ws)?;
-    opts.lease.validate().map_err(|e| lease_error(ws, e))?;
+    opts.lease.validate()?;
     let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
     let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
     if let Some(from) = &opts.fork_from {
@@ -1157,26 +1158,18 @@ pub fn run(
         opts.lease_mode(),
     )?;
     let epoch = lease.epoch();
-    let rec = match lease.took_over() {
-        Some(prev) => {
-            eprintln!(
-                "owfs: {ws}: took over from node {} (host {}, pid {}, epoch {}); fencing it out",
-                prev.holder.node, prev.holder.host, prev.holder.pid, prev.epoch
-            );
-            // The workspace may not exist yet if the old holder died before creating it.
-            latest_or_create(&repo, ws, epoch)?;
-            holder::fence(&repo, ws, epoch)?
-        }
-        None => latest_or_create(&repo, ws, epoch)?,
-    };
-    if rec.epoch > epoch {
-        return Err(Error::LeaseLost(format!(
-            "workspace {ws}: generation {} carries epoch {}, newer than our lease's ({epoch}); another node holds it",
-            rec.number, rec.epoch
-        )));
+    if let Some(prev) = lease.took_over() {
+        eprintln!(
+            "owfs: {ws}: took over from node {} (host {}, pid {}, epoch {}); fencing it out",
+            prev.holder.node, prev.holder.host, prev.holder.pid, prev.epoch
+        );
     }
+    // The workspace may not exist yet if the old holder died before creating it.
+    let latest = latest_or_create(&repo, ws, epoch)?;
+    let rec = lease.fence(&repo)?.unwrap_or(latest);
+    lease.check_epoch(&rec)?;
     let rec = match opts.rollback_to {
-        Some(n) => match chunkstore::commit::rollback(&repo, ws, n, Some(epoch)) {
+        Some(n) => match chunkstore::publish::rollback(&repo, ws, n, Some(epoch)) {
             Ok(back) => {
                 eprintln!(
                     "owfs: {ws}: rolled back to generation {n} as {}",
@@ -1187,7 +1180,7 @@ pub fn run(
             Err(e) => {
                 // Nothing was served: free the workspace for the next attempt at once.
                 let _ = repo.block_on(lease.release());
-                return Err(e);
+                return Err(e.into());
             }
         },
         None => rec,
@@ -1236,11 +1229,7 @@ pub fn run(
         failed: AtomicBool::new(false),
         halting: AtomicBool::new(false),
         epoch,
-        lease: Mutex::new(None),
-        lease_deadline_ns: AtomicU64::new(0),
-        lease_stats: Mutex::new(holder::LeaseStats::default()),
-        renew_stop: Mutex::new(false),
-        renew_cv: Condvar::new(),
+        lease: holder::MountLease::new(lease),
         flushing: AtomicBool::new(false),
         flusher,
         write_delay: fault_ms(&faults, |f| f.fuse_write_delay_ms),
@@ -1258,7 +1247,6 @@ pub fn run(
         uring_threads: Default::default(),
         notifier: std::sync::OnceLock::new(),
     });
-    shared.install_lease(lease);
     // Fail at mount time, not on first access, if the root is unreadable.
     shared.ensure_loaded(ROOT).map_err(|e| Error::Store {
         store: shared.repo.store.url().to_string(),
@@ -1385,7 +1373,7 @@ pub fn run(
             "owfs: {ws}: stopped after a failure; last durable generation {}",
             last.number
         );
-        return Ok(crate::exit::code(&Error::Conflict(String::new())));
+        return Ok(crate::exit::CONFLICT);
     }
     if !ok {
         eprintln!(

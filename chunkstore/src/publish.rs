@@ -1,5 +1,7 @@
-//! Turning written blobs into a published generation, and the operations that publish one:
-//! snapshot of a directory, fork, rollback.
+//! Making and publishing generation records: a record for written blobs (`record`), its
+//! publication after the gc check (`publish_checked`), and the commands that publish one:
+//! snapshot of a directory, fork, rollback. (The daemon's own commit of a live mount is
+//! `owfs::daemon`'s cut; it publishes through here.)
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -135,15 +137,10 @@ pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64, epoch: Option<u64>) -> Resul
     Ok(rec)
 }
 
-/// A fence: the latest generation's content again, published by a new lease holder with its
-/// epoch, so that the previous holder's next publish finds the number taken.
-pub fn fence(latest: &GenRecord, epoch: u64) -> GenRecord {
-    let mut rec = derived(latest, &latest.workspace, Some(latest), "fence");
-    rec.epoch = epoch;
-    rec
-}
-
-fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &str) -> GenRecord {
+/// A record of `source`'s content (its root, totals and databases, no new blobs) as the next
+/// generation of `ws` after `parent` (generation 1 without one), of kind `kind`, carrying the
+/// parent's epoch: what fork, rollback and the lease's fence publish.
+pub fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &str) -> GenRecord {
     GenRecord {
         format: GEN_FORMAT,
         workspace: ws.to_string(),
