@@ -7,6 +7,7 @@ pub mod chunker;
 pub mod codec;
 pub mod commit;
 pub mod error;
+#[cfg(feature = "faults")]
 pub mod faulty;
 pub mod fetch;
 pub mod gc;
@@ -21,6 +22,7 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "faults")]
 pub mod testdata;
 pub mod tree;
 pub mod writer;

@@ -4,7 +4,7 @@
 mod content;
 pub mod control;
 mod cut;
-mod faults;
+pub mod faults;
 mod flusher;
 mod holder;
 mod inodes;
