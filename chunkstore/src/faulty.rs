@@ -1,6 +1,8 @@
 //! A store wrapper that fails, delays or truncates requests: the fault injector of the tests.
+//! Compiled only with the `faults` feature, which the tests turn on and a release build of
+//! owfs does not have (docs/decisions/faults-only-in-test-builds.md).
 //!
-//! Configured by `OWFS_FAULTS` (testing only), a comma-separated list:
+//! Configured by `OWFS_FAULTS`, a comma-separated list:
 //! `seed=N`, `delay_ms=N`, `slow_puts=N` (only the first N PUTs wait `delay_ms`; other requests
 //! are not delayed), `put_fail=P` (fail before writing), `put_lost_ack=P` (write, then
 //! report an error: the ambiguous case), `get_fail=P`, `get_truncate=P` (return a short body),

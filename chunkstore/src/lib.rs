@@ -6,6 +6,7 @@ pub mod blobcache;
 pub mod chunker;
 pub mod codec;
 pub mod error;
+#[cfg(feature = "faults")]
 pub mod faulty;
 pub mod fetch;
 pub mod gc;
@@ -22,6 +23,7 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "faults")]
 pub mod testdata;
 pub mod tree;
 pub mod writer;

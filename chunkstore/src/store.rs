@@ -14,6 +14,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::error::{Error, Result};
+#[cfg(feature = "faults")]
 use crate::faulty::{FaultConfig, FaultyStore};
 
 /// Attempts per request for transient failures (the S3 client retries inside as well).
@@ -89,8 +90,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens `file:///abs/path` or `s3://bucket/prefix`. `OWFS_FAULTS` (testing only) wraps the
-    /// store in a fault injector; see `faulty.rs`.
+    /// Opens `file:///abs/path` or `s3://bucket/prefix`. In builds with the `faults` feature
+    /// (tests only), `OWFS_FAULTS` wraps the store in a fault injector; see `faulty.rs`.
     pub fn open(url: &str) -> Result<Store> {
         Store::open_with(url, true)
     }
@@ -163,6 +164,7 @@ impl Store {
                 )))
             }
         };
+        #[cfg(feature = "faults")]
         let inner: Arc<dyn ObjectStore> = match FaultConfig::from_env() {
             Some(cfg) => Arc::new(FaultyStore::new(inner, cfg)),
             None => inner,

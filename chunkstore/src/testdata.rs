@@ -1,7 +1,7 @@
-//! Deterministic test data, shared by this crate's unit tests and the end-to-end tests.
+//! Test data and test stores, shared by this crate's unit tests, the lease's tests and the
+//! end-to-end tests. Compiled only with the `faults` feature, like the fault injector.
 
 /// Deterministic pseudo-random bytes (xorshift): incompressible test data.
-#[doc(hidden)]
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -17,7 +17,6 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A fresh bucket on the S3 server named by `OWFS_TEST_S3_ENDPOINT` (e.g. a `moto_server`),
 /// as an object store and its URL; None (and a line saying so) if the variable is unset.
 /// `tag` goes into the bucket's name.
-#[doc(hidden)]
 pub fn s3_test_bucket(
     tag: &str,
 ) -> Option<(std::sync::Arc<dyn object_store::ObjectStore>, String)> {
@@ -51,7 +50,6 @@ pub fn s3_test_bucket(
 
 /// A `file://` store at `root` (which must exist) behind the fault injector, configured by
 /// `spec` in the syntax of `OWFS_FAULTS` (see `faulty`).
-#[doc(hidden)]
 pub fn faulty_file_store(root: &std::path::Path, spec: &str) -> crate::Store {
     use crate::faulty::{FaultConfig, FaultyStore};
     let fs = object_store::local::LocalFileSystem::new_with_prefix(root)

@@ -17,6 +17,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    owfs::daemon::faults::warn_if_ignored();
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let helper = mount_helper::invoked_as_helper(&argv0);
     let cli = if helper {

@@ -4,6 +4,7 @@
 mod content;
 pub mod control;
 mod cut;
+pub mod faults;
 mod flusher;
 mod holder;
 mod inodes;
@@ -191,18 +192,8 @@ pub struct Shared {
     flushing: AtomicBool,
     /// Does the committer's syncfs in a child process (see flusher.rs); `None`: in-thread.
     flusher: Option<flusher::Flusher>,
-    /// `fuse_write_delay_ms` of `OWFS_FAULTS` (tests only): every WRITE waits this long.
-    pub(crate) write_delay: Option<Duration>,
-    /// `uring_stop_after` of `OWFS_FAULTS` (tests only): an io_uring queue thread stops after
-    /// taking this many requests, leaving the last one unanswered.
-    pub(crate) uring_stop_after: Option<u64>,
-    /// `commit_pause_ms` of `OWFS_FAULTS` (tests only): the committer waits after a barrier.
-    commit_pause: Option<Duration>,
-    /// `barrier_pause_ms` of `OWFS_FAULTS` (tests only): the committer waits before a barrier.
-    barrier_pause: Option<Duration>,
-    /// Barriers a commit tries before it holds names back (`cut_attempts` of `OWFS_FAULTS`
-    /// in tests, else `CUT_ATTEMPTS`).
-    cut_attempts: u32,
+    /// The fault knobs of the tests (`OWFS_FAULTS`); all off in a release build.
+    pub(crate) faults: faults::Faults,
     pub stats: Mutex<Stats>,
     started: Instant,
     fuse_requests: [AtomicU64; FUSE_OPS.len()],
@@ -503,16 +494,16 @@ impl Shared {
             // A rename that replaced a file during the flush: flush its source too rather
             // than hold its name back, a few times, then cut anyway (inodes::Replaced).
             attempt += 1;
-            if let Some(d) = self.barrier_pause {
+            if let Some(d) = self.faults.barrier_pause() {
                 std::thread::sleep(d);
             }
-            match self.cut(attempt >= self.cut_attempts) {
+            match self.cut(attempt >= self.faults.cut_attempts().unwrap_or(CUT_ATTEMPTS)) {
                 CutOutcome::Nothing => return Ok(None),
                 CutOutcome::FlushRenamesFirst => continue,
                 CutOutcome::Cut(c) => break *c,
             }
         };
-        if let Some(d) = self.commit_pause {
+        if let Some(d) = self.faults.commit_pause() {
             std::thread::sleep(d);
         }
         if !cut.held_back.is_empty() {
@@ -1027,17 +1018,6 @@ fn root_node(rec: &GenRecord) -> Result<Node> {
     })
 }
 
-/// A delay of `OWFS_FAULTS` (tests only): `None` when unset or zero.
-fn fault_ms(
-    faults: &Option<chunkstore::faulty::FaultConfig>,
-    ms: impl Fn(&chunkstore::faulty::FaultConfig) -> u64,
-) -> Option<Duration> {
-    faults
-        .as_ref()
-        .map(|f| Duration::from_millis(ms(f)))
-        .filter(|d| !d.is_zero())
-}
-
 /// Blocks SIGTERM, SIGINT and SIGHUP in every thread; one thread waits for them and unmounts.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask on this thread (the
@@ -1203,7 +1183,6 @@ pub fn run(
     let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
     let table = Table::new(data_dir, root_node(&rec)?, totals);
     let threads = opts.threads;
-    let faults = chunkstore::faulty::FaultConfig::from_env();
     let shared = Arc::new(Shared {
         repo,
         ws: ws.to_string(),
@@ -1232,15 +1211,7 @@ pub fn run(
         lease: holder::MountLease::new(lease),
         flushing: AtomicBool::new(false),
         flusher,
-        write_delay: fault_ms(&faults, |f| f.fuse_write_delay_ms),
-        uring_stop_after: faults.as_ref().and_then(|f| f.uring_stop_after),
-        commit_pause: fault_ms(&faults, |f| f.commit_pause_ms),
-        barrier_pause: fault_ms(&faults, |f| f.barrier_pause_ms),
-        cut_attempts: faults
-            .as_ref()
-            .and_then(|f| f.cut_attempts)
-            .unwrap_or(CUT_ATTEMPTS)
-            .max(1),
+        faults: faults::Faults::from_env(),
         stats: Mutex::new(Stats::default()),
         started: Instant::now(),
         fuse_requests: Default::default(),

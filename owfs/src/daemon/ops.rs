@@ -930,7 +930,7 @@ impl OwfsFs {
         data: &[u8],
         kill_priv: bool,
     ) -> Result<u32, Errno> {
-        if let Some(d) = self.s.write_delay {
+        if let Some(d) = self.s.faults.write_delay() {
             // Tests only (OWFS_FAULTS=fuse_write_delay_ms): a WRITE held before it is served.
             std::thread::sleep(d);
         }

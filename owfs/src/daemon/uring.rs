@@ -210,7 +210,7 @@ fn serve(fs: &OwfsFs, q: usize, k: usize) -> Result<(), Failure> {
             fs.s.uring_threads.fetch_add(1, Ordering::Relaxed);
         }
         taken += 1;
-        if fs.s.uring_stop_after.is_some_and(|n| taken >= n) {
+        if fs.s.faults.uring_stop_after().is_some_and(|n| taken >= n) {
             // Tests only (OWFS_FAULTS=uring_stop_after): the request just taken stays
             // unanswered, as if this thread had died.
             return Err(Failure::Broken(std::io::Error::other(
