@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chunkstore::generation::GenRecord;
 use chunkstore::{Error, Repo, Result};
 
+use crate::daemon::fuse::{Connection, Operations};
 use crate::timetravel::TimeTravel;
 
 /// How long the background start waits for the kernel to show the mount.
@@ -115,19 +116,19 @@ pub fn run_read_only(
 ) -> Result<i32> {
     let spec = rec.spec();
     let fs = TimeTravel::new(repo, rec)?;
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
+    let mut options = vec![
         fuser::MountOption::RO,
         fuser::MountOption::FSName(format!("owfs:{spec}")),
         fuser::MountOption::Subtype("owfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
     ];
-    config.mount_options.extend(flags.options());
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(2);
+    options.extend(flags.options());
     eprintln!("owfs: serving {spec} read-only on {}", mountpoint.display());
-    fuser::mount(fs, mountpoint, &config).map_err(|e| mount_err(mountpoint, e))?;
+    let conn = Connection::open(mountpoint, &options, &fs.init_config())
+        .map_err(|e| mount_err(mountpoint, e))?;
+    conn.serve(&fs, 2, &|| false)
+        .map_err(|e| mount_err(mountpoint, e))?;
     Ok(0)
 }
 

@@ -4,8 +4,6 @@
 //! the kernel may cache entries, attributes and pages for as long as it likes.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,12 +12,9 @@ use chunkstore::read::{FileMap, Reader};
 use chunkstore::tree::{link_count, Entry, Kind};
 use chunkstore::{Hash, Repo};
 
+use crate::daemon::fuse::{AddDirent, AddDirentPlus, Opened, Operations, Statfs, Xattr};
 use crate::fuse_util::{file_type, time};
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
-};
+use fuser::{Errno, FileAttr, FileType, FopenFlags, INodeNo};
 
 /// Immutable content: let the kernel keep what it learns.
 const TTL: Duration = Duration::from_secs(3600);
@@ -222,86 +217,58 @@ impl TimeTravel {
     }
 }
 
-impl fuser::Filesystem for TimeTravel {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = self.ensure_listed(parent.0).and_then(|()| {
-            let st = self.state.lock().expect("state");
-            let list = st
-                .nodes
-                .get(&parent.0)
-                .and_then(|n| n.children.as_ref())
-                .ok_or(Errno::ENOENT)?;
-            let k = list
-                .binary_search_by(|(n, _)| n.as_slice().cmp(name.as_bytes()))
-                .map_err(|_| Errno::ENOENT)?;
-            let child = list[k].1;
-            st.nodes
-                .get(&child)
-                .map(|n| attr(child, &n.entry))
-                .ok_or(Errno::ENOENT)
-        });
-        match found {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
-    }
+/// The read-only mount's answers; the FUSE transport (`daemon::fuse`) decodes the requests,
+/// and its defaults answer the rest (the kernel refuses changes to a read-only mount itself).
+impl Operations for TimeTravel {
+    const TTL: Duration = TTL;
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.with_node(ino.0, |n| attr(ino.0, &n.entry)) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.with_node(ino.0, |n| {
-            (n.entry.kind == Kind::Symlink).then(|| n.entry.target.clone())
-        }) {
-            Ok(Some(target)) => reply.data(&target),
-            Ok(None) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.chunks_of(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        match self.read_file(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        if let Err(e) = self.ensure_listed(ino.0) {
-            return reply.error(e);
-        }
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        self.ensure_listed(parent)?;
         let st = self.state.lock().expect("state");
         let list = st
             .nodes
-            .get(&ino.0)
+            .get(&parent)
+            .and_then(|n| n.children.as_ref())
+            .ok_or(Errno::ENOENT)?;
+        let k = list
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .map_err(|_| Errno::ENOENT)?;
+        let child = list[k].1;
+        st.nodes
+            .get(&child)
+            .map(|n| attr(child, &n.entry))
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.with_node(ino, |n| attr(ino, &n.entry))
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.with_node(ino, |n| {
+            (n.entry.kind == Kind::Symlink).then(|| n.entry.target.clone())
+        })?
+        .ok_or(Errno::EINVAL)
+    }
+
+    fn open(&self, ino: u64) -> Result<Opened, Errno> {
+        self.chunks_of(ino)?;
+        Ok(Opened {
+            fh: 0,
+            flags: FopenFlags::FOPEN_KEEP_CACHE,
+        })
+    }
+
+    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.read_file(ino, offset, size)
+    }
+
+    fn readdir(&self, ino: u64, _fh: u64, offset: u64, add: &mut AddDirent) -> Result<(), Errno> {
+        self.ensure_listed(ino)?;
+        let st = self.state.lock().expect("state");
+        let list = st
+            .nodes
+            .get(&ino)
             .and_then(|n| n.children.as_deref())
             .unwrap_or_default();
         for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
@@ -310,105 +277,82 @@ impl fuser::Filesystem for TimeTravel {
                 .get(child)
                 .map(|n| file_type(n.entry.kind))
                 .unwrap_or(FileType::RegularFile);
-            if reply.add(
-                INodeNo(*child),
-                (i + 1) as u64,
-                kind,
-                OsStr::from_bytes(name),
-            ) {
+            if add(*child, (i + 1) as u64, kind, name) {
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
 
     fn readdirplus(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        ino: u64,
+        _fh: u64,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        if let Err(e) = self.ensure_listed(ino.0) {
-            return reply.error(e);
-        }
+        add: &mut AddDirentPlus,
+    ) -> Result<(), Errno> {
+        self.ensure_listed(ino)?;
         let st = self.state.lock().expect("state");
         let list = st
             .nodes
-            .get(&ino.0)
+            .get(&ino)
             .and_then(|n| n.children.as_deref())
             .unwrap_or_default();
         for (i, (name, child)) in list.iter().enumerate().skip(offset as usize) {
             let Some(n) = st.nodes.get(child) else {
                 continue;
             };
-            if reply.add(
-                INodeNo(*child),
-                (i + 1) as u64,
-                OsStr::from_bytes(name),
-                &TTL,
-                &attr(*child, &n.entry),
-                Generation(0),
-            ) {
+            if add((i + 1) as u64, name, &attr(*child, &n.entry)) {
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.rec.bytes.div_ceil(4096);
-        reply.statfs(
-            blocks,
-            0,
-            0,
-            self.rec.files + self.rec.dirs,
-            0,
-            4096,
-            255,
-            4096,
-        );
+    fn statfs(&self, _ino: u64) -> Result<Statfs, Errno> {
+        Ok(Statfs {
+            blocks: self.rec.bytes.div_ceil(4096),
+            bfree: 0,
+            bavail: 0,
+            files: self.rec.files + self.rec.dirs,
+            ffree: 0,
+            bsize: 4096,
+            namelen: 255,
+            frsize: 4096,
+        })
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let value = self.with_node(ino.0, |n| {
+    fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
+        let value = self.with_node(ino, |n| {
             n.entry
                 .xattrs
                 .iter()
-                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .find(|(k, _)| k.as_slice() == name)
                 .map(|(_, v)| v.clone())
-        });
-        match value {
-            Ok(Some(v)) => reply_xattr(reply, size, &v),
-            Ok(None) => reply.error(Errno::NO_XATTR),
-            Err(e) => reply.error(e),
-        }
+        })?;
+        xattr_answer(size, &value.ok_or(Errno::NO_XATTR)?)
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = self.with_node(ino.0, |n| {
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
+        let names = self.with_node(ino, |n| {
             let mut names = Vec::new();
             for (k, _) in &n.entry.xattrs {
                 names.extend_from_slice(k);
                 names.push(0);
             }
             names
-        });
-        match names {
-            Ok(names) => reply_xattr(reply, size, &names),
-            Err(e) => reply.error(e),
-        }
+        })?;
+        xattr_answer(size, &names)
     }
 }
 
 /// The xattr reply protocol: size 0 asks for the length; a short buffer is ERANGE.
-fn reply_xattr(reply: ReplyXattr, size: u32, bytes: &[u8]) {
+fn xattr_answer(size: u32, bytes: &[u8]) -> Result<Xattr, Errno> {
     if size == 0 {
-        reply.size(bytes.len() as u32)
+        Ok(Xattr::Size(bytes.len() as u32))
     } else if bytes.len() > size as usize {
-        reply.error(Errno::ERANGE)
+        Err(Errno::ERANGE)
     } else {
-        reply.data(bytes)
+        Ok(Xattr::Data(bytes.to_vec()))
     }
 }

@@ -6,12 +6,11 @@ pub mod control;
 mod cut;
 pub mod faults;
 mod flusher;
+pub(crate) mod fuse;
 mod holder;
 mod inodes;
 mod ops;
 mod ranges;
-mod uring;
-mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -200,7 +199,7 @@ pub struct Shared {
     /// io_uring queue threads that have served a request (0: all through /dev/fuse).
     pub(crate) uring_threads: std::sync::atomic::AtomicU32,
     /// Tells the kernel to drop cached attributes the daemon changed on its own.
-    notifier: std::sync::OnceLock<fuser::Notifier>,
+    notifier: std::sync::OnceLock<fuse::Notifier>,
 }
 
 /// The kinds of FUSE request, counted per kind (`owfs status --json` → `fuse_requests`):
@@ -1232,32 +1231,18 @@ pub fn run(
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
+    let mut mount_options = vec![
         fuser::MountOption::FSName(format!("owfs:{ws}")),
         fuser::MountOption::Subtype("owfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::RW,
     ];
-    config.mount_options.extend(shared.opts.flags.options());
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(threads);
-    config.clone_fd = true;
-    if shared.opts.uring == Uring::Auto && rustix::process::geteuid().is_root() {
-        uring::enable_in_kernel();
-    }
+    mount_options.extend(shared.opts.flags.options());
     let fs = ops::OwfsFs::new(shared.clone());
-    let dev = fs.dev.clone();
-    let session =
-        fuser::Session::new(fs, &mountpoint, &config).map_err(|e| Error::io(&mountpoint, e))?;
-    use std::os::fd::AsFd;
-    let _ = dev.set(
-        session
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io(&mountpoint, e))?,
-    );
-    let _ = shared.notifier.set(session.notifier());
+    // Mounted and INIT answered (the io_uring queues started if INIT granted them).
+    let conn =
+        fuse::mount_rw(&fs, &mountpoint, &mount_options).map_err(|e| Error::io(&mountpoint, e))?;
+    let _ = shared.notifier.set(conn.notifier());
     if shared.opts.read_ahead_kb > 0 {
         if let Err(e) = crate::fuse_util::set_read_ahead(&mountpoint, shared.opts.read_ahead_kb) {
             eprintln!(
@@ -1298,7 +1283,7 @@ pub fn run(
         None
     };
 
-    let served = session.run();
+    let served = fuse::serve_rw(conn, &fs, threads);
     // Unmounted: the kernel has sent every dirty page. Commit what is left, then stop.
     {
         let mut s = shared.sync.lock();

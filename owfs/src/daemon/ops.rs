@@ -4,37 +4,27 @@
 //! to this file system comes through this kernel.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
-};
+use fuser::{Errno, FileAttr, FileType, FopenFlags, INodeNo, InitFlags, RenameFlags, TimeOrNow};
 use parking_lot::Mutex;
 
+use super::fuse::{
+    AddDirent, AddDirentPlus, Caller, InitConfig, Opened, Operations, SetAttr, Statfs, Xattr,
+};
 use super::inodes::{node_local_name, Attr, Body, NKind, Node, Table, ROOT};
 use super::Op;
 use super::{now_ns, Shared};
 use crate::fuse_util::{file_type, time};
 
-pub(super) const TTL: Duration = Duration::from_secs(3600);
+const TTL: Duration = Duration::from_secs(3600);
 /// The largest WRITE the kernel sends (it caps max_write at 1 MiB).
 pub(super) const MAX_WRITE: u32 = 1 << 20;
 /// Directory listings stay cached in the kernel: every change comes through it.
-pub(super) const DIR_OPEN_FLAGS: FopenFlags =
-    FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_CACHE_DIR);
+const DIR_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_CACHE_DIR);
 const XATTR_MAX: usize = 64 << 10;
-/// How long a /dev/fuse thread stays away from the device after FORGETs, once the io_uring
-/// queues carry every request (docs/decisions/forget-batching.md).
-const FORGET_PAUSE: Duration = Duration::from_millis(5);
 
 type Listing = Vec<(Vec<u8>, u64, FileType)>;
 
@@ -62,14 +52,10 @@ impl NewNode {
     }
 }
 
-/// The file system; clones share everything (fuser's loop owns one, each io_uring queue
-/// thread another).
+/// The file system; clones share everything (each io_uring queue thread owns one).
 #[derive(Clone)]
 pub struct OwfsFs {
     pub(super) s: Arc<Shared>,
-    /// The /dev/fuse connection, for the io_uring queues (set right after fuser's INIT
-    /// handshake, which calls `init` before the descriptor is ours; the queues wait for it).
-    pub(super) dev: Arc<OnceLock<OwnedFd>>,
     dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
     next_fh: Arc<AtomicU64>,
 }
@@ -78,7 +64,6 @@ impl OwfsFs {
     pub fn new(s: Arc<Shared>) -> OwfsFs {
         OwfsFs {
             s,
-            dev: Default::default(),
             dirs: Default::default(),
             next_fh: Arc::new(AtomicU64::new(1)),
         }
@@ -519,42 +504,6 @@ impl OwfsFs {
     }
 }
 
-/// Who asks: the identity the kernel sends with every request.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: u32,
-}
-
-impl Caller {
-    fn of(r: &Request) -> Caller {
-        Caller {
-            uid: r.uid(),
-            gid: r.gid(),
-            pid: r.pid(),
-        }
-    }
-}
-
-/// What a SETATTR changes.
-#[derive(Default)]
-pub(super) struct SetAttr {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<TimeOrNow>,
-    pub mtime: Option<TimeOrNow>,
-    pub ctime: Option<SystemTime>,
-}
-
-/// A getxattr or listxattr answer: the size asked for, or the bytes.
-pub(super) enum Xattr {
-    Size(u32),
-    Data(Vec<u8>),
-}
-
 fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
     if size == 0 {
         Ok(Xattr::Size(v.len() as u32))
@@ -565,8 +514,8 @@ fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
     }
 }
 
-/// The operations, independent of the transport that carries them (fuser's /dev/fuse loop
-/// below, or the io_uring queues in `uring`). Each returns what the reply carries.
+/// The operations, independent of the transport that carries them (/dev/fuse or the io_uring
+/// queues, both through fuse/wire.rs). Each returns what the reply carries.
 impl OwfsFs {
     /// An absent name answers a negative entry (node 0) valid for TTL, not ENOENT: the kernel
     /// then keeps the negative dentry, so the next stat, open or O_CREAT of that name costs no
@@ -590,20 +539,6 @@ impl OwfsFs {
             n.lookups = n.lookups.saturating_sub(nlookup);
         }
         t.maybe_forget(ino);
-    }
-
-    /// Once the io_uring queues serve every request, /dev/fuse carries only FORGETs (and
-    /// INTERRUPTs). A thread waiting on it is woken for each FORGET the kernel queues (one per
-    /// unlinked or evicted inode), a cross-CPU wake-up that cost the unlinking caller more than
-    /// the FORGET itself. A thread that handled one stays away for FORGET_PAUSE: while no
-    /// thread waits, queuing a FORGET wakes nobody, and the next read takes every FORGET queued
-    /// meanwhile as one BATCH_FORGET. `unique` tells the first entry of a batch from the rest:
-    /// one pause per read of the device.
-    fn pause_after_forget(&self, unique: u64) {
-        thread_local!(static LAST: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
-        if LAST.replace(unique) != unique && self.s.uring_threads.load(Ordering::Relaxed) > 0 {
-            std::thread::sleep(FORGET_PAUSE);
-        }
     }
 
     pub(super) fn op_getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
@@ -910,7 +845,7 @@ impl OwfsFs {
     /// RELEASE: two round trips less per open). Nothing here needs a file handle: data is
     /// keyed by inode, and an unlinked file lives until the kernel forgets its inode, which
     /// it cannot do while the file is open. O_TRUNC then arrives as SETATTR (no
-    /// FUSE_ATOMIC_O_TRUNC, see init).
+    /// FUSE_ATOMIC_O_TRUNC, see init_config).
     pub(super) fn op_open(&self) -> Errno {
         self.s.count(Op::Open);
         Errno::ENOSYS
@@ -1156,426 +1091,203 @@ impl OwfsFs {
     }
 }
 
-/// The kernel's requests as fuser delivers them from /dev/fuse: INIT, FORGET and INTERRUPT
-/// always, everything else until (and unless) the io_uring queues take over.
-impl fuser::Filesystem for OwfsFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let want = InitFlags::FUSE_WRITEBACK_CACHE
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_MAX_PAGES
-            | InitFlags::FUSE_BIG_WRITES
-            // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops asking
-            // for security.capability before every write (a round trip per write() call).
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
-        for f in want.iter() {
-            if config.add_capabilities(f).is_err() {
-                eprintln!("owfs: the kernel lacks {f:?}; continuing without it");
-            }
-        }
-        // The kernel offers io_uring only where its module parameter allows it; the queues
-        // register once this INIT is answered, and take over every request but FORGET and
-        // INTERRUPT.
-        if self.s.opts.uring != super::Uring::Off {
-            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
-                Ok(()) => super::uring::start(self.clone()),
-                Err(_) => eprintln!(
-                    "owfs: FUSE over io_uring is off in this kernel \
-                     (/sys/module/fuse/parameters/enable_uring); serving through /dev/fuse"
-                ),
-            }
-        }
-        let _ = config.set_max_write(MAX_WRITE);
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(64);
-        Ok(())
-    }
+/// The operations as both FUSE transports call them (fuse/wire.rs decodes the requests).
+impl Operations for OwfsFs {
+    const TTL: Duration = TTL;
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.op_lookup(parent.0, name.as_bytes()) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
+    fn init_config(&self) -> InitConfig {
+        InitConfig {
+            want: InitFlags::FUSE_WRITEBACK_CACHE
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_BIG_WRITES
+                // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops
+                // asking for security.capability before every write (a round trip per write()
+                // call).
+                | InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            max_write: MAX_WRITE,
+            max_readahead: Some(1 << 20),
+            max_background: 64,
+            // Three quarters of max_background.
+            congestion_threshold: 48,
+            time_gran: 1,
         }
     }
 
-    /// fuser calls this for each entry of a BATCH_FORGET too (its batch type is not exported),
-    /// with the batch's request.
-    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
-        self.op_forget(ino.0, nlookup);
-        self.pause_after_forget(req.unique().0);
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        self.op_lookup(parent, name)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.op_getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
-        }
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.op_forget(ino, nlookup)
     }
 
-    fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let a = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-            ctime,
-        };
-        match self.op_setattr(&Caller::of(req), ino.0, a) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
-        }
+    fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.op_getattr(ino)
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.op_readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(e),
-        }
+    fn setattr(&self, c: &Caller, ino: u64, a: SetAttr) -> Result<FileAttr, Errno> {
+        self.op_setattr(c, ino, a)
+    }
+
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.op_readlink(ino)
     }
 
     fn mknod(
         &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
         mode: u32,
-        _umask: u32,
         rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        entry(
-            reply,
-            self.op_mknod(&Caller::of(req), parent.0, name.as_bytes(), mode, rdev),
-        );
+    ) -> Result<FileAttr, Errno> {
+        self.op_mknod(c, parent, name, mode, rdev)
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        entry(
-            reply,
-            self.op_mkdir(&Caller::of(req), parent.0, name.as_bytes(), mode),
-        );
+    fn mkdir(&self, c: &Caller, parent: u64, name: &[u8], mode: u32) -> Result<FileAttr, Errno> {
+        self.op_mkdir(c, parent, name, mode)
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.op_unlink(parent.0, name.as_bytes()));
+    fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.op_unlink(parent, name)
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.op_rmdir(parent.0, name.as_bytes()));
+    fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.op_rmdir(parent, name)
     }
 
     fn symlink(
         &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        let target = target.as_os_str().as_bytes();
-        entry(
-            reply,
-            self.op_symlink(&Caller::of(req), parent.0, link_name.as_bytes(), target),
-        );
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<FileAttr, Errno> {
+        self.op_symlink(c, parent, name, target)
     }
 
     fn rename(
         &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
         flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        let r = self.op_rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags,
-        );
-        empty(reply, r);
+    ) -> Result<(), Errno> {
+        self.op_rename(parent, name, newparent, newname, flags)
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        entry(reply, self.op_link(ino.0, newparent.0, newname.as_bytes()));
+    fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<FileAttr, Errno> {
+        self.op_link(ino, newparent, newname)
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(self.op_open());
+    fn open(&self, _ino: u64) -> Result<Opened, Errno> {
+        Err(self.op_open())
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        match self.op_read(ino.0, offset, size) {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(e),
-        }
+    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.op_read(ino, offset, size)
     }
 
     fn write(
         &self,
-        req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        c: &Caller,
+        ino: u64,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.op_write(&Caller::of(req), ino.0, offset, data, kill) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        }
+        kill_suidgid: bool,
+    ) -> Result<u32, Errno> {
+        self.op_write(c, ino, offset, data, kill_suidgid)
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(self.op_flush());
+    fn flush(&self, _ino: u64) -> Result<(), Errno> {
+        Err(self.op_flush())
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn release(&self, _ino: u64, _fh: u64) -> Result<(), Errno> {
         self.op_release();
-        reply.ok();
+        Ok(())
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        empty(reply, self.op_fsync(ino.0));
+    fn fsync(&self, ino: u64, _datasync: bool) -> Result<(), Errno> {
+        self.op_fsync(ino)
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.op_opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), DIR_OPEN_FLAGS),
-            Err(e) => reply.error(e),
-        }
+    fn opendir(&self, ino: u64) -> Result<Opened, Errno> {
+        self.op_opendir(ino).map(|fh| Opened {
+            fh,
+            flags: DIR_OPEN_FLAGS,
+        })
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let r = self.op_readdir(fh.0, offset, |ino, off, kind, name| {
-            reply.add(INodeNo(ino), off, kind, OsStr::from_bytes(name))
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+    fn readdir(&self, _ino: u64, fh: u64, offset: u64, add: &mut AddDirent) -> Result<(), Errno> {
+        self.op_readdir(fh, offset, add)
     }
 
     fn readdirplus(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        _ino: u64,
+        fh: u64,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let r = self.op_readdirplus(fh.0, offset, |off, name, attr| {
-            reply.add(
-                attr.ino,
-                off,
-                OsStr::from_bytes(name),
-                &TTL,
-                attr,
-                Generation(0),
-            )
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        add: &mut AddDirentPlus,
+    ) -> Result<(), Errno> {
+        self.op_readdirplus(fh, offset, add)
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.op_releasedir(fh.0);
-        reply.ok();
+    fn releasedir(&self, _ino: u64, fh: u64) -> Result<(), Errno> {
+        self.op_releasedir(fh);
+        Ok(())
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        empty(reply, self.op_fsyncdir(ino.0, datasync));
+    fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<(), Errno> {
+        self.op_fsyncdir(ino, datasync)
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.op_statfs() {
-            Ok(v) => reply.statfs(
-                v.f_blocks,
-                v.f_bfree,
-                v.f_bavail,
-                v.f_files,
-                v.f_ffree,
-                v.f_bsize as u32,
-                255,
-                v.f_frsize as u32,
-            ),
-            Err(e) => reply.error(e),
-        }
+    fn statfs(&self, _ino: u64) -> Result<Statfs, Errno> {
+        self.op_statfs().map(|v| Statfs {
+            blocks: v.f_blocks,
+            bfree: v.f_bfree,
+            bavail: v.f_bavail,
+            files: v.f_files,
+            ffree: v.f_ffree,
+            bsize: v.f_bsize as u32,
+            namelen: 255,
+            frsize: v.f_frsize as u32,
+        })
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        empty(
-            reply,
-            self.op_setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+    fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
+        self.op_setxattr(ino, name, value, flags)
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr(reply, self.op_getxattr(ino.0, name.as_bytes(), size));
+    fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
+        self.op_getxattr(ino, name, size)
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr(reply, self.op_listxattr(ino.0, size));
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
+        self.op_listxattr(ino, size)
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.op_removexattr(ino.0, name.as_bytes()));
+    fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+        self.op_removexattr(ino, name)
     }
 
     fn create(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
+        _c: &Caller,
+        _parent: u64,
+        _name: &[u8],
         _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(self.op_create());
+    ) -> Result<(FileAttr, Opened), Errno> {
+        Err(self.op_create())
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        empty(reply, self.op_fallocate(ino.0, offset, length, mode));
-    }
-}
-
-fn entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
-    match r {
-        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-        Err(e) => reply.error(e),
-    }
-}
-
-fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
-    match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(e),
-    }
-}
-
-fn xattr(reply: ReplyXattr, r: Result<Xattr, Errno>) {
-    match r {
-        Ok(Xattr::Size(n)) => reply.size(n),
-        Ok(Xattr::Data(v)) => reply.data(&v),
-        Err(e) => reply.error(e),
+    fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        self.op_fallocate(ino, offset, length, mode)
     }
 }
 

@@ -5,17 +5,19 @@
 //! (docs/decisions/fuse-over-io-uring.md).
 //!
 //! Each thread owns one ring entry: a 288-byte header buffer (`fuse_uring_req_header`) and a
-//! payload buffer of the largest request. FORGET and INTERRUPT still come through /dev/fuse
-//! (fuser's loop), as does everything before the last queue registers.
+//! payload buffer of the largest request. Requests are decoded by `wire.rs`, as those from
+//! /dev/fuse are. FORGET and INTERRUPT still come through /dev/fuse (`devfuse.rs`), as does
+//! everything before the last queue registers.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fuser::Errno;
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::ops::{OwfsFs, MAX_WRITE};
+use super::super::ops::{OwfsFs, MAX_WRITE};
 use super::wire::{self, InHeader, IN_HEADER};
 
 /// `FUSE_URING_IN_OUT_HEADER_SZ` and `FUSE_URING_OP_IN_OUT_SZ`.
@@ -51,15 +53,15 @@ struct ReqHeader {
 const _: () = assert!(std::mem::size_of::<ReqHeader>() == 288);
 const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
 
-/// Starts the queue threads; called from INIT once the kernel offered io_uring. They register
-/// when the INIT reply has been processed. A queue that cannot register makes the kernel
-/// drop io_uring for the connection, and /dev/fuse serves everything.
-pub(super) fn start(fs: OwfsFs) {
+/// Starts the queue threads on the connection `dev`, once INIT granted io_uring. They
+/// register when the kernel has processed the INIT answer. A queue that cannot register
+/// makes the kernel drop io_uring for the connection, and /dev/fuse serves everything.
+pub(super) fn start(fs: OwfsFs, dev: Arc<OwnedFd>) {
     for q in 0..possible_cpus() {
         for k in 0..THREADS_PER_QUEUE {
-            let fs = fs.clone();
-            let r = super::spawn(&format!("owfs-uring{q}.{k}"), move || {
-                match serve(&fs, q, k) {
+            let (fs, dev) = (fs.clone(), dev.clone());
+            let r = super::super::spawn(&format!("owfs-uring{q}.{k}"), move || {
+                match serve(&fs, dev.as_raw_fd(), q, k) {
                     Ok(()) => {}
                     Err(Failure::NotRegistered(e)) => eprintln!("owfs: io_uring queue {q}: {e}"),
                     Err(Failure::Broken(e)) => fs.s.halt(&format!(
@@ -134,9 +136,7 @@ impl Failure {
     }
 }
 
-fn serve(fs: &OwfsFs, q: usize, k: usize) -> Result<(), Failure> {
-    // INIT runs inside fuser's Session::new; the mount hands the descriptor over right after.
-    let fd = fs.dev.wait().as_raw_fd();
+fn serve(fs: &OwfsFs, fd: RawFd, q: usize, k: usize) -> Result<(), Failure> {
     let qid = q as u16;
     // The first thread of a queue runs on its CPU: a caller waiting for an answer is served
     // without a cross-CPU wake-up. The second goes where the scheduler puts it: when the
@@ -256,7 +256,12 @@ fn handle(
     buf[start..PREFIX].copy_from_slice(&hdr.op_in[..op_len]);
     let args = &buf[start..PREFIX + payload];
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| wire::dispatch(fs, &h, args)));
-    (Some(h), r.unwrap_or(Err(Errno::EIO)))
+    // The kernel queues FORGETs (the only requests that take no answer) for /dev/fuse, never
+    // here; should one come, an empty answer fetches the next request.
+    (
+        Some(h),
+        r.unwrap_or(Some(Err(Errno::EIO))).unwrap_or(Ok(Vec::new())),
+    )
 }
 
 const ENABLE: &str = "/sys/module/fuse/parameters/enable_uring";
