@@ -397,7 +397,9 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
             }
             // The store is created on first use, like the workspace.
             let repo = open(cli, &rt, true)?;
+            // The daemon says why it stopped; the status is the binary's business.
             owfs::daemon::run(repo, &ws, mountpoint, cache_dir.clone(), opts.ws)
+                .map(|stop| stop.exit_code())
         }
         Command::Umount { mountpoint } => Ok(owfs::mount::umount(mountpoint, cli.json, false)?),
         Command::Handoff { mountpoint } => Ok(owfs::mount::umount(mountpoint, cli.json, true)?),

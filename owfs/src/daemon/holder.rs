@@ -4,7 +4,6 @@
 //! renews on schedule, its reaction to a lost lease (fail-stop) and what `owfs status` shows.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use chunkstore::{Error, Repo, Result};
 use lease::{Holder, Lease, LeaseConfig, Mode, ServingDeadline, SystemClock};
 use parking_lot::{Condvar, Mutex};
 
+use super::lifecycle::Phase;
 use super::Shared;
 
 /// What `owfs status` shows of the lease.
@@ -95,7 +95,7 @@ impl Shared {
     /// Whether this node may still serve and commit writes: no failure, and the lease's
     /// deadline (by our monotonic clock) not passed.
     pub(super) fn serving(&self) -> bool {
-        !self.failed.load(Ordering::Relaxed) && self.lease.deadline.may_serve_now()
+        !self.life.lease_lost() && self.lease.deadline.may_serve_now()
     }
 
     /// Right before publishing generation `number`: `Lost` unless this node may still serve.
@@ -113,11 +113,14 @@ impl Shared {
     }
 
     /// Fail-stop: every file operation now returns EIO and nothing more is committed. Runs
-    /// the `on_lease_loss` hook, then ends the daemon with status 13 without unmounting: the
-    /// mount stays as a dead end (ENOTCONN) so that nothing can write to the directory under
-    /// it believing it is the workspace.
+    /// the `on_lease_loss` hook, then lets `Daemon::serve` return `Stop::LeaseLost` (the
+    /// process exits with status 13 without unmounting: the mount stays as a dead end,
+    /// ENOTCONN, so that nothing can write to the directory under it believing it is the
+    /// workspace).
     pub(super) fn lease_lost(&self, why: &str) {
-        self.fail(why);
+        if self.life.advance(Phase::LeaseLost, Some(why), false) {
+            eprintln!("owfs: {}: stopping writes: {why}", self.ws);
+        }
         {
             let mut ls = self.lease.stats.lock();
             if ls.lost.is_some() {
@@ -162,12 +165,12 @@ impl Shared {
         }
         let _ = std::fs::remove_file(super::control::socket_path(&self.mountpoint));
         eprintln!(
-            "owfs: {}: exiting with status {} (lease lost); `umount {}` clears the dead mount",
+            "owfs: {}: stopping with status {} (lease lost); `umount {}` clears the dead mount",
             self.ws,
             crate::exit::LEASE_LOST,
             self.mountpoint.display()
         );
-        std::process::exit(crate::exit::LEASE_LOST);
+        self.life.settle();
     }
 
     /// Renews the lease every `renew_every`; retries sooner after a failure; stops the node

@@ -9,8 +9,11 @@ mod flusher;
 pub(crate) mod fuse;
 mod holder;
 mod inodes;
+pub mod lifecycle;
 mod ops;
 mod ranges;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +26,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use cut::CutOutcome;
 use inodes::{Attr, Body, NKind, Node, Table, ROOT};
+use lifecycle::{Lifecycle, Phase, Stop};
 
 /// Barriers a commit tries before it cuts with names held back by renames whose sources
 /// kept arriving during its flushes (inodes::Replaced).
@@ -150,10 +154,8 @@ struct SyncState {
     done_err: u64,
     err: Option<String>,
     last: GenRecord,
-    stop: bool,
+    /// The committer has ended (after its last commit, or after the lease was lost).
     finished: bool,
-    /// Why the mount stopped serving (see `Shared::halt`); `sync` callers then fail.
-    halted: Option<String>,
 }
 
 impl SyncState {
@@ -178,10 +180,8 @@ pub struct Shared {
     backpressure_lock: Mutex<()>,
     sync: Mutex<SyncState>,
     sync_cv: Condvar,
-    /// Set when the mount must stop serving writes (the reason is logged).
-    failed: AtomicBool,
-    /// Set by `halt`: file operations fail with EIO while the last commit is made.
-    halting: AtomicBool,
+    /// Serving, unmounting, halting, lease lost, stopped (lifecycle.rs).
+    life: Lifecycle,
     /// The lease epoch every generation from this mount carries.
     epoch: u64,
     /// The workspace's lease, its serving deadline and its renewer's state (holder.rs).
@@ -189,8 +189,9 @@ pub struct Shared {
     /// The committer is flushing the kernel's dirty pages: throttled writers must go on, or
     /// the flush (which needs request threads) could never finish.
     flushing: AtomicBool,
-    /// Does the committer's syncfs in a child process (see flusher.rs); `None`: in-thread.
-    flusher: Option<flusher::Flusher>,
+    /// Does the committer's syncfs in a child process (see flusher.rs), once mounted; unset:
+    /// in-thread.
+    flusher: std::sync::OnceLock<flusher::Flusher>,
     /// The fault knobs of the tests (`OWFS_FAULTS`); all off in a release build.
     pub(crate) faults: faults::Faults,
     pub stats: Mutex<Stats>,
@@ -259,35 +260,19 @@ impl Shared {
         self.fuse_requests[op as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn fail(&self, why: &str) {
-        if !self.failed.swap(true, Ordering::SeqCst) {
-            eprintln!("owfs: {}: stopping writes: {why}", self.ws);
-        }
-    }
-
     /// Fail-stop of a mount that can no longer answer every request: an io_uring queue ended
     /// after it registered, and the kernel keeps putting its CPU's requests on it, where they
     /// would wait forever (every caller on that CPU, the committer's flush, any unmount).
     /// File operations now fail with EIO; the committer makes a last commit of what the
     /// daemon received, without flushing the kernel (that flush could itself wait forever);
-    /// the lease is released if that commit is durable; then the daemon exits with status 14,
-    /// the kernel aborts the connection, and every caller still waiting gets an error. Writes
-    /// still in the kernel's page cache are lost, as in a crash. Never returns.
-    pub(super) fn halt(&self, why: &str) -> ! {
-        {
-            let mut s = self.sync.lock();
-            if s.halted.is_some() {
-                // Another thread is stopping the daemon.
-                drop(s);
-                loop {
-                    std::thread::park();
-                }
-            }
-            self.halting.store(true, Ordering::SeqCst);
-            s.halted = Some(why.to_string());
-            s.stop = true;
-            s.requested += 1;
-            self.sync_cv.notify_all();
+    /// `Daemon::serve` then releases the lease if that commit is durable and returns
+    /// `Stop::Halted`: the process exits with status 14, the kernel aborts the connection,
+    /// and every caller still waiting gets an error. Writes still in the kernel's page cache
+    /// are lost, as in a crash.
+    pub(super) fn halt(&self, why: &str) {
+        if !self.life.advance(Phase::Halting, Some(why), true) {
+            // Stopping already, for this or another reason.
+            return;
         }
         eprintln!(
             "owfs: {}: STOPPING: {why}. File operations on {} now fail with EIO; committing \
@@ -296,32 +281,7 @@ impl Shared {
             self.ws,
             self.mountpoint.display()
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let (ok, last) = {
-            let mut s = self.sync.lock();
-            while !s.finished && Instant::now() < deadline {
-                self.sync_cv.wait_until(&mut s, deadline);
-            }
-            (s.finished && s.done_ok >= s.requested, s.last.number)
-        };
-        if ok {
-            self.stop_renewer();
-            self.release_lease();
-        }
-        let _ = std::fs::remove_file(control::socket_path(&self.mountpoint));
-        eprintln!(
-            "owfs: {}: stopped{}; generation {last} is the last durable one. Exiting with \
-             status {}; `umount {}` clears the dead mount",
-            self.ws,
-            if ok {
-                ""
-            } else {
-                " (the last commit did not finish in 20 s)"
-            },
-            crate::exit::STOPPED,
-            self.mountpoint.display()
-        );
-        std::process::exit(crate::exit::STOPPED);
+        self.request_commit();
     }
 
     /// Waits while the upload backlog is over its bound.
@@ -335,7 +295,7 @@ impl Shared {
         let mut g = self.backpressure_lock.lock();
         let t0 = Instant::now();
         while self.pending.load(Ordering::Relaxed) > max
-            && !self.failed.load(Ordering::Relaxed)
+            && !self.life.lease_lost()
             && !self.flushing.load(Ordering::Relaxed)
             && t0.elapsed() < Duration::from_secs(60)
         {
@@ -356,11 +316,11 @@ impl Shared {
         let my = self.request_commit();
         let mut s = self.sync.lock();
         loop {
-            if let Some(why) = &s.halted {
+            if self.life.phase() == Phase::Halting {
                 // The last commit does not flush the kernel: it may lack writes made before.
                 return Err(Error::Store {
                     store: self.repo.store.url().to_string(),
-                    detail: format!("the mount stopped: {why}"),
+                    detail: format!("the mount stopped: {}", self.life.why().unwrap_or_default()),
                 });
             }
             if s.done_ok >= my {
@@ -483,7 +443,7 @@ impl Shared {
         let cut = loop {
             if flush_kernel {
                 self.flush_kernel(thorough && attempt == 0);
-            } else if !self.halting.load(Ordering::SeqCst) {
+            } else if self.life.phase() != Phase::Halting {
                 // Unmounted: the kernel wrote every page back before it let the mount go, so
                 // what arrived of a rename's source is the file.
                 self.table.lock().all_renames_flushed();
@@ -550,11 +510,7 @@ impl Shared {
         wait.dedup();
         // In the flusher child (see flusher.rs); here only if it could not be started or has
         // died.
-        if self
-            .flusher
-            .as_ref()
-            .is_none_or(|f| f.flush(&wait).is_err())
-        {
+        if self.flusher.get().is_none_or(|f| f.flush(&wait).is_err()) {
             flusher::flush_here(&self.mountpoint, &wait);
         }
         self.table.lock().renames_flushed_up_to(renames);
@@ -566,13 +522,13 @@ impl Shared {
         loop {
             let (target, stop, asked) = {
                 let mut s = self.sync.lock();
-                if !s.asked() && !s.stop {
+                if !s.asked() && !self.life.last_commit() {
                     self.sync_cv.wait_for(&mut s, self.opts.commit_interval);
                 }
-                (s.requested, s.stop, s.asked())
+                (s.requested, self.life.last_commit(), s.asked())
             };
             nice.background(!(asked || stop));
-            if self.failed.load(Ordering::SeqCst) {
+            if self.life.lease_lost() {
                 let mut s = self.sync.lock();
                 s.done_err = target;
                 s.err = Some("the mount stopped serving writes".into());
@@ -687,7 +643,8 @@ impl Shared {
             "epoch": self.epoch,
             "lease": self.lease_status(),
             "pending_bytes": self.pending.load(Ordering::Relaxed),
-            "failed": self.failed.load(Ordering::Relaxed),
+            "failed": self.life.lease_lost(),
+            "phase": format!("{:?}", self.life.phase()),
             "uptime_s": self.started.elapsed().as_secs(),
             "commits": st.commits,
             "names_held_back": st.names_held_back,
@@ -1109,238 +1066,358 @@ fn spawn<T: Send + 'static>(
 }
 
 /// Runs the read-write mount in this process until it is unmounted; returns the exit status.
+/// A read-write daemon of one workspace. `start` takes the lease, fences a previous holder,
+/// applies a fork or rollback and loads the inode table; nothing is mounted yet. `serve`
+/// mounts it and serves until it stops, and says why. Tests drive a started daemon
+/// in-process instead (tests.rs).
+pub struct Daemon {
+    s: Arc<Shared>,
+    /// Held while the daemon owns its cache directory (see `lock_cache`).
+    cache_lock: std::fs::File,
+    /// The generation the daemon started from.
+    started_from: GenRecord,
+}
+
+/// Mounts workspace `ws` read-write on `mountpoint` and serves it until it stops.
 pub fn run(
     repo: Arc<Repo>,
     ws: &str,
     mountpoint: &Path,
     cache_dir: Option<PathBuf>,
     opts: WsOptions,
-) -> crate::error::Result<i32> {
-    generation::check_workspace_name(ws)?;
-    opts.lease.validate()?;
-    let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
-    let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
-    if let Some(from) = &opts.fork_from {
-        fork_unless_forked(&repo, ws, from)?;
-    }
-    if let Some(n) = opts.rollback_to {
-        // Before the lease: a wrong N fails here, not with the lease held.
-        repo.block_on(generation::get_generation(&repo.store, ws, n))?;
-    }
-    // One writer per workspace: the lease first, then (after a takeover) the fence, and only
-    // then anything else that publishes.
-    let lease = holder::acquire(
-        &repo,
-        ws,
-        holder::holder(&cache_dir)?,
-        &opts.lease,
-        opts.lease_mode(),
-    )?;
-    let epoch = lease.epoch();
-    if let Some(prev) = lease.took_over() {
-        eprintln!(
-            "owfs: {ws}: took over from node {} (host {}, pid {}, epoch {}); fencing it out",
-            prev.holder.node, prev.holder.host, prev.holder.pid, prev.epoch
-        );
-    }
-    // The workspace may not exist yet if the old holder died before creating it.
-    let latest = latest_or_create(&repo, ws, epoch)?;
-    let rec = lease.fence(&repo)?.unwrap_or(latest);
-    lease.check_epoch(&rec)?;
-    let rec = match opts.rollback_to {
-        Some(n) => match chunkstore::publish::rollback(&repo, ws, n, Some(epoch)) {
-            Ok(back) => {
-                eprintln!(
-                    "owfs: {ws}: rolled back to generation {n} as {}",
-                    back.spec()
-                );
-                back
-            }
-            Err(e) => {
-                // Nothing was served: free the workspace for the next attempt at once.
-                let _ = repo.block_on(lease.release());
-                return Err(e.into());
-            }
-        },
-        None => rec,
-    };
-    let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
-    // A pre-pull left blobs here: read them before asking the store.
-    if blobs_dir(&cache_dir).is_dir() {
-        repo.set_blob_cache(Some(Arc::new(chunkstore::blobcache::BlobCache::open(
-            &blobs_dir(&cache_dir),
-        )?)));
-    }
-    // Forked before /dev/fuse is opened, so that the child never holds it.
-    let flusher = match flusher::Flusher::spawn(&mountpoint) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            eprintln!("owfs: {ws}: no flusher process ({e}); the committer flushes itself");
-            None
-        }
-    };
-    let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
-    let table = Table::new(data_dir, root_node(&rec)?, totals);
-    let threads = opts.threads;
-    let shared = Arc::new(Shared {
-        repo,
-        ws: ws.to_string(),
-        mountpoint: mountpoint.clone(),
-        cache_dir: cache_dir.clone(),
-        opts,
-        table: Mutex::new(table),
-        gate: RwLock::new(()),
-        pending: AtomicU64::new(0),
-        backpressure: Condvar::new(),
-        backpressure_lock: Mutex::new(()),
-        sync: Mutex::new(SyncState {
-            requested: 0,
-            done_ok: 0,
-            done_err: 0,
-            err: None,
-            last: rec.clone(),
-            stop: false,
-            finished: false,
-            halted: None,
-        }),
-        sync_cv: Condvar::new(),
-        failed: AtomicBool::new(false),
-        halting: AtomicBool::new(false),
-        epoch,
-        lease: holder::MountLease::new(lease),
-        flushing: AtomicBool::new(false),
-        flusher,
-        faults: faults::Faults::from_env(),
-        stats: Mutex::new(Stats::default()),
-        started: Instant::now(),
-        fuse_requests: Default::default(),
-        uring_threads: Default::default(),
-        notifier: std::sync::OnceLock::new(),
-    });
-    // Fail at mount time, not on first access, if the root is unreadable.
-    shared.ensure_loaded(ROOT).map_err(|e| Error::Store {
-        store: shared.repo.store.url().to_string(),
-        detail: format!("cannot read the root of {}: {e:?}", rec.spec()),
-    })?;
-    let sigset = block_signals();
-    raise_nofile_limit();
-    // A client of the control socket that goes away mid-answer must not end the daemon
-    // (the CLI restores SIGPIPE's default to end quietly on a closed pipe).
-    // SAFETY: setting a signal's disposition to ignored.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
+) -> crate::error::Result<Stop> {
+    Daemon::start(repo, ws, mountpoint, cache_dir, opts)?.serve()
+}
 
-    let mut mount_options = vec![
-        fuser::MountOption::FSName(format!("owfs:{ws}")),
-        fuser::MountOption::Subtype("owfs".into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::RW,
-    ];
-    mount_options.extend(shared.opts.flags.options());
-    let fs = ops::OwfsFs::new(shared.clone());
-    // Mounted and INIT answered (the io_uring queues started if INIT granted them).
-    let conn =
-        fuse::mount_rw(&fs, &mountpoint, &mount_options).map_err(|e| Error::io(&mountpoint, e))?;
-    let _ = shared.notifier.set(conn.notifier());
-    if shared.opts.read_ahead_kb > 0 {
-        if let Err(e) = crate::fuse_util::set_read_ahead(&mountpoint, shared.opts.read_ahead_kb) {
+impl Daemon {
+    pub fn start(
+        repo: Arc<Repo>,
+        ws: &str,
+        mountpoint: &Path,
+        cache_dir: Option<PathBuf>,
+        opts: WsOptions,
+    ) -> crate::error::Result<Daemon> {
+        generation::check_workspace_name(ws)?;
+        opts.lease.validate()?;
+        let cache_dir = cache_dir.unwrap_or_else(|| default_cache_dir(ws));
+        let (cache_lock, data_dir) = prepare_cache(&cache_dir)?;
+        if let Some(from) = &opts.fork_from {
+            fork_unless_forked(&repo, ws, from)?;
+        }
+        if let Some(n) = opts.rollback_to {
+            // Before the lease: a wrong N fails here, not with the lease held.
+            repo.block_on(generation::get_generation(&repo.store, ws, n))?;
+        }
+        // One writer per workspace: the lease first, then (after a takeover) the fence, and
+        // only then anything else that publishes.
+        let lease = holder::acquire(
+            &repo,
+            ws,
+            holder::holder(&cache_dir)?,
+            &opts.lease,
+            opts.lease_mode(),
+        )?;
+        let epoch = lease.epoch();
+        if let Some(prev) = lease.took_over() {
             eprintln!(
-                "owfs: warning: could not set readahead to {} KiB (sequential reads of files \
-                 not yet local stay slower): {e}",
-                shared.opts.read_ahead_kb
+                "owfs: {ws}: took over from node {} (host {}, pid {}, epoch {}); fencing it out",
+                prev.holder.node, prev.holder.host, prev.holder.pid, prev.epoch
             );
         }
+        // The workspace may not exist yet if the old holder died before creating it.
+        let latest = latest_or_create(&repo, ws, epoch)?;
+        let rec = lease.fence(&repo)?.unwrap_or(latest);
+        lease.check_epoch(&rec)?;
+        let rec = match opts.rollback_to {
+            Some(n) => match chunkstore::publish::rollback(&repo, ws, n, Some(epoch)) {
+                Ok(back) => {
+                    eprintln!(
+                        "owfs: {ws}: rolled back to generation {n} as {}",
+                        back.spec()
+                    );
+                    back
+                }
+                Err(e) => {
+                    // Nothing was served: free the workspace for the next attempt at once.
+                    let _ = repo.block_on(lease.release());
+                    return Err(e.into());
+                }
+            },
+            None => rec,
+        };
+        let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
+        // A pre-pull left blobs here: read them before asking the store.
+        if blobs_dir(&cache_dir).is_dir() {
+            repo.set_blob_cache(Some(Arc::new(chunkstore::blobcache::BlobCache::open(
+                &blobs_dir(&cache_dir),
+            )?)));
+        }
+        let totals = (rec.files as i64, rec.dirs as i64, rec.bytes as i64);
+        let table = Table::new(data_dir, root_node(&rec)?, totals);
+        let shared = Arc::new(Shared {
+            repo,
+            ws: ws.to_string(),
+            mountpoint,
+            cache_dir,
+            opts,
+            table: Mutex::new(table),
+            gate: RwLock::new(()),
+            pending: AtomicU64::new(0),
+            backpressure: Condvar::new(),
+            backpressure_lock: Mutex::new(()),
+            sync: Mutex::new(SyncState {
+                requested: 0,
+                done_ok: 0,
+                done_err: 0,
+                err: None,
+                last: rec.clone(),
+                finished: false,
+            }),
+            sync_cv: Condvar::new(),
+            life: Lifecycle::new(),
+            epoch,
+            lease: holder::MountLease::new(lease),
+            flushing: AtomicBool::new(false),
+            flusher: std::sync::OnceLock::new(),
+            faults: faults::Faults::from_env(),
+            stats: Mutex::new(Stats::default()),
+            started: Instant::now(),
+            fuse_requests: Default::default(),
+            uring_threads: Default::default(),
+            notifier: std::sync::OnceLock::new(),
+        });
+        // Fail at mount time, not on first access, if the root is unreadable.
+        shared.ensure_loaded(ROOT).map_err(|e| Error::Store {
+            store: shared.repo.store.url().to_string(),
+            detail: format!("cannot read the root of {}: {e:?}", rec.spec()),
+        })?;
+        Ok(Daemon {
+            s: shared,
+            cache_lock,
+            started_from: rec,
+        })
     }
-    eprintln!(
-        "owfs: serving {} (generation {}) read-write on {}, cache {}",
-        ws,
-        rec.number,
-        mountpoint.display(),
-        cache_dir.display()
-    );
 
-    let s = shared.clone();
-    let committer = spawn("owfs-commit", move || s.committer())?;
-    let s = shared.clone();
-    let renewer = spawn("owfs-lease", move || s.renewer())?;
-    let control = control::serve(shared.clone())?;
-    let mp = mountpoint.clone();
-    spawn("owfs-signals", move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: waits on the set blocked above.
-        if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
-            eprintln!("owfs: signal {sig}: committing and unmounting");
-            if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
-                let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+    /// Mounts the workspace and serves it: returns when it was unmounted (after the last
+    /// commit), when an io_uring queue ended, or when the lease was lost.
+    pub fn serve(self) -> crate::error::Result<Stop> {
+        let Daemon {
+            s: shared,
+            cache_lock,
+            started_from: rec,
+        } = self;
+        let (ws, mountpoint, cache_dir) = (
+            shared.ws.clone(),
+            shared.mountpoint.clone(),
+            shared.cache_dir.clone(),
+        );
+        // Forked before /dev/fuse is opened, so that the child never holds it.
+        match flusher::Flusher::spawn(&mountpoint) {
+            Ok(f) => {
+                let _ = shared.flusher.set(f);
+            }
+            Err(e) => {
+                eprintln!("owfs: {ws}: no flusher process ({e}); the committer flushes itself")
             }
         }
-    })?;
-    let s = shared.clone();
-    let prefetcher = if shared.opts.prefetch {
-        Some(spawn("owfs-prefetch", move || s.prefetch())?)
-    } else {
-        None
-    };
+        let sigset = block_signals();
+        raise_nofile_limit();
+        // A client of the control socket that goes away mid-answer must not end the daemon
+        // (the CLI restores SIGPIPE's default to end quietly on a closed pipe).
+        // SAFETY: setting a signal's disposition to ignored.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
 
-    let served = fuse::serve_rw(conn, &fs, threads);
-    // Unmounted: the kernel has sent every dirty page. Commit what is left, then stop.
-    {
-        let mut s = shared.sync.lock();
-        s.stop = true;
-        s.requested += 1;
-        shared.sync_cv.notify_all();
-    }
-    let _ = committer.join();
-    let (ok, last) = {
-        let s = shared.sync.lock();
-        (s.done_ok >= s.requested, s.last.clone())
-    };
-    if ok && !shared.failed.load(Ordering::SeqCst) {
-        // Merge what is left of this mount's index objects (up to 15 young ones), so that
-        // short-lived mounts, the common case for sandboxes, do not leave one object per
-        // commit to every later reader. One PUT and parallel DELETEs, under the lease.
-        shared.compact_index_final();
-    }
-    shared.stop_renewer();
-    let _ = renewer.join();
-    if ok && !shared.failed.load(Ordering::SeqCst) {
-        // Planned handoff: everything is in the store; the next node may start at once.
-        shared.release_lease();
-    }
-    // Answer `owfs umount`/`handoff` first: the next node may start now, and a mount of this
-    // cache directory waits for the cleanup below.
-    note_cache_holder(&cache_lock, "finishing");
-    control.finish(ok);
-    // The prefetcher stops at its next chunk (the store's runtime must outlive it).
-    if let Some(p) = prefetcher {
-        let _ = p.join();
-    }
-    if ok && !shared.failed.load(Ordering::SeqCst) {
+        let mut mount_options = vec![
+            fuser::MountOption::FSName(format!("owfs:{ws}")),
+            fuser::MountOption::Subtype("owfs".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::RW,
+        ];
+        mount_options.extend(shared.opts.flags.options());
+        let fs = ops::OwfsFs::new(shared.clone());
+        // Mounted and INIT answered (the io_uring queues started if INIT granted them).
+        let conn = fuse::mount_rw(&fs, &mountpoint, &mount_options)
+            .map_err(|e| Error::io(&mountpoint, e))?;
+        let _ = shared.notifier.set(conn.notifier());
+        if shared.opts.read_ahead_kb > 0 {
+            if let Err(e) = crate::fuse_util::set_read_ahead(&mountpoint, shared.opts.read_ahead_kb)
+            {
+                eprintln!(
+                    "owfs: warning: could not set readahead to {} KiB (sequential reads of \
+                     files not yet local stay slower): {e}",
+                    shared.opts.read_ahead_kb
+                );
+            }
+        }
+        eprintln!(
+            "owfs: serving {} (generation {}) read-write on {}, cache {}",
+            ws,
+            rec.number,
+            mountpoint.display(),
+            cache_dir.display()
+        );
+
+        let s = shared.clone();
+        let committer = spawn("owfs-commit", move || s.committer())?;
+        let s = shared.clone();
+        let renewer = spawn("owfs-lease", move || s.renewer())?;
+        let control = control::serve(shared.clone())?;
+        let mp = mountpoint.clone();
+        spawn("owfs-signals", move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on the set blocked above.
+            if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
+                eprintln!("owfs: signal {sig}: committing and unmounting");
+                if rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::empty()).is_err() {
+                    let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                }
+            }
+        })?;
+        let s = shared.clone();
+        let prefetcher = if shared.opts.prefetch {
+            Some(spawn("owfs-prefetch", move || s.prefetch())?)
+        } else {
+            None
+        };
+        let threads = shared.opts.threads;
+        let s = shared.clone();
+        spawn("owfs-fuse", move || {
+            if let Err(e) = fuse::serve_rw(conn, &fs, threads) {
+                eprintln!("owfs: the FUSE session ended with an error: {e}");
+            }
+            // Unmounted: the kernel has sent every dirty page. Commit what is left, then stop.
+            if s.life.advance(Phase::Unmounting, None, true) {
+                s.request_commit();
+            }
+        })?;
+
+        match shared.life.wait_past_serving() {
+            Phase::Halting => return Ok(shared.halted()),
+            Phase::LeaseLost => return Ok(shared.stopped_by_lease_loss()),
+            _ => {}
+        }
+        let _ = committer.join();
+        // A queue may end or the lease be lost during the last commit.
+        match shared.life.phase() {
+            Phase::Halting => return Ok(shared.halted()),
+            Phase::LeaseLost => return Ok(shared.stopped_by_lease_loss()),
+            _ => {}
+        }
+        let (ok, last) = {
+            let s = shared.sync.lock();
+            (s.done_ok >= s.requested, s.last.clone())
+        };
+        if ok {
+            // Merge what is left of this mount's index objects (up to 15 young ones), so that
+            // short-lived mounts, the common case for sandboxes, do not leave one object per
+            // commit to every later reader. One PUT and parallel DELETEs, under the lease.
+            shared.compact_index_final();
+        }
+        shared.stop_renewer();
+        let _ = renewer.join();
+        if shared.life.lease_lost() {
+            return Ok(shared.stopped_by_lease_loss());
+        }
+        if ok {
+            // Planned handoff: everything is in the store; the next node may start at once.
+            shared.release_lease();
+        }
+        // Answer `owfs umount`/`handoff` first: the next node may start now, and a mount of
+        // this cache directory waits for the cleanup below.
+        note_cache_holder(&cache_lock, "finishing");
+        control.finish(ok);
+        // The prefetcher stops at its next chunk (the store's runtime must outlive it).
+        if let Some(p) = prefetcher {
+            let _ = p.join();
+        }
+        shared.life.advance(Phase::Stopped, None, true);
+        if !ok {
+            eprintln!(
+                "owfs: {ws}: the final commit failed; the last durable generation is {}",
+                last.number
+            );
+            return Ok(Stop::FinalCommitFailed { last: last.number });
+        }
         // The working copy is emptied at the next mount; so is what a pre-pull left. After
         // the answer: deleting a GiB of blobs takes about a second.
         let _ = std::fs::remove_dir_all(blobs_dir(&cache_dir));
-    }
-    if let Err(e) = served {
-        eprintln!("owfs: the FUSE session ended with an error: {e}");
-    }
-    if shared.failed.load(Ordering::SeqCst) {
         eprintln!(
-            "owfs: {ws}: stopped after a failure; last durable generation {}",
+            "owfs: {ws}: unmounted; generation {} is durable",
             last.number
         );
-        return Ok(crate::exit::CONFLICT);
+        Ok(Stop::Unmounted { last: last.number })
     }
-    if !ok {
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.s
+    }
+
+    /// In-process: one commit as the committer makes it, without a kernel to flush.
+    #[cfg(test)]
+    pub(crate) fn commit_now(&self) -> crate::error::Result<Option<GenRecord>> {
+        let rec = self.s.commit_once(false, false)?;
+        if let Some(rec) = &rec {
+            self.s.sync.lock().last = rec.clone();
+        }
+        Ok(rec)
+    }
+
+    /// In-process: the last commit, then the lease released, as a clean unmount does.
+    #[cfg(test)]
+    pub(crate) fn finish(self) -> crate::error::Result<Option<GenRecord>> {
+        self.s.life.advance(Phase::Unmounting, None, true);
+        let rec = self.commit_now()?;
+        self.s.release_lease();
+        self.s.life.advance(Phase::Stopped, None, true);
+        Ok(rec)
+    }
+}
+
+impl Shared {
+    /// After `halt`: waits up to 20 s for the last commit, releases the lease if it is
+    /// durable, and says how the daemon stopped.
+    fn halted(&self) -> Stop {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (ok, last) = {
+            let mut s = self.sync.lock();
+            while !s.finished && Instant::now() < deadline {
+                self.sync_cv.wait_until(&mut s, deadline);
+            }
+            (s.finished && s.done_ok >= s.requested, s.last.number)
+        };
+        if ok {
+            self.stop_renewer();
+            self.release_lease();
+        }
+        let _ = std::fs::remove_file(control::socket_path(&self.mountpoint));
         eprintln!(
-            "owfs: {ws}: the final commit failed; the last durable generation is {}",
-            last.number
+            "owfs: {}: stopped{}; generation {last} is the last durable one. Exiting with \
+             status {}; `umount {}` clears the dead mount",
+            self.ws,
+            if ok {
+                ""
+            } else {
+                " (the last commit did not finish in 20 s)"
+            },
+            crate::exit::STOPPED,
+            self.mountpoint.display()
         );
-        return Ok(4);
+        Stop::Halted {
+            why: self.life.why().unwrap_or_default(),
+            last,
+            committed: ok,
+        }
     }
-    eprintln!(
-        "owfs: {ws}: unmounted; generation {} is durable",
-        last.number
-    );
-    Ok(0)
+
+    /// After `lease_lost` (its hook has run): how the daemon stopped.
+    fn stopped_by_lease_loss(&self) -> Stop {
+        self.life.wait_settled();
+        Stop::LeaseLost {
+            why: self.life.why().unwrap_or_default(),
+            last: self.sync.lock().last.number,
+        }
+    }
 }

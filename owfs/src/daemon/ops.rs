@@ -178,7 +178,7 @@ impl Shared {
     pub(super) fn prefetch(&self) {
         let mut queue = vec![ROOT];
         while let Some(dir) = queue.pop() {
-            if !self.serving() || self.sync.lock().stop {
+            if !self.serving() || self.life.phase() != super::lifecycle::Phase::Serving {
                 return;
             }
             if self.ensure_loaded(dir).is_err() {
@@ -203,7 +203,7 @@ impl Shared {
             queue.extend(subdirs);
             for d in files {
                 while let Some(r) = d.next_missing(4 << 20) {
-                    if self.sync.lock().stop {
+                    if self.life.phase() != super::lifecycle::Phase::Serving {
                         return;
                     }
                     let mut st = d.st.lock();
@@ -227,7 +227,7 @@ impl OwfsFs {
 
     /// EIO once the mount failed, is stopping, or its lease could have passed to another node.
     fn alive(&self) -> Result<(), Errno> {
-        if self.s.serving() && !self.s.halting.load(Ordering::Relaxed) {
+        if self.s.serving() && self.s.life.answers_requests() {
             Ok(())
         } else {
             Err(Errno::EIO)
