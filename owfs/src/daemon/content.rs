@@ -14,7 +14,7 @@ use std::sync::Arc;
 use chunkstore::read::{self, FileMap};
 use chunkstore::tree::{ChunkRef, Content};
 use chunkstore::Repo;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Condvar;
 
 use super::ranges::RangeSet;
 
@@ -135,7 +135,7 @@ pub struct WriteInFlight {
 
 pub struct FileData {
     pub path: PathBuf,
-    pub st: Mutex<FileState>,
+    pub st: super::lockorder::Ordered<FileState>,
     /// Signalled when a write in flight ends.
     landed: Condvar,
     /// Key of this file's descriptor in `local`.
@@ -166,22 +166,25 @@ impl FileData {
             id,
             local,
             landed: Condvar::new(),
-            st: Mutex::new(FileState {
-                local: Local::None,
-                len: size,
-                remote,
-                present: RangeSet::default(),
-                dirty: RangeSet::default(),
-                base,
-                base_chunks: None,
-                frozen: None,
-                inflight: 0,
-                inflight_before_cut: 0,
-                period: 0,
-                discard_pending: false,
-                pins: 0,
-                discarded: false,
-            }),
+            st: super::lockorder::Ordered::new(
+                super::lockorder::Rank::File,
+                FileState {
+                    local: Local::None,
+                    len: size,
+                    remote,
+                    present: RangeSet::default(),
+                    dirty: RangeSet::default(),
+                    base,
+                    base_chunks: None,
+                    frozen: None,
+                    inflight: 0,
+                    inflight_before_cut: 0,
+                    period: 0,
+                    discard_pending: false,
+                    pins: 0,
+                    discarded: false,
+                },
+            ),
         }
     }
 
@@ -387,7 +390,7 @@ impl FileData {
     /// Before bytes of a frozen file change, keeps their values at the cut.
     fn preserve(
         &self,
-        st: &mut parking_lot::MutexGuard<'_, FileState>,
+        st: &mut super::lockorder::OrderedGuard<'_, FileState>,
         repo: &Repo,
         start: u64,
         end: u64,
@@ -425,9 +428,13 @@ impl FileData {
 
     /// Waits until the writes in flight have landed: those begun before the last cut
     /// (`before_cut`), or all of them.
-    fn wait_landed(&self, st: &mut parking_lot::MutexGuard<'_, FileState>, before_cut: bool) {
+    fn wait_landed(
+        &self,
+        st: &mut super::lockorder::OrderedGuard<'_, FileState>,
+        before_cut: bool,
+    ) {
         while st.inflight_before_cut > 0 || (!before_cut && st.inflight > 0) {
-            self.landed.wait(st);
+            self.landed.wait(st.inner());
         }
     }
 

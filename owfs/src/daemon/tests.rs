@@ -538,3 +538,72 @@ fn a_known_sequence_matches_the_model() {
         Step::Symlink(1, 0, 3),
     ]);
 }
+
+/// A per-file check that refuses a file fails the commit before anything is published, and
+/// the file is committed by the next cut once the check passes (committer/checks.rs).
+#[test]
+fn a_failing_file_check_fails_the_commit_and_the_next_cut_retries() {
+    use super::committer::checks::{FileCheck, Frozen};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct RefuseThirteen(Arc<AtomicBool>);
+    impl FileCheck for RefuseThirteen {
+        fn check(&self, f: &Frozen<'_>) -> Result<(), String> {
+            let mut buf = vec![0u8; f.size as usize];
+            f.bytes
+                .read_exact_at(&mut buf, 0)
+                .map_err(|e| e.to_string())?;
+            if self.0.load(Ordering::SeqCst) && buf == b"thirteen byte" {
+                return Err(format!("{}: refused", f.path.display()));
+            }
+            Ok(())
+        }
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("file://{}", tmp.path().join("store").display());
+    let repo = Repo::open(
+        Store::open_with(&url, true).unwrap(),
+        rt.handle().clone(),
+        true,
+    )
+    .unwrap();
+    let d = InProcess::start(&repo, "ws", &tmp.path().join("one"));
+    let refuse = Arc::new(AtomicBool::new(true));
+    d.daemon
+        .shared()
+        .checks
+        .write()
+        .push(Box::new(RefuseThirteen(refuse.clone())));
+    let latest = || {
+        repo.block_on(chunkstore::generation::latest(&repo.store, "ws"))
+            .unwrap()
+            .unwrap()
+            .number
+    };
+    let before = latest();
+    let a =
+        d.fs.op_mknod(&d.caller, ROOT, b"f", libc::S_IFREG | 0o644, 0)
+            .unwrap();
+    d.fs.op_write(&d.caller, a.ino.0, 0, b"thirteen byte", false)
+        .unwrap();
+    let err = d
+        .daemon
+        .commit_now()
+        .expect_err("the check refuses the file");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert_eq!(latest(), before, "a refused commit publishes nothing");
+    refuse.store(false, Ordering::SeqCst);
+    let rec = d.commit().expect("the next cut commits the file");
+    assert_eq!(rec.number, before + 1);
+    let mut model = Model::default();
+    model.add_file("f");
+    *model.files.get_mut(&1).unwrap() = b"thirteen byte".to_vec();
+    assert_eq!(d.seen(), model.seen());
+    d.daemon.finish().unwrap();
+}

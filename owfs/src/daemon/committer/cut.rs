@@ -15,9 +15,10 @@ use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{Error, GenRecord, Hash, Result};
 
-use super::content::{FileData, FrozenView};
-use super::inodes::{Body, Prior, Table, ROOT};
-use super::Shared;
+use super::super::content::{FileData, FrozenView};
+use super::super::inodes::{Body, Prior, Table, ROOT};
+use super::super::Shared;
+use super::checks::Frozen;
 
 /// A frozen directory's entries, by name.
 type Items = Vec<(Vec<u8>, Item)>;
@@ -317,6 +318,16 @@ impl Shared {
                 data: &ff.data,
                 repo,
             };
+            // The per-file checks see the cut's bytes before any of them is uploaded.
+            let frozen = Frozen {
+                path: &ff.data.path,
+                size: ff.size,
+                bytes: &view,
+            };
+            self.checks
+                .read()
+                .run(&frozen)
+                .map_err(|why| Error::io(&ff.data.path, std::io::Error::other(why)))?;
             let (chunks, _read) = chunkstore::rechunk::rechunk::<Error, _>(
                 &view,
                 ff.size,
@@ -362,6 +373,18 @@ impl Shared {
             epoch: self.epoch,
         });
         rec.root_attr = Some(cut.root_attr);
+        // Invariant: along a workspace's history generation numbers grow by one and lease
+        // epochs never fall; a record that breaks this would fork or rewind the history.
+        if rec.number != parent.number + 1 || rec.epoch < parent.epoch {
+            return Err(Error::Store {
+                store: repo.store.url().to_string(),
+                detail: format!(
+                    "owfs bug: generation {} (epoch {}) would follow generation {} (epoch {})",
+                    rec.number, rec.epoch, parent.number, parent.epoch
+                ),
+            }
+            .into());
+        }
         // Never publish past the lease's deadline; a publish already in flight when it passes
         // is refused by the new holder's fence.
         self.may_publish(rec.number)?;
