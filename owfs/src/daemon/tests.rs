@@ -471,20 +471,22 @@ impl InProcess {
     }
 }
 
-fn run_case(steps: &[Step]) {
-    let tmp = tempfile::tempdir().unwrap();
+/// A new `file://` store under `dir`, and the runtime its requests run on.
+fn file_store(dir: &Path) -> (tokio::runtime::Runtime, Arc<Repo>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("file://{}", tmp.path().join("store").display());
-    let repo = Repo::open(
-        Store::open_with(&url, true).unwrap(),
-        rt.handle().clone(),
-        true,
-    )
-    .unwrap();
+    let url = format!("file://{}", dir.join("store").display());
+    let store = Store::open_with(&url, true).unwrap();
+    let repo = Repo::open(store, rt.handle().clone(), true).unwrap();
+    (rt, repo)
+}
+
+fn run_case(steps: &[Step]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_rt, repo) = file_store(tmp.path());
     let mut model = Model::default();
     let d = InProcess::start(&repo, "ws", &tmp.path().join("one"));
     for (i, s) in steps.iter().enumerate() {
@@ -561,18 +563,7 @@ fn a_failing_file_check_fails_the_commit_and_the_next_cut_retries() {
     }
 
     let tmp = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("file://{}", tmp.path().join("store").display());
-    let repo = Repo::open(
-        Store::open_with(&url, true).unwrap(),
-        rt.handle().clone(),
-        true,
-    )
-    .unwrap();
+    let (_rt, repo) = file_store(tmp.path());
     let d = InProcess::start(&repo, "ws", &tmp.path().join("one"));
     let refuse = Arc::new(AtomicBool::new(true));
     d.daemon
