@@ -600,54 +600,6 @@ fn is_empty_dir(dir: &Path) -> Result<bool> {
     }
 }
 
-/// Databases found (a short path, the path relative to the restore) and problems met.
-type Databases = (Vec<(PathBuf, String)>, Vec<String>);
-
-/// The SQLite databases (by header) restored under `dir`, moved with their `-wal` and
-/// `-journal` into `db_dir` so that each opens by a short path whatever its depth. A
-/// database that cannot be moved is a problem of the drill, said and skipped.
-fn collect_databases(dir: &Path, db_dir: &Path) -> std::io::Result<Databases> {
-    std::fs::create_dir_all(db_dir)?;
-    let to = rustix::fs::open(
-        db_dir,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
-        rustix::fs::Mode::empty(),
-    )?;
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    chunkstore::snapshot::for_each_file(dir, |at, name, rel| {
-        let mut head = [0u8; 16];
-        let Ok(f) = rustix::fs::openat(
-            at,
-            name,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW,
-            rustix::fs::Mode::empty(),
-        ) else {
-            return Ok(());
-        };
-        if rustix::io::read(&f, &mut head).ok() != Some(16) || !vfs::is_database_header(&head) {
-            return Ok(());
-        }
-        let n = out.len();
-        let short = format!("{n}.db");
-        if let Err(e) = rustix::fs::renameat(at, name, &to, short.as_str()) {
-            problems.push(format!(
-                "{rel}: a SQLite database the drill cannot check: {e}"
-            ));
-            return Ok(());
-        }
-        for suffix in ["-wal", "-journal"] {
-            let mut companion = name.to_vec();
-            companion.extend_from_slice(suffix.as_bytes());
-            let _ =
-                rustix::fs::renameat(at, &companion[..], &to, format!("{short}{suffix}").as_str());
-        }
-        out.push((db_dir.join(short), rel.to_string()));
-        Ok(())
-    })?;
-    Ok((out, problems))
-}
-
 fn drill(
     cli: &Cli,
     rt: &tokio::runtime::Handle,
@@ -656,97 +608,31 @@ fn drill(
 ) -> Result<i32> {
     let repo = open(cli, rt, false)?;
     let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-    let t0 = Instant::now();
-    let parent = scratch
-        .map(Path::to_path_buf)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = parent.join(format!(
-        "owfs-drill-{}-{}",
-        rec.spec().replace('@', "-"),
-        std::process::id()
-    ));
-    let mut db_dir = dir.clone().into_os_string();
-    db_dir.push(".databases");
-    let db_dir = PathBuf::from(db_dir);
-    let _ = chunkstore::restore::remove_dir_tree(&dir);
-    let _ = chunkstore::restore::remove_dir_tree(&db_dir);
     let progress = Arc::new(Progress::default());
-    progress
-        .total_bytes
-        .store(rec.bytes, std::sync::atomic::Ordering::Relaxed);
-    let result = {
+    let v = {
         let _bar = Bar::start(progress.clone(), "drill:", !cli.json && !cli.quiet);
-        restore_tree(
-            &repo,
-            rec.root_hash()?,
-            &dir,
-            RestoreOptions {
-                keep_going: true,
-                progress: &progress,
-            },
-        )
+        owfs::drill::drill(&repo, &rec, scratch, &progress)?
     };
-    let mut problems: Vec<String> = Vec::new();
-    let mut databases = Vec::new();
-    let report = match result {
-        Ok(r) => {
-            problems.extend(r.errors.iter().cloned());
-            match collect_databases(&dir, &db_dir) {
-                Ok((found, unchecked)) => {
-                    databases = found;
-                    problems.extend(unchecked);
-                }
-                Err(e) => problems.push(format!("looking for SQLite databases: {e}")),
-            }
-            for (p, rel) in &databases {
-                match vfs::integrity_check(p) {
-                    Ok(v) if v.is_empty() => {}
-                    Ok(v) => problems.push(format!("{rel}: integrity_check: {}", v.join("; "))),
-                    Err(e) => problems.push(format!("{rel}: {e}")),
-                }
-            }
-            r
-        }
-        Err(e) => {
-            problems.push(e.to_string());
-            Default::default()
-        }
-    };
-    for d in [&dir, &db_dir] {
-        if let Err(e) = chunkstore::restore::remove_dir_tree(d) {
-            eprintln!(
-                "owfs: drill: cannot remove its scratch directory {}: {e}",
-                d.display()
-            );
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let ok = problems.is_empty();
-    let verdict = json!({
-        "generation": rec.spec(), "ok": ok, "files": report.files, "bytes": report.bytes,
-        "databases": databases.len(), "problems": problems, "seconds": secs, "time_ms": generation::now_ms(),
-    });
-    // The last drill is visible to `owfs status` and to anyone reading the store.
-    let key = format!("ws/{}/drill", rec.workspace);
-    let _ = repo.block_on(repo.store.put(
-        &key,
-        serde_json::to_vec_pretty(&verdict).expect("json").into(),
-    ));
     if cli.json {
-        print_json(&verdict);
-    } else if ok {
+        print_json(&serde_json::to_value(&v).expect("json"));
+    } else if v.ok {
         println!(
-            "drill {}: OK: {} files, {} verified, {} SQLite databases pass integrity_check, in {secs:.2}s",
-            rec.spec(),
-            report.files,
-            ui::size(report.bytes),
-            databases.len()
+            "drill {}: OK: {} files, {} verified, {} SQLite databases pass integrity_check, in {:.2}s",
+            v.generation,
+            v.files,
+            ui::size(v.bytes),
+            v.databases,
+            v.seconds
         );
     } else {
-        println!("drill {}: FAILED: {} problems", rec.spec(), problems.len());
-        for p in &problems {
+        println!(
+            "drill {}: FAILED: {} problems",
+            v.generation,
+            v.problems.len()
+        );
+        for p in &v.problems {
             println!("  {p}");
         }
     }
-    Ok(if ok { 0 } else { exit::DRILL_FAILED })
+    Ok(if v.ok { 0 } else { exit::DRILL_FAILED })
 }

@@ -5,6 +5,7 @@
 //! docs/ARCHITECTURE.md is the map.
 
 pub mod daemon;
+pub mod drill;
 pub mod error;
 pub mod exit;
 pub mod fuse_util;
