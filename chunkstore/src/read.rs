@@ -377,13 +377,7 @@ mod tests {
 
     fn env(blobs: &[&[u8]]) -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let store = crate::Store::open(&format!("file://{}", dir.path().display())).unwrap();
-        let repo = Repo::open(store, rt.handle().clone(), true).unwrap();
+        let (rt, repo) = crate::testdata::file_repo(dir.path());
         let mut w = crate::writer::BlobWriter::new(repo.clone()).unwrap();
         for b in blobs {
             w.add(Hash::of(b), crate::pack::BlobKind::Data, b.to_vec())

@@ -60,3 +60,16 @@ pub fn faulty_file_store(root: &std::path::Path, spec: &str) -> crate::Store {
         &format!("file://{}", root.display()),
     )
 }
+
+/// A new repository on a `file://` store at `dir`, and the runtime its requests run on (keep
+/// both alive as long as the repository is used).
+pub fn file_repo(dir: &std::path::Path) -> (tokio::runtime::Runtime, std::sync::Arc<crate::Repo>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let store = crate::Store::open(&format!("file://{}", dir.display())).expect("a file store");
+    let repo = crate::Repo::open(store, rt.handle().clone(), true).expect("a repository");
+    (rt, repo)
+}

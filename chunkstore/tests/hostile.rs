@@ -18,7 +18,7 @@ use chunkstore::pack::{
 };
 use chunkstore::repo::{decode_config, StoreConfig};
 use chunkstore::tree::{ChunkRef, Content, Entry, Kind, Segment, SegmentRef, Tree};
-use chunkstore::{Repo, Store};
+use chunkstore::Repo;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -804,13 +804,8 @@ fn repo_with_pack() -> (
     Vec<PackEntry>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
-    let repo = Repo::open(store.clone(), rt.handle().clone(), true).unwrap();
+    let (rt, repo) = chunkstore::testdata::file_repo(dir.path());
+    let store = repo.store.clone();
     let raw = [
         (BlobKind::Data, vec![0u8; 10_000]),
         (BlobKind::Tree, Tree::default().encode()),

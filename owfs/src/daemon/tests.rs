@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use super::fuse::{Caller, SetAttr};
 use super::ops::OwfsFs;
 use super::{Daemon, WsOptions};
-use chunkstore::{Repo, Store};
+use chunkstore::Repo;
 
 const ROOT: u64 = super::inodes::ROOT;
 
@@ -473,15 +473,7 @@ impl InProcess {
 
 /// A new `file://` store under `dir`, and the runtime its requests run on.
 fn file_store(dir: &Path) -> (tokio::runtime::Runtime, Arc<Repo>) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("file://{}", dir.join("store").display());
-    let store = Store::open_with(&url, true).unwrap();
-    let repo = Repo::open(store, rt.handle().clone(), true).unwrap();
-    (rt, repo)
+    chunkstore::testdata::file_repo(&dir.join("store"))
 }
 
 fn run_case(steps: &[Step]) {
