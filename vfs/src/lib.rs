@@ -1,7 +1,9 @@
-//! SQLite awareness: recognising database files by their header and checking restored copies
-//! with `PRAGMA integrity_check` (drills). The crate is named for what it is about to hold, the
-//! read-only SQLite VFS over generations, with WAL parsing and verification
-//! (docs/DESIGN.md, "SQLite"); neither exists yet.
+//! SQLite awareness: recognising database files by their header, checking restored copies
+//! with `PRAGMA integrity_check` (drills), and reading a WAL as SQLite's recovery reads it
+//! (`wal`). The crate is named for what it is about to hold, the read-only SQLite VFS over
+//! generations (docs/DESIGN.md §6), which does not exist yet.
+
+pub mod wal;
 
 use std::io::Read;
 use std::path::Path;
