@@ -515,13 +515,38 @@ fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
 }
 
 /// The operations, independent of the transport that carries them (/dev/fuse or the io_uring
-/// queues, both through fuse/wire.rs). Each returns what the reply carries.
-impl OwfsFs {
+/// queues, both through fuse/wire.rs, which decodes the requests). Each returns what the reply
+/// carries.
+impl Operations for OwfsFs {
+    const TTL: Duration = TTL;
+
+    fn init_config(&self) -> InitConfig {
+        InitConfig {
+            want: InitFlags::FUSE_WRITEBACK_CACHE
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_BIG_WRITES
+                // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops
+                // asking for security.capability before every write (a round trip per write()
+                // call).
+                | InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            max_write: MAX_WRITE,
+            max_readahead: Some(1 << 20),
+            max_background: 64,
+            // Three quarters of max_background.
+            congestion_threshold: 48,
+            time_gran: 1,
+        }
+    }
+
     /// An absent name answers a negative entry (node 0) valid for TTL, not ENOENT: the kernel
     /// then keeps the negative dentry, so the next stat, open or O_CREAT of that name costs no
     /// LOOKUP. As for positive entries, every change to a directory comes through this
     /// kernel, which updates its dentries itself (decisions/negative-entries.md).
-    pub(super) fn op_lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
         self.enter(Op::Lookup)?;
         let Some(ino) = self.lookup_child(parent, name)? else {
             return Ok(negative_entry());
@@ -532,7 +557,7 @@ impl OwfsFs {
         Ok(attr_of(ino, n))
     }
 
-    pub(super) fn op_forget(&self, ino: u64, nlookup: u64) {
+    fn forget(&self, ino: u64, nlookup: u64) {
         self.s.count(Op::Forget);
         let mut t = self.s.table.lock();
         if let Some(n) = t.get_mut(ino) {
@@ -541,13 +566,13 @@ impl OwfsFs {
         t.maybe_forget(ino);
     }
 
-    pub(super) fn op_getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+    fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
         self.enter(Op::Getattr)?;
         let t = self.s.table.lock();
         t.get(ino).map(|n| attr_of(ino, n)).ok_or(Errno::ENOENT)
     }
 
-    pub(super) fn op_setattr(&self, c: &Caller, ino: u64, a: SetAttr) -> Result<FileAttr, Errno> {
+    fn setattr(&self, c: &Caller, ino: u64, a: SetAttr) -> Result<FileAttr, Errno> {
         self.mutation(Op::Setattr, || {
             if let Some(sz) = a.size {
                 self.set_size(ino, sz)?;
@@ -599,7 +624,7 @@ impl OwfsFs {
         })
     }
 
-    pub(super) fn op_readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
         self.enter(Op::Readlink)?;
         let t = self.s.table.lock();
         match t.get(ino).map(|n| &n.body) {
@@ -609,7 +634,7 @@ impl OwfsFs {
         }
     }
 
-    pub(super) fn op_mknod(
+    fn mknod(
         &self,
         c: &Caller,
         parent: u64,
@@ -632,17 +657,11 @@ impl OwfsFs {
         }
     }
 
-    pub(super) fn op_mkdir(
-        &self,
-        c: &Caller,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-    ) -> Result<FileAttr, Errno> {
+    fn mkdir(&self, c: &Caller, parent: u64, name: &[u8], mode: u32) -> Result<FileAttr, Errno> {
         self.new_node(Op::Mkdir, c, parent, name, NewNode::new(NKind::Dir, mode))
     }
 
-    pub(super) fn op_symlink(
+    fn symlink(
         &self,
         c: &Caller,
         parent: u64,
@@ -659,12 +678,18 @@ impl OwfsFs {
     /// when closed (docs/decisions/small-files-and-opens.md). The kernel still skips the
     /// permission check of the open that created the file (a 0444 file opened O_WRONLY|O_CREAT
     /// is writable through that descriptor, as on ext4).
-    pub(super) fn op_create(&self) -> Errno {
+    fn create(
+        &self,
+        _c: &Caller,
+        _parent: u64,
+        _name: &[u8],
+        _mode: u32,
+    ) -> Result<(FileAttr, Opened), Errno> {
         self.s.count(Op::Create);
-        Errno::ENOSYS
+        Err(Errno::ENOSYS)
     }
 
-    pub(super) fn op_unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+    fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
         self.mutation(Op::Unlink, || {
             let child = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
             let mut t = self.s.table.lock();
@@ -676,7 +701,7 @@ impl OwfsFs {
         })
     }
 
-    pub(super) fn op_rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+    fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
         self.mutation(Op::Rmdir, || {
             let child = self.lookup_child(parent, name)?.ok_or(Errno::ENOENT)?;
             self.s.ensure_loaded(child)?;
@@ -692,7 +717,7 @@ impl OwfsFs {
         })
     }
 
-    pub(super) fn op_rename(
+    fn rename(
         &self,
         parent: u64,
         name: &[u8],
@@ -803,12 +828,7 @@ impl OwfsFs {
         })
     }
 
-    pub(super) fn op_link(
-        &self,
-        ino: u64,
-        newparent: u64,
-        newname: &[u8],
-    ) -> Result<FileAttr, Errno> {
+    fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<FileAttr, Errno> {
         self.mutation(Op::Link, || {
             let newname = check_name(newname)?;
             if self.lookup_child(newparent, newname)?.is_some() {
@@ -846,18 +866,18 @@ impl OwfsFs {
     /// keyed by inode, and an unlinked file lives until the kernel forgets its inode, which
     /// it cannot do while the file is open. O_TRUNC then arrives as SETATTR (no
     /// FUSE_ATOMIC_O_TRUNC, see init_config).
-    pub(super) fn op_open(&self) -> Errno {
+    fn open(&self, _ino: u64) -> Result<Opened, Errno> {
         self.s.count(Op::Open);
-        Errno::ENOSYS
+        Err(Errno::ENOSYS)
     }
 
-    pub(super) fn op_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         self.enter(Op::Read)?;
         self.file_data(ino)
             .and_then(|d| d.read(&self.s.repo, offset, size).map_err(errno))
     }
 
-    pub(super) fn op_write(
+    fn write(
         &self,
         c: &Caller,
         ino: u64,
@@ -903,17 +923,18 @@ impl OwfsFs {
     }
 
     /// ENOSYS once: the kernel stops sending FLUSH on close (one round trip less).
-    pub(super) fn op_flush(&self) -> Errno {
+    fn flush(&self, _ino: u64) -> Result<(), Errno> {
         self.s.count(Op::Flush);
-        Errno::ENOSYS
+        Err(Errno::ENOSYS)
     }
 
-    /// Files created before the first open (see `op_open`) are still released.
-    pub(super) fn op_release(&self) {
+    /// Files created before the first open (see `open`) are still released.
+    fn release(&self, _ino: u64, _fh: u64) -> Result<(), Errno> {
         self.s.count(Op::Release);
+        Ok(())
     }
 
-    pub(super) fn op_fsync(&self, ino: u64) -> Result<(), Errno> {
+    fn fsync(&self, ino: u64, _datasync: bool) -> Result<(), Errno> {
         self.enter(Op::Fsync)?;
         // Local-disk durability; the store gets it at the next cut (or `owfs sync`).
         let d = {
@@ -924,7 +945,7 @@ impl OwfsFs {
     }
 
     /// A snapshot of the directory's entries, read by READDIR(PLUS) at offsets into it.
-    pub(super) fn op_opendir(&self, ino: u64) -> Result<u64, Errno> {
+    fn opendir(&self, ino: u64) -> Result<Opened, Errno> {
         self.enter(Op::Opendir)?;
         self.s.ensure_loaded(ino)?;
         let listing = {
@@ -946,16 +967,14 @@ impl OwfsFs {
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs.lock().insert(fh, Arc::new(listing));
-        Ok(fh)
+        Ok(Opened {
+            fh,
+            flags: DIR_OPEN_FLAGS,
+        })
     }
 
     /// Entries from `offset` on, until `add` says the reply is full.
-    pub(super) fn op_readdir(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut add: impl FnMut(u64, u64, FileType, &[u8]) -> bool,
-    ) -> Result<(), Errno> {
+    fn readdir(&self, _ino: u64, fh: u64, offset: u64, add: &mut AddDirent) -> Result<(), Errno> {
         self.enter(Op::Readdir)?;
         let l = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         for (i, (name, ino, kind)) in l.iter().enumerate().skip(offset as usize) {
@@ -966,12 +985,13 @@ impl OwfsFs {
         Ok(())
     }
 
-    /// Like `op_readdir` with attributes; each entry added counts as a lookup.
-    pub(super) fn op_readdirplus(
+    /// Like `readdir` with attributes; each entry added counts as a lookup.
+    fn readdirplus(
         &self,
+        _ino: u64,
         fh: u64,
         offset: u64,
-        mut add: impl FnMut(u64, &[u8], &FileAttr) -> bool,
+        add: &mut AddDirentPlus,
     ) -> Result<(), Errno> {
         self.enter(Op::Readdirplus)?;
         let l = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
@@ -988,12 +1008,13 @@ impl OwfsFs {
         Ok(())
     }
 
-    pub(super) fn op_releasedir(&self, fh: u64) {
+    fn releasedir(&self, _ino: u64, fh: u64) -> Result<(), Errno> {
         self.s.count(Op::Releasedir);
         self.dirs.lock().remove(&fh);
+        Ok(())
     }
 
-    pub(super) fn op_fsyncdir(&self, ino: u64, datasync: bool) -> Result<(), Errno> {
+    fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<(), Errno> {
         self.enter(Op::Fsyncdir)?;
         // fsync of the root directory: `sync` for programs that know only POSIX. fdatasync
         // of a directory is what SQLite does after every rollback-journal commit: local.
@@ -1013,18 +1034,24 @@ impl OwfsFs {
         }
     }
 
-    pub(super) fn op_statfs(&self) -> Result<rustix::fs::StatVfs, Errno> {
+    /// The cache directory's file system: what the working copy can still hold.
+    fn statfs(&self, _ino: u64) -> Result<Statfs, Errno> {
         self.enter(Op::Statfs)?;
-        rustix::fs::statvfs(&self.s.cache_dir).map_err(|e| Errno::from_i32(e.raw_os_error()))
+        let v = rustix::fs::statvfs(&self.s.cache_dir)
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        Ok(Statfs {
+            blocks: v.f_blocks,
+            bfree: v.f_bfree,
+            bavail: v.f_bavail,
+            files: v.f_files,
+            ffree: v.f_ffree,
+            bsize: v.f_bsize as u32,
+            namelen: 255,
+            frsize: v.f_frsize as u32,
+        })
     }
 
-    pub(super) fn op_setxattr(
-        &self,
-        ino: u64,
-        name: &[u8],
-        value: &[u8],
-        flags: i32,
-    ) -> Result<(), Errno> {
+    fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
         self.change_xattrs(Op::Setxattr, ino, |x| {
             if !name.starts_with(b"user.") {
                 return Err(Errno::EOPNOTSUPP);
@@ -1044,14 +1071,14 @@ impl OwfsFs {
         })
     }
 
-    pub(super) fn op_getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
+    fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
         self.enter(Op::Getxattr)?;
         let t = self.s.table.lock();
         let n = t.get(ino).ok_or(Errno::ENOENT)?;
         xattr_answer(n.xattrs.get(name).ok_or(Errno::ENODATA)?, size)
     }
 
-    pub(super) fn op_listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
+    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
         self.enter(Op::Listxattr)?;
         let t = self.s.table.lock();
         let n = t.get(ino).ok_or(Errno::ENOENT)?;
@@ -1063,19 +1090,13 @@ impl OwfsFs {
         xattr_answer(&buf, size)
     }
 
-    pub(super) fn op_removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+    fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
         self.change_xattrs(Op::Removexattr, ino, |x| {
             x.remove(name).map(|_| ()).ok_or(Errno::ENODATA)
         })
     }
 
-    pub(super) fn op_fallocate(
-        &self,
-        ino: u64,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> Result<(), Errno> {
+    fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
         self.mutation(Op::Fallocate, || {
             let known =
                 libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
@@ -1088,206 +1109,6 @@ impl OwfsFs {
             self.data_changed(ino, 0);
             Ok(())
         })
-    }
-}
-
-/// The operations as both FUSE transports call them (fuse/wire.rs decodes the requests).
-impl Operations for OwfsFs {
-    const TTL: Duration = TTL;
-
-    fn init_config(&self) -> InitConfig {
-        InitConfig {
-            want: InitFlags::FUSE_WRITEBACK_CACHE
-                | InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_CACHE_SYMLINKS
-                | InitFlags::FUSE_MAX_PAGES
-                | InitFlags::FUSE_BIG_WRITES
-                // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops
-                // asking for security.capability before every write (a round trip per write()
-                // call).
-                | InitFlags::FUSE_HANDLE_KILLPRIV_V2,
-            max_write: MAX_WRITE,
-            max_readahead: Some(1 << 20),
-            max_background: 64,
-            // Three quarters of max_background.
-            congestion_threshold: 48,
-            time_gran: 1,
-        }
-    }
-
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
-        self.op_lookup(parent, name)
-    }
-
-    fn forget(&self, ino: u64, nlookup: u64) {
-        self.op_forget(ino, nlookup)
-    }
-
-    fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
-        self.op_getattr(ino)
-    }
-
-    fn setattr(&self, c: &Caller, ino: u64, a: SetAttr) -> Result<FileAttr, Errno> {
-        self.op_setattr(c, ino, a)
-    }
-
-    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
-        self.op_readlink(ino)
-    }
-
-    fn mknod(
-        &self,
-        c: &Caller,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-        rdev: u32,
-    ) -> Result<FileAttr, Errno> {
-        self.op_mknod(c, parent, name, mode, rdev)
-    }
-
-    fn mkdir(&self, c: &Caller, parent: u64, name: &[u8], mode: u32) -> Result<FileAttr, Errno> {
-        self.op_mkdir(c, parent, name, mode)
-    }
-
-    fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
-        self.op_unlink(parent, name)
-    }
-
-    fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
-        self.op_rmdir(parent, name)
-    }
-
-    fn symlink(
-        &self,
-        c: &Caller,
-        parent: u64,
-        name: &[u8],
-        target: &[u8],
-    ) -> Result<FileAttr, Errno> {
-        self.op_symlink(c, parent, name, target)
-    }
-
-    fn rename(
-        &self,
-        parent: u64,
-        name: &[u8],
-        newparent: u64,
-        newname: &[u8],
-        flags: RenameFlags,
-    ) -> Result<(), Errno> {
-        self.op_rename(parent, name, newparent, newname, flags)
-    }
-
-    fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<FileAttr, Errno> {
-        self.op_link(ino, newparent, newname)
-    }
-
-    fn open(&self, _ino: u64) -> Result<Opened, Errno> {
-        Err(self.op_open())
-    }
-
-    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        self.op_read(ino, offset, size)
-    }
-
-    fn write(
-        &self,
-        c: &Caller,
-        ino: u64,
-        offset: u64,
-        data: &[u8],
-        kill_suidgid: bool,
-    ) -> Result<u32, Errno> {
-        self.op_write(c, ino, offset, data, kill_suidgid)
-    }
-
-    fn flush(&self, _ino: u64) -> Result<(), Errno> {
-        Err(self.op_flush())
-    }
-
-    fn release(&self, _ino: u64, _fh: u64) -> Result<(), Errno> {
-        self.op_release();
-        Ok(())
-    }
-
-    fn fsync(&self, ino: u64, _datasync: bool) -> Result<(), Errno> {
-        self.op_fsync(ino)
-    }
-
-    fn opendir(&self, ino: u64) -> Result<Opened, Errno> {
-        self.op_opendir(ino).map(|fh| Opened {
-            fh,
-            flags: DIR_OPEN_FLAGS,
-        })
-    }
-
-    fn readdir(&self, _ino: u64, fh: u64, offset: u64, add: &mut AddDirent) -> Result<(), Errno> {
-        self.op_readdir(fh, offset, add)
-    }
-
-    fn readdirplus(
-        &self,
-        _ino: u64,
-        fh: u64,
-        offset: u64,
-        add: &mut AddDirentPlus,
-    ) -> Result<(), Errno> {
-        self.op_readdirplus(fh, offset, add)
-    }
-
-    fn releasedir(&self, _ino: u64, fh: u64) -> Result<(), Errno> {
-        self.op_releasedir(fh);
-        Ok(())
-    }
-
-    fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<(), Errno> {
-        self.op_fsyncdir(ino, datasync)
-    }
-
-    fn statfs(&self, _ino: u64) -> Result<Statfs, Errno> {
-        self.op_statfs().map(|v| Statfs {
-            blocks: v.f_blocks,
-            bfree: v.f_bfree,
-            bavail: v.f_bavail,
-            files: v.f_files,
-            ffree: v.f_ffree,
-            bsize: v.f_bsize as u32,
-            namelen: 255,
-            frsize: v.f_frsize as u32,
-        })
-    }
-
-    fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<(), Errno> {
-        self.op_setxattr(ino, name, value, flags)
-    }
-
-    fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<Xattr, Errno> {
-        self.op_getxattr(ino, name, size)
-    }
-
-    fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
-        self.op_listxattr(ino, size)
-    }
-
-    fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
-        self.op_removexattr(ino, name)
-    }
-
-    fn create(
-        &self,
-        _c: &Caller,
-        _parent: u64,
-        _name: &[u8],
-        _mode: u32,
-    ) -> Result<(FileAttr, Opened), Errno> {
-        Err(self.op_create())
-    }
-
-    fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
-        self.op_fallocate(ino, offset, length, mode)
     }
 }
 

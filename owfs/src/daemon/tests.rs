@@ -14,7 +14,7 @@ use std::sync::Arc;
 use fuser::{Errno, FileType, RenameFlags};
 use proptest::prelude::*;
 
-use super::fuse::{Caller, SetAttr};
+use super::fuse::{Caller, Operations, SetAttr};
 use super::ops::OwfsFs;
 use super::{Daemon, WsOptions};
 use chunkstore::Repo;
@@ -246,7 +246,7 @@ impl InProcess {
     fn resolve(&self, path: &str) -> Option<u64> {
         let mut ino = ROOT;
         for part in path.split('/').filter(|p| !p.is_empty()) {
-            let a = self.fs.op_lookup(ino, part.as_bytes()).ok()?;
+            let a = self.fs.lookup(ino, part.as_bytes()).ok()?;
             if a.ino.0 == 0 {
                 return None;
             }
@@ -260,15 +260,15 @@ impl InProcess {
         let mut out = BTreeMap::new();
         let mut stack = vec![(String::new(), ROOT)];
         while let Some((dir, ino)) = stack.pop() {
-            let fh = self.fs.op_opendir(ino).expect("opendir");
+            let fh = self.fs.opendir(ino).expect("opendir").fh;
             let mut entries = Vec::new();
             self.fs
-                .op_readdir(fh, 0, |child, _, kind, name| {
+                .readdir(ino, fh, 0, &mut |child, _, kind, name| {
                     entries.push((child, kind, name.to_vec()));
                     false
                 })
                 .expect("readdir");
-            self.fs.op_releasedir(fh);
+            self.fs.releasedir(ino, fh).unwrap();
             for (child, kind, name) in entries {
                 if name == b"." || name == b".." {
                     continue;
@@ -279,14 +279,14 @@ impl InProcess {
                         stack.push((path.clone(), child));
                         Seen::Dir
                     }
-                    FileType::Symlink => Seen::Symlink(self.fs.op_readlink(child).unwrap()),
+                    FileType::Symlink => Seen::Symlink(self.fs.readlink(child).unwrap()),
                     _ => {
-                        let a = self.fs.op_getattr(child).unwrap();
+                        let a = self.fs.getattr(child).unwrap();
                         let mut b = Vec::new();
                         while (b.len() as u64) < a.size {
                             let chunk = self
                                 .fs
-                                .op_read(child, b.len() as u64, 128 << 10)
+                                .read(child, 0, b.len() as u64, 128 << 10)
                                 .expect("read");
                             assert!(!chunk.is_empty(), "{path}: short read at {}", b.len());
                             b.extend_from_slice(&chunk);
@@ -320,18 +320,18 @@ impl InProcess {
                 let name = NAMES[n].as_bytes();
                 match *s {
                     Step::Mkdir(..) => {
-                        self.fs.op_mkdir(c, parent, name, 0o755).unwrap();
+                        self.fs.mkdir(c, parent, name, 0o755).unwrap();
                         m.names.insert(p, MNode::Dir);
                     }
                     Step::Create(..) => {
                         self.fs
-                            .op_mknod(c, parent, name, libc::S_IFREG | 0o644, 0)
+                            .mknod(c, parent, name, libc::S_IFREG | 0o644, 0)
                             .unwrap();
                         m.add_file(&p);
                     }
                     Step::Symlink(_, _, t) => {
                         let target = format!("target-{t}").into_bytes();
-                        self.fs.op_symlink(c, parent, name, &target).unwrap();
+                        self.fs.symlink(c, parent, name, &target).unwrap();
                         m.names.insert(p, MNode::Symlink(target));
                     }
                     _ => unreachable!(),
@@ -344,7 +344,7 @@ impl InProcess {
                 };
                 let ino = self.resolve(&p).unwrap();
                 let data = bytes(seed, len);
-                let wrote = self.fs.op_write(c, ino, off, &data, false).unwrap();
+                let wrote = self.fs.write(c, ino, off, &data, false).unwrap();
                 assert_eq!(wrote as usize, len);
                 let f = m.files.get_mut(&id).unwrap();
                 let end = off as usize + len;
@@ -363,7 +363,7 @@ impl InProcess {
                     size: Some(size),
                     ..Default::default()
                 };
-                self.fs.op_setattr(c, ino, a).unwrap();
+                self.fs.setattr(c, ino, a).unwrap();
                 m.files.get_mut(&id).unwrap().resize(size as usize, 0);
             }
             Step::Unlink(d, n) => {
@@ -373,7 +373,7 @@ impl InProcess {
                     _ => return,
                 }
                 let parent = parent_of(d).unwrap();
-                self.fs.op_unlink(parent, NAMES[n].as_bytes()).unwrap();
+                self.fs.unlink(parent, NAMES[n].as_bytes()).unwrap();
                 m.names.remove(&p);
             }
             Step::Rmdir(d, n) => {
@@ -382,7 +382,7 @@ impl InProcess {
                     return;
                 }
                 let parent = parent_of(d).unwrap();
-                let r = self.fs.op_rmdir(parent, NAMES[n].as_bytes());
+                let r = self.fs.rmdir(parent, NAMES[n].as_bytes());
                 if m.children(&p).is_empty() {
                     r.unwrap();
                     m.names.remove(&p);
@@ -410,7 +410,7 @@ impl InProcess {
                     }
                 }
                 let op = parent_of(d).unwrap();
-                let r = self.fs.op_rename(
+                let r = self.fs.rename(
                     op,
                     NAMES[n].as_bytes(),
                     np,
@@ -438,7 +438,7 @@ impl InProcess {
                     return;
                 }
                 let ino = self.resolve(&from).unwrap();
-                self.fs.op_link(ino, np, NAMES[n2].as_bytes()).unwrap();
+                self.fs.link(ino, np, NAMES[n2].as_bytes()).unwrap();
                 m.names.insert(to, MNode::File(id));
             }
             Step::Commit => {
@@ -571,9 +571,9 @@ fn a_failing_file_check_fails_the_commit_and_the_next_cut_retries() {
     };
     let before = latest();
     let a =
-        d.fs.op_mknod(&d.caller, ROOT, b"f", libc::S_IFREG | 0o644, 0)
+        d.fs.mknod(&d.caller, ROOT, b"f", libc::S_IFREG | 0o644, 0)
             .unwrap();
-    d.fs.op_write(&d.caller, a.ino.0, 0, b"thirteen byte", false)
+    d.fs.write(&d.caller, a.ino.0, 0, b"thirteen byte", false)
         .unwrap();
     let err = d
         .daemon
