@@ -43,8 +43,8 @@ impl Hash {
         drop(known);
         let h = Hash::of(&vec![0u8; len as usize]);
         let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-        // A handful of lengths in practice (the zero chunk of each chunking setting); at most
-        // 25 through `is_zeros` (the powers of two up to 16 MiB), so nothing is evicted there.
+        // A handful of lengths in practice (the zero chunk of each chunking setting; `is_zeros`
+        // keeps its powers of two apart).
         if known.len() >= 32 {
             known.remove(0);
         }
@@ -57,7 +57,14 @@ impl Hash {
     /// a check costs a lookup, never hashing a new length on the read path.
     pub fn is_zeros(&self, len: u32) -> bool {
         // A length from the store is not trusted: past the largest chunk, never zeros.
-        len.is_power_of_two() && len <= MAX_ZERO_CHUNK && *self == Hash::of_zeros(len)
+        if !len.is_power_of_two() || len > MAX_ZERO_CHUNK {
+            return false;
+        }
+        // One slot per power of two, filled once: no lock on the read path.
+        const SLOTS: usize = MAX_ZERO_CHUNK.trailing_zeros() as usize + 1;
+        static POW2: [std::sync::OnceLock<Hash>; SLOTS] =
+            [const { std::sync::OnceLock::new() }; SLOTS];
+        *self == *POW2[len.trailing_zeros() as usize].get_or_init(|| Hash::of_zeros(len))
     }
 
     /// Short form for messages.

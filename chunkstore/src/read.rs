@@ -174,15 +174,19 @@ impl FileMap {
 /// hash was checked when it was opened): a map and blob that disagree are damage, never
 /// bytes at wrong offsets.
 pub fn check_chunk(c: &ChunkRef, raw: Vec<u8>, path: &str) -> Result<Vec<u8>> {
-    if raw.len() != c.len as usize {
+    check_len(c, raw.len(), path)?;
+    Ok(raw)
+}
+
+fn check_len(c: &ChunkRef, len: usize, path: &str) -> Result<()> {
+    if len != c.len as usize {
         return Err(Error::corrupt(format!(
-            "content of {path:?}: chunk {} holds {} bytes, its file says {}",
+            "content of {path:?}: chunk {} holds {len} bytes, its file says {}",
             c.hash.short(),
-            raw.len(),
             c.len
         )));
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// The verified bytes of one chunk of the file `path`, from the store (or the node's blob
@@ -275,10 +279,14 @@ impl Reader {
             return Ok(None);
         }
         let fetch = || fetch_data(&self.repo, &piece.chunk, path).map(Arc::new);
-        match &self.cache {
-            Some(cache) => cache.get_or_insert_with(&piece.chunk.hash, fetch).map(Some),
-            None => fetch().map(Some),
-        }
+        let data = match &self.cache {
+            Some(cache) => cache.get_or_insert_with(&piece.chunk.hash, fetch)?,
+            None => fetch()?,
+        };
+        // A cached chunk was checked against the length of the map that fetched it; another
+        // map may name the same hash with another length (a damaged tree).
+        check_len(&piece.chunk, data.len(), path)?;
+        Ok(Some(data))
     }
 
     /// Reads the file's bytes at `offset` into `buf`, fetching only the chunks that cover
@@ -498,6 +506,22 @@ mod tests {
         }]);
         let file = reader.open(&short, 4000, "f").unwrap();
         let err = reader.read_at(&file, 0, &mut [0u8; 10], "f").unwrap_err();
+        assert!(err.is_damage(), "{err}");
+        // The same, once the right map has put the chunk in the cache.
+        let right = reader.open(&content, 5000, "f").unwrap();
+        let mut whole = vec![0u8; 5000];
+        assert_eq!(reader.read_at(&right, 0, &mut whole, "f").unwrap(), 5000);
+        assert_eq!(whole, a);
+        let err = reader.read_at(&file, 0, &mut [0u8; 10], "f").unwrap_err();
+        assert!(err.is_damage(), "{err}");
+        let longer = Content::Chunks(vec![ChunkRef {
+            len: 6000,
+            ..chunk(&a)
+        }]);
+        let file = reader.open(&longer, 6000, "f").unwrap();
+        let err = reader
+            .read_at(&file, 5500, &mut [0u8; 10], "f")
+            .unwrap_err();
         assert!(err.is_damage(), "{err}");
         // A chunk no pack holds: the error names it.
         let gone = crate::testdata::noise(100, 5);

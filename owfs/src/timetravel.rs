@@ -330,29 +330,12 @@ impl Operations for TimeTravel {
                 .find(|(k, _)| k.as_slice() == name)
                 .map(|(_, v)| v.clone())
         })?;
-        xattr_answer(size, &value.ok_or(Errno::NO_XATTR)?)
+        Xattr::answer(&value.ok_or(Errno::NO_XATTR)?, size)
     }
 
     fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
-        let names = self.with_node(ino, |n| {
-            let mut names = Vec::new();
-            for (k, _) in &n.entry.xattrs {
-                names.extend_from_slice(k);
-                names.push(0);
-            }
-            names
-        })?;
-        xattr_answer(size, &names)
-    }
-}
-
-/// The xattr reply protocol: size 0 asks for the length; a short buffer is ERANGE.
-fn xattr_answer(size: u32, bytes: &[u8]) -> Result<Xattr, Errno> {
-    if size == 0 {
-        Ok(Xattr::Size(bytes.len() as u32))
-    } else if bytes.len() > size as usize {
-        Err(Errno::ERANGE)
-    } else {
-        Ok(Xattr::Data(bytes.to_vec()))
+        self.with_node(ino, |n| {
+            Xattr::names(n.entry.xattrs.iter().map(|(k, _)| k), size)
+        })?
     }
 }

@@ -98,6 +98,12 @@ impl Shared {
         !self.life.lease_lost() && self.lease.deadline.may_serve_now()
     }
 
+    /// Whether file operations are answered: the phase (neither halting nor lease lost, which
+    /// `answers_requests` covers) and the lease's deadline, one load each.
+    pub(super) fn answers_requests(&self) -> bool {
+        self.life.answers_requests() && self.lease.deadline.may_serve_now()
+    }
+
     /// Right before publishing generation `number`: `Lost` unless this node may still serve.
     pub(super) fn may_publish(&self, number: u64) -> std::result::Result<(), lease::Error> {
         if self.serving() {

@@ -11,8 +11,6 @@ use chunkstore::tree::{link_count, link_key, Content, Entry, Kind};
 use chunkstore::Hash;
 
 use super::content::{FileData, LocalRes, Pinned};
-#[allow(unused_imports)]
-use super::ranges::RangeSet;
 
 pub const ROOT: u64 = 1;
 

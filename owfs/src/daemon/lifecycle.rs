@@ -114,7 +114,8 @@ impl Lifecycle {
     }
 
     /// Moves to `next` if that is forward; false if the daemon is already there or past it
-    /// (the first reason to stop wins). `settled`: nothing more to do for this phase before
+    /// (of two reasons for one phase, the first wins; a later phase, say a lost lease while
+    /// halting, brings its own reason). `settled`: nothing more to do for this phase before
     /// `serve` may return (else `settle` says when). Invariant: the phase never moves back.
     pub fn advance(&self, next: Phase, why: Option<&str>, settled: bool) -> bool {
         let mut w = self.why.lock();

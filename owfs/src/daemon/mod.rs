@@ -732,7 +732,6 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| Error::io("thread", e))
 }
 
-/// Runs the read-write mount in this process until it is unmounted; returns the exit status.
 /// A read-write daemon of one workspace. `start` takes the lease, fences a previous holder,
 /// applies a fork or rollback and loads the inode table; nothing is mounted yet. `serve`
 /// mounts it and serves until it stops, and says why. Tests drive a started daemon

@@ -227,7 +227,7 @@ impl OwfsFs {
 
     /// EIO once the mount failed, is stopping, or its lease could have passed to another node.
     fn alive(&self) -> Result<(), Errno> {
-        if self.s.serving() && self.s.life.answers_requests() {
+        if self.s.answers_requests() {
             Ok(())
         } else {
             Err(Errno::EIO)
@@ -504,16 +504,6 @@ impl OwfsFs {
     }
 }
 
-fn xattr_answer(v: &[u8], size: u32) -> Result<Xattr, Errno> {
-    if size == 0 {
-        Ok(Xattr::Size(v.len() as u32))
-    } else if v.len() > size as usize {
-        Err(Errno::ERANGE)
-    } else {
-        Ok(Xattr::Data(v.to_vec()))
-    }
-}
-
 /// The operations, independent of the transport that carries them (/dev/fuse or the io_uring
 /// queues, both through fuse/wire.rs, which decodes the requests). Each returns what the reply
 /// carries.
@@ -527,8 +517,7 @@ impl Operations for OwfsFs {
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_CACHE_SYMLINKS
-                | InitFlags::FUSE_MAX_PAGES
-                | InitFlags::FUSE_BIG_WRITES
+                // (FUSE_MAX_PAGES and FUSE_BIG_WRITES: the codec always asks, wire::ALWAYS.)
                 // We clear setuid/setgid ourselves (kill_suidgid): the kernel then stops
                 // asking for security.capability before every write (a round trip per write()
                 // call).
@@ -1075,19 +1064,14 @@ impl Operations for OwfsFs {
         self.enter(Op::Getxattr)?;
         let t = self.s.table.lock();
         let n = t.get(ino).ok_or(Errno::ENOENT)?;
-        xattr_answer(n.xattrs.get(name).ok_or(Errno::ENODATA)?, size)
+        Xattr::answer(n.xattrs.get(name).ok_or(Errno::ENODATA)?, size)
     }
 
     fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, Errno> {
         self.enter(Op::Listxattr)?;
         let t = self.s.table.lock();
         let n = t.get(ino).ok_or(Errno::ENOENT)?;
-        let mut buf = Vec::new();
-        for k in n.xattrs.keys() {
-            buf.extend_from_slice(k);
-            buf.push(0);
-        }
-        xattr_answer(&buf, size)
+        Xattr::names(n.xattrs.keys(), size)
     }
 
     fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {

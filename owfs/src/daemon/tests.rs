@@ -224,10 +224,14 @@ impl InProcess {
     fn start(repo: &Arc<Repo>, ws: &str, dir: &Path) -> InProcess {
         let mountpoint = dir.join("never-mounted");
         std::fs::create_dir_all(&mountpoint).unwrap();
-        let opts = WsOptions {
+        let mut opts = WsOptions {
             prefetch: false,
             ..WsOptions::default()
         };
+        // No renewer runs in-process: a lease that outlives any test (a loaded machine
+        // must not turn a slow case into EIO).
+        opts.lease.ttl = std::time::Duration::from_secs(3600);
+        opts.lease.renew_every = std::time::Duration::from_secs(1200);
         let daemon = Daemon::start(repo.clone(), ws, &mountpoint, Some(dir.join("cache")), opts)
             .expect("the daemon starts on a file:// store");
         let fs = OwfsFs::new(daemon.shared().clone());
@@ -404,7 +408,7 @@ impl InProcess {
                     if (*dst == MNode::Dir) != src_dir {
                         return;
                     }
-                    if dst == &src {
+                    if matches!((dst, &src), (MNode::File(a), MNode::File(b)) if a == b) {
                         // Two names of one file: rename(2) does nothing.
                         return;
                     }
@@ -589,4 +593,31 @@ fn a_failing_file_check_fails_the_commit_and_the_next_cut_retries() {
     *model.files.get_mut(&1).unwrap() = b"thirteen byte".to_vec();
     assert_eq!(d.seen(), model.seen());
     d.daemon.finish().unwrap();
+}
+
+/// A lost lease ends the committer, whatever it was doing: `serve` joins it before it says
+/// how the daemon stopped, so a committer that went on would keep the process forever.
+#[test]
+fn a_lost_lease_ends_the_committer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_rt, repo) = file_store(tmp.path());
+    let d = InProcess::start(&repo, "ws", &tmp.path().join("one"));
+    let s = d.daemon.shared().clone();
+    let committer = std::thread::spawn(move || s.committer());
+    d.fs.mknod(&d.caller, ROOT, b"f", libc::S_IFREG | 0o644, 0)
+        .unwrap();
+    d.daemon.shared().lease_lost("taken over in a test");
+    let t0 = std::time::Instant::now();
+    while !committer.is_finished() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the committer still runs after the lease was lost"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    committer.join().unwrap();
+    assert!(
+        d.daemon.shared().sync_now().is_err(),
+        "a sync after the loss fails"
+    );
 }

@@ -3,7 +3,7 @@
 //! file (its cache path, its size at the cut, and its bytes as the cut froze them) and may
 //! fail the commit, which then publishes nothing and leaves every file changed for the next
 //! cut. The SQLite WAL verification (docs/DESIGN.md §6) plugs in here; until it exists the
-//! list is empty and a commit pays nothing for it.
+//! list is empty and a commit pays one uncontended read lock per frozen file for it.
 
 use chunkstore::rechunk::ReadAt;
 

@@ -373,9 +373,10 @@ impl Shared {
             epoch: self.epoch,
         });
         rec.root_attr = Some(cut.root_attr);
-        // Invariant: along a workspace's history generation numbers grow by one and lease
-        // epochs never fall; a record that breaks this would fork or rewind the history.
-        if rec.number != parent.number + 1 || rec.epoch < parent.epoch {
+        // Invariant: along a workspace's history lease epochs never fall (the number is the
+        // parent's + 1 by construction, `record`); a record that broke it would let an older
+        // holder's history continue over a newer one's.
+        if rec.epoch < parent.epoch {
             return Err(Error::Store {
                 store: repo.store.url().to_string(),
                 detail: format!(

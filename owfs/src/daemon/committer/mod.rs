@@ -272,16 +272,13 @@ impl Shared {
             };
             nice.background(!(asked || stop));
             if self.life.lease_lost() {
+                // Nothing is committed any more: answer every waiter and end, whatever the
+                // phase was (a loss during the last commit's retries included).
                 let mut s = self.sync.lock();
                 s.done_err = target;
                 s.err = Some("the mount stopped serving writes".into());
                 self.sync_cv.notify_all();
-                if stop {
-                    break;
-                }
-                drop(s);
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+                break;
             }
             let r = self.commit_once(!stop, asked);
             let committed = matches!(r, Ok(Some(_)));

@@ -7,7 +7,6 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use rustix::io::Errno as OsErrno;
@@ -138,8 +137,7 @@ fn serve_one<O: Operations>(
             Some(Err(fuser::Errno::EIO))
         } else {
             let args = &req[IN_HEADER..];
-            std::panic::catch_unwind(AssertUnwindSafe(|| wire::dispatch(ops, &h, args)))
-                .unwrap_or(Some(Err(fuser::Errno::EIO)))
+            wire::dispatch(ops, &h, args)
         };
         if let Some(a) = answer {
             send(fd, h.unique, a);

@@ -1,6 +1,8 @@
 //! The FUSE transport: mounting, the one decoder of the kernel's requests, and the two ways
 //! requests arrive. A file system implements [`Operations`] (plain arguments in, plain answers
-//! out); the transports call it and never the other way round.
+//! out); the transports call it, and the operations never call a transport (the io_uring
+//! queues still reach the read-write daemon's `Shared` to halt and count, see
+//! docs/decisions/one-fuse-decoder.md).
 //!
 //! - `mount.rs`: mount(2) as root, `fusermount3` otherwise; unmount when the connection ends.
 //! - `wire.rs`: the codec. Every opcode is decoded there and only there, whichever transport
@@ -62,6 +64,32 @@ pub(crate) struct SetAttr {
 pub(crate) enum Xattr {
     Size(u32),
     Data(Vec<u8>),
+}
+
+impl Xattr {
+    /// The xattr reply protocol: `size` 0 asks for the length; a buffer too short is ERANGE.
+    pub(crate) fn answer(bytes: &[u8], size: u32) -> Result<Xattr, Errno> {
+        if size == 0 {
+            Ok(Xattr::Size(bytes.len() as u32))
+        } else if bytes.len() > size as usize {
+            Err(Errno::ERANGE)
+        } else {
+            Ok(Xattr::Data(bytes.to_vec()))
+        }
+    }
+
+    /// A LISTXATTR answer: the names, each followed by a NUL.
+    pub(crate) fn names<'a>(
+        names: impl IntoIterator<Item = &'a Vec<u8>>,
+        size: u32,
+    ) -> Result<Xattr, Errno> {
+        let mut list = Vec::new();
+        for k in names {
+            list.extend_from_slice(k);
+            list.push(0);
+        }
+        Xattr::answer(&list, size)
+    }
 }
 
 /// An OPEN or OPENDIR answer: the handle later requests carry, and `FOPEN_*` flags.

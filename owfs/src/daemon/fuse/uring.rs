@@ -10,7 +10,6 @@
 //! everything before the last queue registers.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -227,10 +226,11 @@ fn serve(fs: &OwfsFs, fd: RawFd, q: usize, k: usize) -> Result<(), Failure> {
             Err(e) => (-(e.code()), Vec::new()),
         };
         buf[PREFIX..PREFIX + body.len()].copy_from_slice(&body);
-        // struct fuse_out_header: len, error, unique.
-        hdr.in_out[0..4].copy_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        hdr.in_out[4..8].copy_from_slice(&error.to_ne_bytes());
-        hdr.in_out[8..16].copy_from_slice(&unique.to_ne_bytes());
+        hdr.in_out[..wire::OUT_HEADER].copy_from_slice(&wire::out_header(
+            unique,
+            error,
+            body.len(),
+        ));
         hdr.payload_sz = body.len() as u32;
         next = Some(command(fd, CMD_COMMIT_AND_FETCH, unique, qid, &iov));
     }
@@ -255,12 +255,11 @@ fn handle(
     let start = PREFIX - op_len;
     buf[start..PREFIX].copy_from_slice(&hdr.op_in[..op_len]);
     let args = &buf[start..PREFIX + payload];
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| wire::dispatch(fs, &h, args)));
     // The kernel queues FORGETs (the only requests that take no answer) for /dev/fuse, never
     // here; should one come, an empty answer fetches the next request.
     (
         Some(h),
-        r.unwrap_or(Some(Err(Errno::EIO))).unwrap_or(Ok(Vec::new())),
+        wire::dispatch(fs, &h, args).unwrap_or(Ok(Vec::new())),
     )
 }
 
