@@ -35,6 +35,10 @@ pub struct Chunker {
 }
 
 impl Chunker {
+    pub fn params(&self) -> ChunkParams {
+        self.p
+    }
+
     pub fn new(p: ChunkParams) -> Chunker {
         Chunker { p, buf: Vec::new() }
     }

@@ -7,8 +7,11 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 4] = b"OWFS";
-/// Format version of trees, segments, indexes and pack trailers written by this build.
-pub const FORMAT_VERSION: u8 = 1;
+/// Format version of trees, nodes, indexes and pack trailers written by this build. Version 2
+/// added part lists (`Content::Parts`, `Content::Node`, inline parts); everything of version 1
+/// decodes unchanged, so both are read.
+pub const FORMAT_VERSION: u8 = 2;
+const OLDEST_READ: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -17,6 +20,7 @@ pub enum ObjKind {
     Segment = 2,
     Index = 3,
     PackTrailer = 4,
+    Node = 5,
 }
 
 pub fn encode<T: Serialize>(kind: ObjKind, value: &T) -> Vec<u8> {
@@ -41,10 +45,10 @@ pub fn decode<T: DeserializeOwned>(kind: ObjKind, bytes: &[u8], what: &str) -> R
             kind as u8, bytes[4]
         )));
     }
-    if bytes[5] != FORMAT_VERSION {
+    if !(OLDEST_READ..=FORMAT_VERSION).contains(&bytes[5]) {
         return Err(Error::Format {
             what: format!(
-                "{what} has format version {}, this owfs reads version {FORMAT_VERSION}; use a matching owfs release",
+                "{what} has format version {}, this owfs reads versions {OLDEST_READ} to {FORMAT_VERSION}; use a matching owfs release",
                 bytes[5]
             ),
         });

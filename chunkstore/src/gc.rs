@@ -16,7 +16,7 @@ use crate::index::IndexFile;
 use crate::pack::{pack_key, read_trailer, PackEntry};
 use crate::read::chunk_list;
 use crate::repo::Repo;
-use crate::tree::{Content, Kind};
+use crate::tree::{Content, Kind, Part};
 
 const CONDEMNED: &str = "gc/condemned";
 
@@ -98,14 +98,28 @@ pub fn mark(repo: &Arc<Repo>, root: Hash, live: &mut HashSet<Hash>) -> Result<()
                     stack.push((sub, format!("{}{}/", dir, e.name_lossy())));
                 }
                 (_, Content::Chunks(cs)) => live.extend(cs.iter().map(|c| c.hash)),
+                (_, Content::Parts(ps)) => live.extend(ps.iter().filter_map(Part::blob)),
                 (_, Content::Segments(ss)) => {
                     for s in ss {
                         if live.insert(s.hash) {
                             let path = format!("{}{}", dir, e.name_lossy());
                             let chunks = chunk_list(repo, &Content::Segments(vec![*s]), &path)?;
-                            live.extend(chunks.iter().map(|c| c.hash));
+                            live.extend(chunks.iter().filter_map(Part::blob));
                         }
                     }
+                }
+                (_, Content::Node(root)) => {
+                    // A node already marked was walked with everything under it.
+                    let path = format!("{}{}", dir, e.name_lossy());
+                    let mut chunks = Vec::new();
+                    crate::parts::walk(
+                        repo,
+                        root,
+                        &path,
+                        |n| live.insert(n.hash),
+                        |ps| chunks.extend(ps.iter().filter_map(Part::blob)),
+                    )?;
+                    live.extend(chunks);
                 }
                 (_, Content::Empty) => {}
             }

@@ -13,7 +13,7 @@ use crate::hash::Hash;
 use crate::progress::Progress;
 use crate::read::chunk_list;
 use crate::repo::Repo;
-use crate::tree::{Content, Kind};
+use crate::tree::{Content, Kind, Part};
 
 const FETCH_PLAN: FetchPlan = FetchPlan {
     coalesce_gap: 1 << 20,
@@ -67,9 +67,11 @@ pub fn prepull(
                     if matches!(e.content, Content::Empty) {
                         continue;
                     }
-                    for c in chunk_list(repo, &e.content, &child)? {
-                        if seen.insert(c.hash) {
-                            wanted.push((c.hash, c.len));
+                    for p in chunk_list(repo, &e.content, &child)? {
+                        if let Part::Chunk(c) = p {
+                            if seen.insert(c.hash) {
+                                wanted.push((c.hash, c.len));
+                            }
                         }
                     }
                 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::repo::Repo;
-use crate::tree::{chunk_starts, ChunkRef, Content, Entry, Kind, Segment, Tree};
+use crate::tree::{part_starts, ChunkRef, Content, Entry, Kind, Part, Tree};
 
 /// Splits a workspace path (`/a/b`, `a/b`, `/`) into components; `.`, `..` and empty parts
 /// are refused rather than interpreted.
@@ -66,28 +66,9 @@ pub fn lookup(repo: &Arc<Repo>, root: Hash, path: &str, at: &str) -> Result<Foun
     Ok(Found::Dir(tree))
 }
 
-/// The full chunk list of a file's content: inline in its entry, or in segments fetched and
-/// verified here. `path` names the file in messages.
-pub fn chunk_list(repo: &Repo, content: &Content, path: &str) -> Result<Vec<ChunkRef>> {
-    match content {
-        Content::Empty => Ok(Vec::new()),
-        Content::Chunks(c) => Ok(c.clone()),
-        Content::Segments(segs) => {
-            let mut out = Vec::new();
-            for s in segs {
-                let what = format!("chunk list of {path:?}");
-                let seg = Segment::decode(&repo.read_blob(&s.hash, &what)?, &what)?;
-                if seg.chunks.len() != s.chunks as usize {
-                    return Err(Error::corrupt(format!(
-                        "{what}: segment {} has a wrong length",
-                        s.hash.short()
-                    )));
-                }
-                out.extend(seg.chunks);
-            }
-            Ok(out)
-        }
-    }
+/// The full part list of a file's content (`parts::list`).
+pub fn chunk_list(repo: &Repo, content: &Content, path: &str) -> Result<Vec<Part>> {
+    crate::parts::list(repo, content, path)
 }
 
 /// A file of a generation as its chunk map: its chunks in order and the offset where each
@@ -95,28 +76,28 @@ pub fn chunk_list(repo: &Repo, content: &Content, path: &str) -> Result<Vec<Chun
 /// the file belongs to exactly one chunk.
 #[derive(Debug)]
 pub struct FileMap {
-    chunks: Vec<ChunkRef>,
+    chunks: Vec<Part>,
     starts: Vec<u64>,
     size: u64,
 }
 
-/// One chunk of a file, at its place in the file.
+/// One part of a file, at its place in the file.
 #[derive(Debug, Clone, Copy)]
 pub struct Piece {
-    /// Offset of the chunk's first byte in the file.
+    /// Offset of the part's first byte in the file.
     pub start: u64,
-    pub chunk: ChunkRef,
+    pub part: Part,
 }
 
 impl Piece {
-    /// Offset just past the chunk's last byte.
+    /// Offset just past the part's last byte.
     pub fn end(&self) -> u64 {
-        self.start + self.chunk.len as u64
+        self.start + self.part.len()
     }
 
     /// Whether this is a hole's chunk: all zeros, known from its hash, never fetched.
     pub fn is_hole(&self) -> bool {
-        self.chunk.hash.is_zeros(self.chunk.len)
+        matches!(self.part, Part::Chunk(c) if c.hash.is_zeros(c.len))
     }
 }
 
@@ -125,7 +106,7 @@ impl FileMap {
     /// up to `size` are damage, refused here rather than read as a short or padded file.
     pub fn load(repo: &Repo, content: &Content, size: u64, path: &str) -> Result<FileMap> {
         let chunks = chunk_list(repo, content, path)?;
-        let (starts, total) = chunk_starts(&chunks);
+        let (starts, total) = part_starts(&chunks);
         if total != size {
             return Err(Error::corrupt(format!(
                 "{path:?}: chunks hold {total} bytes, the entry says {size}"
@@ -142,7 +123,7 @@ impl FileMap {
         self.size
     }
 
-    pub fn chunks(&self) -> &[ChunkRef] {
+    pub fn chunks(&self) -> &[Part] {
         &self.chunks
     }
 
@@ -165,7 +146,7 @@ impl FileMap {
             .take_while(move |&i| self.starts[i] < end)
             .map(|i| Piece {
                 start: self.starts[i],
-                chunk: self.chunks[i],
+                part: self.chunks[i],
             })
     }
 }
@@ -189,13 +170,14 @@ fn check_len(c: &ChunkRef, len: usize, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// The verified bytes of one chunk of the file `path`, from the store (or the node's blob
-/// cache); `None` for a hole's chunk, which is not fetched.
+/// The verified bytes of one part of the file `path`: inline, or from the store (or the
+/// node's blob cache); `None` for a hole's chunk, which is not fetched.
 pub fn fetch_chunk(repo: &Repo, piece: &Piece, path: &str) -> Result<Option<Vec<u8>>> {
-    if piece.is_hole() {
-        return Ok(None);
+    match piece.part {
+        _ if piece.is_hole() => Ok(None),
+        Part::Inline(i) => Ok(Some(i.bytes().to_vec())),
+        Part::Chunk(c) => fetch_data(repo, &c, path).map(Some),
     }
-    fetch_data(repo, &piece.chunk, path).map(Some)
 }
 
 fn fetch_data(repo: &Repo, c: &ChunkRef, path: &str) -> Result<Vec<u8>> {
@@ -213,7 +195,7 @@ pub fn write_file(repo: &Arc<Repo>, entry: &Entry, path: &str, out: &mut dyn Wri
         let written = match fetch_chunk(repo, &p, path)? {
             Some(data) => out.write_all(&data),
             None => {
-                zeros.resize(p.chunk.len as usize, 0);
+                zeros.resize(p.part.len() as usize, 0);
                 out.write_all(&zeros)
             }
         };
@@ -275,17 +257,19 @@ impl Reader {
     /// One chunk's verified bytes, from the cache or fetched (and then cached); `None` for a
     /// hole's chunk.
     pub fn chunk(&self, piece: &Piece, path: &str) -> Result<Option<Arc<Vec<u8>>>> {
-        if piece.is_hole() {
-            return Ok(None);
-        }
-        let fetch = || fetch_data(&self.repo, &piece.chunk, path).map(Arc::new);
+        let c = match piece.part {
+            _ if piece.is_hole() => return Ok(None),
+            Part::Inline(i) => return Ok(Some(Arc::new(i.bytes().to_vec()))),
+            Part::Chunk(c) => c,
+        };
+        let fetch = || fetch_data(&self.repo, &c, path).map(Arc::new);
         let data = match &self.cache {
-            Some(cache) => cache.get_or_insert_with(&piece.chunk.hash, fetch)?,
+            Some(cache) => cache.get_or_insert_with(&c.hash, fetch)?,
             None => fetch()?,
         };
         // A cached chunk was checked against the length of the map that fetched it; another
         // map may name the same hash with another length (a damaged tree).
-        check_len(&piece.chunk, data.len(), path)?;
+        check_len(&c, data.len(), path)?;
         Ok(Some(data))
     }
 
@@ -322,15 +306,12 @@ mod tests {
     use super::*;
 
     fn map(lens: &[u32]) -> FileMap {
-        let chunks: Vec<ChunkRef> = lens
+        let chunks: Vec<Part> = lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| ChunkRef {
-                hash: Hash::of(&[i as u8]),
-                len,
-            })
+            .map(|(i, &len)| Part::chunk(Hash::of(&[i as u8]), len))
             .collect();
-        let (starts, size) = chunk_starts(&chunks);
+        let (starts, size) = part_starts(&chunks);
         FileMap {
             chunks,
             starts,
@@ -360,17 +341,11 @@ mod tests {
     fn a_hole_is_the_zero_chunk_of_a_power_of_two_length() {
         let hole = Piece {
             start: 0,
-            chunk: ChunkRef {
-                hash: Hash::of_zeros(1 << 16),
-                len: 1 << 16,
-            },
+            part: Part::chunk(Hash::of_zeros(1 << 16), 1 << 16),
         };
         assert!(hole.is_hole());
         let data = Piece {
-            chunk: ChunkRef {
-                hash: Hash::of(b"x"),
-                len: 1 << 16,
-            },
+            part: Part::chunk(Hash::of(b"x"), 1 << 16),
             ..hole
         };
         assert!(!data.is_hole());

@@ -21,6 +21,17 @@ pub trait ReadAt {
     }
 }
 
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 impl ReadAt for std::fs::File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
@@ -29,7 +40,7 @@ impl ReadAt for std::fs::File {
 
 use crate::chunker::{cut_chunks, ChunkParams};
 use crate::hash::Hash;
-use crate::tree::{chunk_starts, ChunkRef};
+use crate::tree::{part_starts, Part};
 
 /// Read window when re-chunking a region: several maximal chunks.
 const WINDOW_CHUNKS: usize = 4;
@@ -78,15 +89,15 @@ fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
 pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     file: &R,
     new_size: u64,
-    old: &[ChunkRef],
+    old: &[Part],
     dirty: Vec<Range<u64>>,
     p: ChunkParams,
     mut fresh: impl FnMut(&[u8], Hash) -> Result<(), E>,
-) -> Result<(Vec<ChunkRef>, u64), E> {
-    let (starts, old_size) = chunk_starts(old);
+) -> Result<(Vec<Part>, u64), E> {
+    let (starts, old_size) = part_starts(old);
     let dirty = normalize(dirty, old_size, new_size);
     let max = p.max as u64;
-    let mut out: Vec<ChunkRef> = Vec::with_capacity(old.len() + 4);
+    let mut out: Vec<Part> = Vec::with_capacity(old.len() + 4);
     let mut bytes_read = 0u64;
     let mut pos = 0u64; // new-file offset covered so far by `out`
     let mut buf: Vec<u8> = Vec::new();
@@ -98,7 +109,7 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
         if d >= dirty.len() || pos < dirty[d].start {
             let i = starts.partition_point(|s| *s < pos);
             if i < old.len() && starts[i] == pos {
-                let end = pos + old[i].len as u64;
+                let end = pos + old[i].len();
                 let stop = dirty.get(d).map(|r| r.start).unwrap_or(u64::MAX);
                 // Keep the chunk before a change out too: its cut may read the next bytes.
                 if end + max <= stop.min(new_size)
@@ -123,10 +134,7 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
                 zero_sent = true;
             }
             for _ in 0..n {
-                out.push(ChunkRef {
-                    hash,
-                    len: zlen as u32,
-                });
+                out.push(Part::chunk(hash, zlen as u32));
             }
             pos += n * zlen;
             while d < dirty.len() && dirty[d].end <= pos {
@@ -144,10 +152,7 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
         let at = cut_chunks(&buf, eof, p, |data, end| -> Result<bool, E> {
             let hash = Hash::of(data);
             fresh(data, hash)?;
-            out.push(ChunkRef {
-                hash,
-                len: data.len() as u32,
-            });
+            out.push(Part::chunk(hash, data.len() as u32));
             // Re-synchronised at an old boundary whose deciding bytes are unchanged?
             let b = pos + end as u64;
             while d < dirty.len() && dirty[d].end <= b {
@@ -160,7 +165,7 @@ pub fn rechunk<E: From<std::io::Error>, R: ReadAt + ?Sized>(
         pos += at as u64;
     }
     assert_eq!(
-        out.iter().map(|c| c.len as u64).sum::<u64>(),
+        out.iter().map(Part::len).sum::<u64>(),
         new_size,
         "re-chunked list must cover the file"
     );
@@ -174,13 +179,10 @@ mod tests {
     use crate::testdata::noise;
     use proptest::prelude::*;
 
-    fn full(data: &[u8]) -> Vec<ChunkRef> {
+    fn full(data: &[u8]) -> Vec<Part> {
         let mut out = Vec::new();
         chunk_reader::<_, std::io::Error>(data, ChunkParams::default(), |c| {
-            out.push(ChunkRef {
-                hash: Hash::of(c),
-                len: c.len() as u32,
-            });
+            out.push(Part::chunk(Hash::of(c), c.len() as u32));
             Ok(())
         })
         .unwrap();
@@ -291,7 +293,7 @@ mod tests {
             );
         }
         // A write starting exactly on a chunk boundary, and one ending on one.
-        let b: u64 = full(&old).iter().take(100).map(|c| c.len as u64).sum();
+        let b: u64 = full(&old).iter().take(100).map(Part::len).sum();
         check(&old, &[(b, vec![3; 5000])], old.len() as u64);
         check(&old, &[(b - 5000, vec![4; 5000])], old.len() as u64);
         // Appending and truncating.

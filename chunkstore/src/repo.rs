@@ -103,6 +103,10 @@ pub const COMPACT_MAX_AGE_MS: u64 = 10 * 60 * 1000;
 pub const COMPACT_AT: usize = 16;
 /// ... or, with at least two, once the last merge is this old.
 pub const COMPACT_EVERY_MS: u64 = 60 * 1000;
+/// An index object naming more blobs than this (about 45 KiB) is never merged by the mount:
+/// merging re-uploads what it merges, and a commit that wrote a large database's pages would
+/// otherwise be uploaded again at every merge for ten minutes. gc merges it.
+pub const COMPACT_MAX_ENTRIES: usize = 1024;
 
 /// What one compaction did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -254,7 +258,10 @@ impl Repo {
         let now = crate::generation::now_ms();
         let inputs = {
             let mut own = self.own_index.lock().expect("own index");
-            own.retain(|o| now.saturating_sub(o.packs_since_ms) < COMPACT_MAX_AGE_MS);
+            own.retain(|o| {
+                now.saturating_sub(o.packs_since_ms) < COMPACT_MAX_AGE_MS
+                    && o.packs.iter().map(|(_, e)| e.len()).sum::<usize>() <= COMPACT_MAX_ENTRIES
+            });
             let due = own.len() >= COMPACT_AT
                 || (own.len() >= 2 && now.saturating_sub(last_ms) >= COMPACT_EVERY_MS);
             if !due {

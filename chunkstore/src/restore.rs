@@ -31,7 +31,7 @@ use crate::repo::Repo;
 use crate::snapshot::{
     list_dir, open_dir, open_dir_path, proc_path, stat_at, under, DirChain, RelPath,
 };
-use crate::tree::{Entry, Kind};
+use crate::tree::{ChunkRef, Entry, Kind, Part};
 
 /// A batch is fetched when it holds this much raw data or this many files.
 const BATCH_BYTES: u64 = 64 << 20;
@@ -76,6 +76,7 @@ struct Job {
     file: usize,
     /// The chunk and where it goes in the file.
     piece: Piece,
+    chunk: ChunkRef,
 }
 
 /// A restored directory: its parent's index in `Restorer::nodes` and its name. The chain of
@@ -533,14 +534,20 @@ impl Restorer<'_> {
         let map = FileMap::load(self.repo, &e.content, e.size, rel)?;
         let idx = self.files.len();
         for piece in map.pieces() {
-            if piece.is_hole() {
+            let c = match piece.part {
                 // The file stays sparse there, nothing to fetch.
-                continue;
-            }
-            let (pack, entry) = self
-                .repo
-                .locate(&piece.chunk.hash, &format!("content of {rel:?}"))?;
+                _ if piece.is_hole() => continue,
+                // A few bytes kept in the part list (a WAL's frame header).
+                Part::Inline(i) => {
+                    file.write_all_at(i.bytes(), piece.start).map_err(io)?;
+                    self.opts.progress.add(0, piece.part.len());
+                    continue;
+                }
+                Part::Chunk(c) => c,
+            };
+            let (pack, entry) = self.repo.locate(&c.hash, &format!("content of {rel:?}"))?;
             self.jobs.push(Job {
+                chunk: c,
                 pack,
                 entry,
                 file: idx,
@@ -572,7 +579,7 @@ impl Restorer<'_> {
             let j = &jobs[i];
             let pf = &self.files[j.file];
             let res = raw.and_then(|raw| {
-                let raw = check_chunk(&j.piece.chunk, raw, &pf.rel)?;
+                let raw = check_chunk(&j.chunk, raw, &pf.rel)?;
                 self.opts.progress.add(0, raw.len() as u64);
                 if raw.iter().all(|b| *b == 0) {
                     return Ok(());

@@ -21,15 +21,12 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, CWD};
 use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
+use crate::layout::{self, Layout};
 use crate::pack::BlobKind;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::tree::{ChunkRef, Content, Entry, Kind, Segment, SegmentRef, Tree};
+use crate::tree::{Content, Entry, Kind, Part, Tree};
 use crate::writer::{BlobWriter, WriteStats};
-
-/// Files with more chunks than this keep their chunk list in segments.
-const SEGMENT_MIN_CHUNKS: usize = 512;
-const SEGMENT_MAX_CHUNKS: usize = 4096;
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct TreeStats {
@@ -652,10 +649,8 @@ impl Walker<'_> {
     }
 
     fn note_reused(&mut self, content: &Content) {
-        match content {
-            Content::Empty => {}
-            Content::Chunks(cs) => cs.iter().for_each(|c| self.writer.note_reused(c.hash)),
-            Content::Segments(ss) => ss.iter().for_each(|s| self.writer.note_reused(s.hash)),
+        for h in content.direct_blobs() {
+            self.writer.note_reused(h);
         }
     }
 
@@ -669,57 +664,39 @@ impl Walker<'_> {
         )
         .map_err(|e| Error::io(path(), e.into()))?;
         let f = File::from(fd);
-        let mut chunks: Vec<ChunkRef> = Vec::new();
+        let mut chunks: Vec<Part> = Vec::new();
         let writer = &mut self.writer;
-        let size = self
-            .chunker
-            .chunk(f, |data| -> Result<()> {
-                let hash = Hash::of(data);
-                chunks.push(ChunkRef {
-                    hash,
-                    len: data.len() as u32,
-                });
-                writer.add(hash, BlobKind::Data, data.to_vec())
+        let io_err = |e: Error| match e {
+            Error::Io { source, .. } => Error::io(under(self.root, rel), source),
+            other => other.at_path(rel),
+        };
+        let len = f.metadata().map_err(|e| Error::io(path(), e))?.len();
+        let layout = layout::detect_file(&f, len).map_err(|e| Error::io(path(), e))?;
+        let size = if layout == Layout::Content {
+            self.chunker
+                .chunk(f, |data| -> Result<()> {
+                    let hash = Hash::of(data);
+                    chunks.push(Part::chunk(hash, data.len() as u32));
+                    writer.add(hash, BlobKind::Data, data.to_vec())
+                })
+                .map_err(io_err)?
+        } else {
+            // A SQLite database or WAL: cut at its pages (docs/decisions/sqlite-pages.md).
+            let params = self.chunker.params();
+            let (parts, _) = layout::relayout(layout, &f, len, &[], Vec::new(), params, |d, h| {
+                writer.add(h, BlobKind::Data, d.to_vec())
             })
-            .map_err(|e| match e {
-                Error::Io { source, .. } => Error::io(under(self.root, rel), source),
-                other => other.at_path(rel),
-            })?;
+            .map_err(io_err)?;
+            chunks = parts;
+            len
+        };
         Ok((encode_content(writer, chunks)?, size))
     }
 }
 
-/// A chunk list as stored in a tree entry: inline when short, else segmented by chunk hash.
-pub fn encode_content(writer: &mut BlobWriter, chunks: Vec<ChunkRef>) -> Result<Content> {
-    if chunks.is_empty() {
-        return Ok(Content::Empty);
-    }
-    if chunks.len() <= SEGMENT_MIN_CHUNKS {
-        return Ok(Content::Chunks(chunks));
-    }
-    let mut segs = Vec::new();
-    let mut cur: Vec<ChunkRef> = Vec::new();
-    let n = chunks.len();
-    for (i, c) in chunks.into_iter().enumerate() {
-        let boundary = c.hash.0[31] == 0 && cur.len() >= 32;
-        cur.push(c);
-        if boundary || cur.len() >= SEGMENT_MAX_CHUNKS || i + 1 == n {
-            let seg = Segment {
-                chunks: std::mem::take(&mut cur),
-            };
-            let bytes_len: u64 = seg.chunks.iter().map(|c| c.len as u64).sum();
-            let count = seg.chunks.len() as u32;
-            let data = seg.encode();
-            let hash = Hash::of(&data);
-            writer.add(hash, BlobKind::Segment, data)?;
-            segs.push(SegmentRef {
-                hash,
-                bytes: bytes_len,
-                chunks: count,
-            });
-        }
-    }
-    Ok(Content::Segments(segs))
+/// A part list as stored in a tree entry (`parts::encode`).
+pub fn encode_content(writer: &mut BlobWriter, parts: Vec<Part>) -> Result<Content> {
+    crate::parts::encode(writer, parts)
 }
 
 #[cfg(test)]

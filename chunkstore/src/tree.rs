@@ -34,23 +34,174 @@ pub struct SegmentRef {
     pub chunks: u32,
 }
 
-/// Start offset of each chunk of a chunk list, and the total length.
-pub fn chunk_starts(chunks: &[ChunkRef]) -> (Vec<u64>, u64) {
-    let mut starts = Vec::with_capacity(chunks.len());
+/// Start offset of each part of a part list, and the total length.
+pub fn part_starts(parts: &[Part]) -> (Vec<u64>, u64) {
+    let mut starts = Vec::with_capacity(parts.len());
     let mut off = 0u64;
-    for c in chunks {
+    for p in parts {
         starts.push(off);
-        off += c.len as u64;
+        off += p.len();
     }
     (starts, off)
 }
 
+/// The most bytes a part may hold inline (`Part::Inline`).
+pub const INLINE_MAX: usize = 32;
+
+/// A few bytes of a file kept in its part list itself: no blob, no index entry, no request.
+/// A WAL's 32-byte header and each frame's 24-byte header are stored this way, so that the
+/// page between two frame headers is a chunk of its own, the same chunk as that page in the
+/// database (docs/decisions/sqlite-pages.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Inline {
+    len: u8,
+    bytes: [u8; INLINE_MAX],
+}
+
+impl Inline {
+    /// `None` when `data` is longer than `INLINE_MAX`.
+    pub fn new(data: &[u8]) -> Option<Inline> {
+        (data.len() <= INLINE_MAX).then(|| {
+            let mut bytes = [0u8; INLINE_MAX];
+            bytes[..data.len()].copy_from_slice(data);
+            Inline {
+                len: data.len() as u8,
+                bytes,
+            }
+        })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for Inline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Inline({} bytes)", self.len)
+    }
+}
+
+impl Serialize for Inline {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for Inline {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Inline, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Inline;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "at most {INLINE_MAX} bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Inline, E> {
+                Inline::new(v).ok_or_else(|| E::invalid_length(v.len(), &self))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// One piece of a file, in order: a chunk stored as a blob, or a few bytes inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Part {
+    Chunk(ChunkRef),
+    Inline(Inline),
+}
+
+impl Part {
+    pub fn chunk(hash: Hash, len: u32) -> Part {
+        Part::Chunk(ChunkRef { hash, len })
+    }
+
+    /// The number of file bytes it holds.
+    pub fn len(&self) -> u64 {
+        match self {
+            Part::Chunk(c) => c.len as u64,
+            Part::Inline(i) => i.len as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The blob it names, if it is not inline.
+    pub fn blob(&self) -> Option<Hash> {
+        match self {
+            Part::Chunk(c) => Some(c.hash),
+            Part::Inline(_) => None,
+        }
+    }
+}
+
+/// A node of a large file's part list, as its parent names it: the node's hash, and the file
+/// bytes and parts below it (checked when the node is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub hash: Hash,
+    pub bytes: u64,
+    pub parts: u64,
+}
+
+/// A stored node of a part list: a run of parts, or of nodes one level down. Boundaries are
+/// chosen by hash (content-defined), so a change of one page rewrites one node per level,
+/// whatever the size of the file (docs/decisions/sqlite-pages.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    Leaf(Vec<Part>),
+    Inner(Vec<NodeRef>),
+}
+
+impl Node {
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(ObjKind::Node, self)
+    }
+
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Node> {
+        codec::decode(ObjKind::Node, bytes, what)
+    }
+}
+
+/// A file's content as its directory entry holds it. `Chunks` and `Segments` are what owfs
+/// wrote before part lists (format version 1); they are read, never written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Content {
     #[default]
     Empty,
     Chunks(Vec<ChunkRef>),
     Segments(Vec<SegmentRef>),
+    /// A short part list, inline in the entry.
+    Parts(Vec<Part>),
+    /// A long one, as the root of a tree of nodes.
+    Node(NodeRef),
+}
+
+impl Content {
+    /// The file bytes it holds (as its own metadata says; readers check it against the parts).
+    pub fn size(&self) -> u64 {
+        match self {
+            Content::Empty => 0,
+            Content::Chunks(cs) => cs.iter().map(|c| c.len as u64).sum(),
+            Content::Segments(ss) => ss.iter().map(|s| s.bytes).sum(),
+            Content::Parts(ps) => ps.iter().map(Part::len).sum(),
+            Content::Node(n) => n.bytes,
+        }
+    }
+
+    /// The blobs this entry names directly (chunks of an inline list, segments, the root
+    /// node); what a commit that keeps the content relies on.
+    pub fn direct_blobs(&self) -> Vec<Hash> {
+        match self {
+            Content::Empty => Vec::new(),
+            Content::Chunks(cs) => cs.iter().map(|c| c.hash).collect(),
+            Content::Segments(ss) => ss.iter().map(|s| s.hash).collect(),
+            Content::Parts(ps) => ps.iter().filter_map(Part::blob).collect(),
+            Content::Node(n) => vec![n.hash],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

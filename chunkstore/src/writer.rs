@@ -130,6 +130,12 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// The blobs this writer is uploading (tests).
+    #[cfg(test)]
+    pub fn queued_hashes(&self) -> Vec<Hash> {
+        self.queued.iter().copied().collect()
+    }
+
     /// Records that this commit refers to a blob it did not write (e.g. from the parent).
     pub fn note_reused(&mut self, hash: Hash) {
         if !self.queued.contains(&hash) {

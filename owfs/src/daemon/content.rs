@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chunkstore::read::{self, FileMap};
-use chunkstore::tree::{ChunkRef, Content};
+use chunkstore::tree::{Content, Part};
 use chunkstore::Repo;
 use parking_lot::Condvar;
 
@@ -106,7 +106,7 @@ pub struct FileState {
     pub dirty: RangeSet,
     /// The content the last generation holds for this file, and its chunk list.
     pub base: Content,
-    base_chunks: Option<Arc<Vec<ChunkRef>>>,
+    base_chunks: Option<Arc<Vec<Part>>>,
     pub frozen: Option<Frozen>,
     /// Writes copying their bytes into the cache file outside the lock (see `write`): those
     /// begun since the last cut, and those begun before it (the cut's view waits for them).
@@ -605,7 +605,7 @@ impl FileData {
     }
 
     /// The chunk list of the last committed content.
-    pub fn base_chunks(&self, repo: &Repo) -> io::Result<Arc<Vec<ChunkRef>>> {
+    pub fn base_chunks(&self, repo: &Repo) -> io::Result<Arc<Vec<Part>>> {
         let (base, cached) = {
             let st = self.st.lock();
             (st.base.clone(), st.base_chunks.clone())
@@ -723,7 +723,7 @@ impl FileData {
 
     /// After the cut's generation is durable (`Some(new base)`), or failed (`None`: the
     /// frozen ranges are dirty again).
-    pub fn thaw(&self, result: Option<(Content, Arc<Vec<ChunkRef>>)>, frozen_dirty: &[Range<u64>]) {
+    pub fn thaw(&self, result: Option<(Content, Arc<Vec<Part>>)>, frozen_dirty: &[Range<u64>]) {
         let mut st = self.st.lock();
         st.frozen = None;
         match result {

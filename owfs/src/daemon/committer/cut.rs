@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chunkstore::generation::RootAttr;
+use chunkstore::layout;
 use chunkstore::pack::BlobKind;
 use chunkstore::publish::{publish_checked, record, NewGen};
 use chunkstore::snapshot::{encode_content, TreeStats};
-use chunkstore::tree::{ChunkRef, Content, Entry, Tree};
+use chunkstore::tree::{Content, Entry, Part, Tree};
 use chunkstore::writer::BlobWriter;
 use chunkstore::{Error, GenRecord, Hash, Result};
 
@@ -255,7 +256,7 @@ impl Shared {
         parent: &GenRecord,
     ) -> crate::error::Result<GenRecord> {
         let mut results: Vec<(u64, Entry)> = Vec::new();
-        let mut contents: HashMap<u64, (Content, Arc<Vec<ChunkRef>>)> = HashMap::new();
+        let mut contents: HashMap<u64, (Content, Arc<Vec<Part>>)> = HashMap::new();
         let outcome = self.upload(&mut cut, parent, &mut results, &mut contents);
         // Thaw files: success gives them their new base.
         for (ino, ff) in &cut.files {
@@ -304,7 +305,7 @@ impl Shared {
         cut: &mut Cut,
         parent: &GenRecord,
         results: &mut Vec<(u64, Entry)>,
-        contents: &mut HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+        contents: &mut HashMap<u64, (Content, Arc<Vec<Part>>)>,
     ) -> crate::error::Result<GenRecord> {
         let repo = &self.repo;
         let mut writer = BlobWriter::new(repo.clone())?;
@@ -328,7 +329,12 @@ impl Shared {
                 .read()
                 .run(&frozen)
                 .map_err(|why| Error::io(&ff.data.path, std::io::Error::other(why)))?;
-            let (chunks, _read) = chunkstore::rechunk::rechunk::<Error, _>(
+            // Databases and WALs are cut at their pages, other files by content
+            // (docs/decisions/sqlite-pages.md).
+            let layout =
+                layout::detect_file(&view, ff.size).map_err(|e| Error::io(&ff.data.path, e))?;
+            let (chunks, _read) = layout::relayout::<Error, _>(
+                layout,
                 &view,
                 ff.size,
                 &old,
@@ -342,8 +348,8 @@ impl Shared {
             })?;
             // Chunks kept from the old list are blobs this commit relies on (gc checks them);
             // the writer ignores the ones it is uploading itself.
-            for c in &chunks {
-                writer.note_reused(c.hash);
+            for h in chunks.iter().filter_map(Part::blob) {
+                writer.note_reused(h);
             }
             let list = Arc::new(chunks.clone());
             let content = encode_content(&mut writer, chunks)?;
@@ -398,10 +404,8 @@ fn note_entry_reused(writer: &mut BlobWriter, e: &Entry) {
     if let Some(h) = e.subtree {
         writer.note_reused(h);
     }
-    match &e.content {
-        Content::Empty => {}
-        Content::Chunks(cs) => cs.iter().for_each(|c| writer.note_reused(c.hash)),
-        Content::Segments(ss) => ss.iter().for_each(|s| writer.note_reused(s.hash)),
+    for h in e.content.direct_blobs() {
+        writer.note_reused(h);
     }
 }
 
@@ -409,7 +413,7 @@ fn note_entry_reused(writer: &mut BlobWriter, e: &Entry) {
 fn build_tree(
     writer: &mut BlobWriter,
     dirs: FrozenDirs,
-    contents: &HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+    contents: &HashMap<u64, (Content, Arc<Vec<Part>>)>,
     results: &mut Vec<(u64, Entry)>,
 ) -> Result<Hash> {
     let mut hashes: Vec<Option<Hash>> = vec![None; dirs.len()];
@@ -424,7 +428,7 @@ fn build_tree(
 fn build_dir(
     writer: &mut BlobWriter,
     items: Items,
-    contents: &HashMap<u64, (Content, Arc<Vec<ChunkRef>>)>,
+    contents: &HashMap<u64, (Content, Arc<Vec<Part>>)>,
     results: &mut Vec<(u64, Entry)>,
     built: &[Option<Hash>],
 ) -> Result<Hash> {
@@ -442,11 +446,7 @@ fn build_dir(
                 let (content, _) = contents.get(&ino).expect("frozen file was chunked");
                 entry.content = content.clone();
                 // The size is the frozen size (a later write may have grown the node).
-                entry.size = match content {
-                    Content::Empty => 0,
-                    Content::Chunks(cs) => cs.iter().map(|c| c.len as u64).sum(),
-                    Content::Segments(ss) => ss.iter().map(|s| s.bytes).sum(),
-                };
+                entry.size = content.size();
                 results.push((ino, entry.clone()));
                 entry
             }
