@@ -3,6 +3,7 @@
 //! (`wal`). The crate is named for what it is about to hold, the read-only SQLite VFS over
 //! generations (docs/DESIGN.md §6), which does not exist yet.
 
+pub mod db;
 pub mod wal;
 
 use std::io::Read;
