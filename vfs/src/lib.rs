@@ -73,6 +73,21 @@ pub fn integrity_check(path: &Path) -> Result<Vec<String>, Error> {
     Ok(rows.into_iter().filter(|r| r != "ok").collect())
 }
 
+/// `PRAGMA page_count` of the database at `path`, opened read-write as [`integrity_check`]
+/// opens it (same caveats).
+pub fn page_count(path: &Path) -> Result<u32, Error> {
+    let shown = path.display().to_string();
+    let conn = rusqlite::Connection::open(path).map_err(|source| Error::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(|source| Error::Check {
+            path: shown,
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
