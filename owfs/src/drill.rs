@@ -192,8 +192,9 @@ pub fn drill(
                 Err(e) => problems.push(format!("looking for SQLite databases: {e}")),
             }
             for (p, rel) in &databases {
-                if let Some(want) = rec.sqlite.get(rel.trim_start_matches('/')) {
-                    recorded.push(check_recorded(p, rel, want, &mut problems));
+                let path = rel.trim_start_matches('/');
+                if let Some(want) = rec.sqlite.get(path) {
+                    recorded.push(check_recorded(p, path, want, &mut problems));
                     continue;
                 }
                 match vfs::integrity_check(p) {

@@ -14,7 +14,7 @@ use owfs_tests::Case;
 /// Writers: each process commits transactions of a few rows into `t` (its id and a sequence
 /// number), updates and deletes some, until it has made `n`.
 const WRITER: &str = r#"
-import sqlite3, sys, random
+import sqlite3, sys, random, time
 db, mode, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 con = sqlite3.connect(db, timeout=60, isolation_level=None)
 con.execute("PRAGMA journal_mode=" + mode)
@@ -28,6 +28,7 @@ for s in range(1, n + 1):
     if s % 11 == 0:
         con.execute("UPDATE t SET v = NULL WHERE p = ? AND s = ?", (me, s - 5))
     con.execute("COMMIT")
+    time.sleep(0.01)
     if mode == "WAL" and me == 0 and s % 25 == 0:
         con.execute("PRAGMA wal_checkpoint(PASSIVE)")
 "#;
