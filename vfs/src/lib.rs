@@ -1,6 +1,7 @@
 //! SQLite awareness: recognising database files by their header, checking restored copies
-//! with `PRAGMA integrity_check` (drills), and reading a WAL as SQLite's recovery reads it
-//! (`wal`). The crate is named for what it is about to hold, the read-only SQLite VFS over
+//! with `PRAGMA integrity_check` (drills), reading a WAL as SQLite's recovery reads it
+//! (`wal`), and a database's state and checksum as SQLite would open it from a set of files
+//! (`db`: what each generation records, docs/SEMANTICS.md). The crate is named for what it is about to hold, the read-only SQLite VFS over
 //! generations (docs/DESIGN.md §6), which does not exist yet.
 
 pub mod db;
