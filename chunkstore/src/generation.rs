@@ -32,14 +32,62 @@ pub struct GenRecord {
     /// Stored bytes this commit uploaded (after dedup and compression).
     pub bytes_new: u64,
     pub blobs_new: u64,
-    /// Per-database SQLite state, by path (filled by the SQLite awareness).
-    pub sqlite: BTreeMap<String, serde_json::Value>,
+    /// Each SQLite database of the generation, by its path in the workspace: its state at
+    /// the last commit SQLite would recover from this generation's files (docs/SEMANTICS.md).
+    /// Empty in records written before databases were recorded, and in snapshots.
+    #[serde(default)]
+    pub sqlite: BTreeMap<String, DbState>,
     /// Random: tells our own write from another committer's after an ambiguous error.
     pub nonce: String,
     /// Owner, mode and mtime of the workspace's root directory (a tree has no entry for the
     /// directory itself); absent in generations made by `owfs snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_attr: Option<RootAttr>,
+}
+
+/// The version of [`DbState`] this owfs writes.
+pub const DB_STATE_VERSION: u32 = 1;
+
+/// A database's state in one generation, read from the generation's own bytes of the
+/// database, its `-wal` and its `-journal` (vfs::db).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbState {
+    /// The version of this structure ([`DB_STATE_VERSION`]).
+    pub v: u32,
+    pub page_size: u32,
+    /// `PRAGMA page_count` of the database SQLite opens from this generation.
+    pub page_count: u32,
+    /// `wal` or `rollback`.
+    pub journal_mode: String,
+    /// WAL mode with a valid `-wal`: where SQLite's recovery ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalState>,
+    /// Rollback mode: a hot journal is present, so SQLite rolls it back on open; every other
+    /// field describes the rolled-back database.
+    #[serde(default)]
+    pub hot_journal: bool,
+    /// XOR over pages of CRC-64/NVME(page number as 4 big-endian bytes, page), 16 hex digits.
+    pub checksum: String,
+    /// Frames an earlier generation recorded as committed that this generation's `-wal` no
+    /// longer holds valid (a changed byte, a cut): what was found, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corruption: Option<String>,
+}
+
+/// A WAL as SQLite's recovery reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalState {
+    pub salt1: u32,
+    pub salt2: u32,
+    pub checkpoint_seq: u32,
+    /// The last valid commit frame, numbered from 1 (0: no transaction in the log).
+    pub last_commit: u64,
+    /// The cumulative checksum after it (the header's when there is none), as SQLite writes
+    /// it (two 32-bit words).
+    pub commit_checksum: [u32; 2],
+    /// Valid frames after it (an unfinished transaction, which SQLite ignores).
+    #[serde(default)]
+    pub torn_frames: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,5 +306,63 @@ pub async fn resolve(store: &Store, spec: &str) -> Result<GenRecord> {
     match n {
         Some(n) => get_generation(store, &ws, n).await,
         None => latest(store, &ws).await?.ok_or(Error::UnknownWorkspace(ws)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before databases were recorded (`"sqlite": {}`, or no such field)
+    /// still read; a recorded state reads back as written.
+    #[test]
+    fn records_with_and_without_database_states_read() {
+        let rec = GenRecord {
+            format: GEN_FORMAT,
+            workspace: "ws".into(),
+            number: 3,
+            parent: Some(2),
+            origin: None,
+            kind: "commit".into(),
+            epoch: 1,
+            created_ms: 5,
+            root: Hash::of(b"x").to_hex(),
+            files: 1,
+            dirs: 1,
+            bytes: 4096,
+            bytes_new: 10,
+            blobs_new: 1,
+            sqlite: BTreeMap::from([(
+                "app.db".to_string(),
+                DbState {
+                    v: DB_STATE_VERSION,
+                    page_size: 4096,
+                    page_count: 2,
+                    journal_mode: "wal".into(),
+                    wal: Some(WalState {
+                        salt1: 1,
+                        salt2: 2,
+                        checkpoint_seq: 0,
+                        last_commit: 3,
+                        commit_checksum: [4, 5],
+                        torn_frames: 0,
+                    }),
+                    hot_journal: false,
+                    checksum: format!("{:016x}", 77),
+                    corruption: None,
+                },
+            )]),
+            nonce: new_nonce(),
+            root_attr: None,
+        };
+        let bytes = serde_json::to_vec(&rec).unwrap();
+        assert_eq!(decode_record(&bytes, "ws", 3).unwrap(), rec);
+        let mut old: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        old["sqlite"] = serde_json::json!({});
+        let r = decode_record(&serde_json::to_vec(&old).unwrap(), "ws", 3).unwrap();
+        assert!(r.sqlite.is_empty());
+        old.as_object_mut().unwrap().remove("sqlite");
+        let r = decode_record(&serde_json::to_vec(&old).unwrap(), "ws", 3).unwrap();
+        assert!(r.sqlite.is_empty());
     }
 }

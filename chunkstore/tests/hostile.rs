@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chunkstore::codec::{self, ObjKind, FORMAT_VERSION, MAGIC};
-use chunkstore::generation::{decode_record, GenRecord, RootAttr};
+use chunkstore::generation::{decode_record, DbState, GenRecord, RootAttr, WalState};
 use chunkstore::hash::Hash;
 use chunkstore::index::IndexFile;
 use chunkstore::pack::{
@@ -302,15 +302,49 @@ fn gen_record() -> impl Strategy<Value = GenRecord> {
         any::<u64>(),
     );
     let text = "[a-z0-9@ \"\\\\\u{e9}\u{1F600}]{0,12}";
-    let sqlite = prop::collection::btree_map(
-        text,
-        prop_oneof![
-            any::<i64>().prop_map(serde_json::Value::from),
-            text.prop_map(serde_json::Value::from),
-            any::<bool>().prop_map(serde_json::Value::from),
-        ],
-        0..3,
+    let wal = prop::option::of(
+        (
+            any::<(u32, u32, u32)>(),
+            any::<u64>(),
+            any::<[u32; 2]>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |((salt1, salt2, checkpoint_seq), last_commit, commit_checksum, torn_frames)| {
+                    WalState {
+                        salt1,
+                        salt2,
+                        checkpoint_seq,
+                        last_commit,
+                        commit_checksum,
+                        torn_frames,
+                    }
+                },
+            ),
     );
+    let state = (
+        any::<(u32, u32, u32)>(),
+        text,
+        wal,
+        any::<bool>(),
+        text,
+        prop::option::of(text),
+    )
+        .prop_map(
+            |((v, page_size, page_count), journal_mode, wal, hot_journal, checksum, corruption)| {
+                DbState {
+                    v,
+                    page_size,
+                    page_count,
+                    journal_mode,
+                    wal,
+                    hot_journal,
+                    checksum,
+                    corruption,
+                }
+            },
+        );
+    let sqlite = prop::collection::btree_map(text, state, 0..3);
     let root_attr = prop::option::of(
         (any::<u32>(), any::<u32>(), any::<u32>(), any::<i64>()).prop_map(
             |(mode, uid, gid, mtime_ns)| RootAttr {

@@ -62,6 +62,10 @@ pub enum Command {
         /// Show at most this many.
         #[arg(long, short = 'n')]
         limit: Option<usize>,
+        /// Also each generation's SQLite databases: page count, journal mode, the WAL's last
+        /// commit frame, checksum (`--json` always has them).
+        #[arg(long, short = 'l')]
+        long: bool,
     },
     /// List a directory of a generation.
     Ls {

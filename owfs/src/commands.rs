@@ -86,7 +86,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
             }
             Ok(0)
         }
-        Command::Log { ws, limit } => {
+        Command::Log { ws, limit, long } => {
             let repo = open(cli, &rt, false)?;
             generation::check_workspace_name(ws)?;
             let mut numbers = repo.block_on(generation::list_generations(&repo.store, ws))?;
@@ -119,6 +119,11 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
                         ui::size(r.bytes_new),
                         kind
                     );
+                    if *long {
+                        for (path, d) in &r.sqlite {
+                            println!("{:>10}{}", "", db_line(path, d));
+                        }
+                    }
                 }
             }
             Ok(0)
@@ -600,6 +605,34 @@ fn is_empty_dir(dir: &Path) -> Result<bool> {
     }
 }
 
+/// One database's recorded state on one line (`owfs log -l`).
+fn db_line(path: &str, d: &chunkstore::generation::DbState) -> String {
+    let mode = match &d.wal {
+        Some(w) => format!(
+            "wal: last commit frame {} (salts {:08x} {:08x}, checkpoint {}{})",
+            w.last_commit,
+            w.salt1,
+            w.salt2,
+            w.checkpoint_seq,
+            if w.torn_frames > 0 {
+                format!(", {} uncommitted frames after it", w.torn_frames)
+            } else {
+                String::new()
+            }
+        ),
+        None if d.hot_journal => format!("{}, hot journal (rolled back on open)", d.journal_mode),
+        None => d.journal_mode.clone(),
+    };
+    let damage = match &d.corruption {
+        Some(c) => format!("  WAL DAMAGE: {c}"),
+        None => String::new(),
+    };
+    format!(
+        "{path}: {} pages of {} B, {mode}, checksum {}{damage}",
+        d.page_count, d.page_size, d.checksum
+    )
+}
+
 fn drill(
     cli: &Cli,
     rt: &tokio::runtime::Handle,
@@ -624,6 +657,19 @@ fn drill(
             v.databases,
             v.seconds
         );
+        for d in &v.recorded {
+            println!(
+                "  {}: {} pages, checksum {} as recorded{}",
+                d.path,
+                d.page_count,
+                d.checksum,
+                if d.rolled_back {
+                    "; SQLite rolled back the hot journal this generation holds"
+                } else {
+                    ""
+                }
+            );
+        }
     } else {
         println!(
             "drill {}: FAILED: {} problems",

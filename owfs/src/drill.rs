@@ -1,6 +1,12 @@
 //! Restore drills: a generation restored into a scratch directory with every byte verified,
 //! each SQLite database in it checked, the verdict stored beside the workspace (`ws/WS/drill`)
 //! for `owfs status` and anyone reading the store. `owfs drill` prints it.
+//!
+//! Each database the generation records (docs/SEMANTICS.md) is checked against its restored
+//! files twice: read by vfs::db from the files as restored, and again after SQLite itself
+//! has opened them (`integrity_check` recovers the WAL, rolls back a hot journal) and
+//! closed them (which checkpoints the WAL into the database): page count and checksum
+//! must equal the recorded ones both times, and `PRAGMA page_count` too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,11 +27,118 @@ pub struct Verdict {
     pub bytes: u64,
     /// SQLite databases found and checked.
     pub databases: usize,
+    /// The recorded state of each database, checked (by path in the workspace).
+    pub recorded: Vec<DbCheck>,
     /// Everything that failed, one line each (empty when `ok`).
     pub problems: Vec<String>,
     pub seconds: f64,
     /// When the drill ended (ms since the epoch).
     pub time_ms: u64,
+}
+
+/// A database the generation records, as the drill found it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DbCheck {
+    pub path: String,
+    pub page_count: u32,
+    pub checksum: String,
+    /// SQLite rolled a hot journal back on open (the recorded state is the rolled-back one).
+    pub rolled_back: bool,
+    /// Page count and checksum equal the record's, from the restored files and after SQLite
+    /// recovered them.
+    pub ok: bool,
+}
+
+/// Reads the database at `db` (with its `-wal` and `-journal`) as vfs::db does.
+fn read_state(db: &Path) -> std::io::Result<Option<vfs::db::State>> {
+    let open = |suffix: &str| -> std::io::Result<Option<(std::fs::File, u64)>> {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::File::open(&p) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let Some(d) = open("")? else { return Ok(None) };
+    let (w, j) = (open("-wal")?, open("-journal")?);
+    fn src(o: &(std::fs::File, u64)) -> vfs::db::Source<'_> {
+        vfs::db::Source {
+            bytes: &o.0,
+            len: o.1,
+        }
+    }
+    let files = vfs::db::Files {
+        db: src(&d),
+        wal: w.as_ref().map(src),
+        journal: j.as_ref().map(src),
+    };
+    Ok(vfs::db::open(files)?.map(|t| t.state().clone()))
+}
+
+/// Checks one recorded state against the restored database `db`; runs `integrity_check`.
+fn check_recorded(
+    db: &Path,
+    path: &str,
+    want: &chunkstore::generation::DbState,
+    problems: &mut Vec<String>,
+) -> DbCheck {
+    let mut check = DbCheck {
+        path: path.to_string(),
+        page_count: 0,
+        checksum: String::new(),
+        rolled_back: want.hot_journal,
+        ok: false,
+    };
+    let before = problems.len();
+    let compare = |problems: &mut Vec<String>,
+                   when: &str,
+                   got: std::io::Result<Option<vfs::db::State>>| match got {
+        Ok(Some(s)) => {
+            let sum = format!("{:016x}", s.checksum);
+            if s.page_count != want.page_count || sum != want.checksum {
+                problems.push(format!(
+                    "{path}: {when}: {} pages, checksum {sum}; the generation records {} \
+                     pages, checksum {}",
+                    s.page_count, want.page_count, want.checksum
+                ));
+            }
+            (s.page_count, sum)
+        }
+        Ok(None) => {
+            problems.push(format!(
+                "{path}: {when}: no SQLite database, the generation records one"
+            ));
+            (0, String::new())
+        }
+        Err(e) => {
+            problems.push(format!("{path}: {when}: {e}"));
+            (0, String::new())
+        }
+    };
+    compare(problems, "as restored", read_state(db));
+    match vfs::integrity_check(db) {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => problems.push(format!("{path}: integrity_check: {}", v.join("; "))),
+        Err(e) => problems.push(format!("{path}: {e}")),
+    }
+    match vfs::page_count(db) {
+        Ok(n) if n == want.page_count => {}
+        Ok(n) => problems.push(format!(
+            "{path}: PRAGMA page_count is {n}; the generation records {}",
+            want.page_count
+        )),
+        Err(e) => problems.push(format!("{path}: PRAGMA page_count: {e}")),
+    }
+    // SQLite has recovered it and, closing it, checkpointed its WAL into the database file.
+    let (count, sum) = compare(problems, "once SQLite recovered it", read_state(db));
+    check.page_count = count;
+    check.checksum = sum;
+    check.ok = problems.len() == before;
+    check
 }
 
 /// Drills `rec` in a scratch directory under `scratch` (default: the system's temporary
@@ -58,6 +171,7 @@ pub fn drill(
         .store(rec.bytes, std::sync::atomic::Ordering::Relaxed);
     let mut problems: Vec<String> = Vec::new();
     let mut databases = Vec::new();
+    let mut recorded = Vec::new();
     let restored = restore_tree(
         repo,
         root,
@@ -78,10 +192,25 @@ pub fn drill(
                 Err(e) => problems.push(format!("looking for SQLite databases: {e}")),
             }
             for (p, rel) in &databases {
+                let path = rel.trim_start_matches('/');
+                if let Some(want) = rec.sqlite.get(path) {
+                    recorded.push(check_recorded(p, path, want, &mut problems));
+                    continue;
+                }
                 match vfs::integrity_check(p) {
                     Ok(v) if v.is_empty() => {}
                     Ok(v) => problems.push(format!("{rel}: integrity_check: {}", v.join("; "))),
                     Err(e) => problems.push(format!("{rel}: {e}")),
+                }
+            }
+            for path in rec.sqlite.keys() {
+                if !databases
+                    .iter()
+                    .any(|(_, rel)| rel.trim_start_matches('/') == path)
+                {
+                    problems.push(format!(
+                        "{path}: the generation records a database there; the restore has none"
+                    ));
                 }
             }
             r
@@ -105,6 +234,7 @@ pub fn drill(
         files: report.files,
         bytes: report.bytes,
         databases: databases.len(),
+        recorded,
         problems,
         seconds: t0.elapsed().as_secs_f64(),
         time_ms: generation::now_ms(),

@@ -1,8 +1,10 @@
 //! SQLite awareness: recognising database files by their header, checking restored copies
-//! with `PRAGMA integrity_check` (drills), and reading a WAL as SQLite's recovery reads it
-//! (`wal`). The crate is named for what it is about to hold, the read-only SQLite VFS over
+//! with `PRAGMA integrity_check` (drills), reading a WAL as SQLite's recovery reads it
+//! (`wal`), and a database's state and checksum as SQLite would open it from a set of files
+//! (`db`: what each generation records, docs/SEMANTICS.md). The crate is named for what it is about to hold, the read-only SQLite VFS over
 //! generations (docs/DESIGN.md §6), which does not exist yet.
 
+pub mod db;
 pub mod wal;
 
 use std::io::Read;
@@ -70,6 +72,21 @@ pub fn integrity_check(path: &Path) -> Result<Vec<String>, Error> {
             source,
         })?;
     Ok(rows.into_iter().filter(|r| r != "ok").collect())
+}
+
+/// `PRAGMA page_count` of the database at `path`, opened read-write as [`integrity_check`]
+/// opens it (same caveats).
+pub fn page_count(path: &Path) -> Result<u32, Error> {
+    let shown = path.display().to_string();
+    let conn = rusqlite::Connection::open(path).map_err(|source| Error::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(|source| Error::Check {
+            path: shown,
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -42,6 +42,12 @@ impl ReadAt for [u8] {
     }
 }
 
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self[..].read_exact_at(buf, offset)
+    }
+}
+
 /// The WAL header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -66,6 +72,20 @@ pub struct Scan {
     pub db_pages: u32,
     /// The cumulative checksum after that commit frame (the header's when there is none).
     pub commit_checksum: (u32, u32),
+    /// Why the log ends after `valid_frames`.
+    pub stop: Stop,
+}
+
+/// What ends a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The end of the file (a frame cut short by it included).
+    End,
+    /// A frame of the next log: salt-1 is this header's plus one, as SQLite writes it when it
+    /// restarts the log from the beginning (its new header not yet in these bytes).
+    NextLog,
+    /// A frame that fails its checksum, carries foreign salts or names page 0.
+    Invalid,
 }
 
 /// Why a file is no WAL SQLite would read.
@@ -151,30 +171,60 @@ pub fn scan<R: ReadAt + ?Sized>(r: &R, len: u64) -> io::Result<Result<Option<Sca
         Ok(h) => h,
         Err(e) => return Ok(Err(e)),
     };
-    let frame_len = FRAME_HEADER_LEN + header.page_size as u64;
-    let mut frame = vec![0u8; frame_len as usize];
-    let mut sum = header.checksum;
-    let mut out = Scan {
+    let start = Scan {
         header,
         valid_frames: 0,
         last_commit: 0,
         db_pages: 0,
         commit_checksum: header.checksum,
+        stop: Stop::End,
     };
-    let mut off = HEADER_LEN;
+    resume(r, len, start, |_, _| {}).map(|s| Ok(Some(s)))
+}
+
+/// Byte offset of frame `n` (numbered from 1) in a log of `page_size` pages.
+pub fn frame_offset(page_size: u32, n: u64) -> u64 {
+    HEADER_LEN + (n - 1) * (FRAME_HEADER_LEN + page_size as u64)
+}
+
+/// Continues a scan after the commit frame `from.last_commit` (whose cumulative checksum is
+/// `from.commit_checksum`; 0 and the header's checksum: from the start), calling `frame(n,
+/// page)` for each valid frame after it. The frames up to that commit are taken as valid
+/// without reading them: the caller knows they have not changed.
+pub fn resume<R: ReadAt + ?Sized>(
+    r: &R,
+    len: u64,
+    from: Scan,
+    mut frame_seen: impl FnMut(u64, u32),
+) -> io::Result<Scan> {
+    let header = from.header;
+    let frame_len = FRAME_HEADER_LEN + header.page_size as u64;
+    let mut frame = vec![0u8; frame_len as usize];
+    let mut sum = from.commit_checksum;
+    let mut out = from;
+    out.valid_frames = out.last_commit;
+    out.stop = Stop::End;
+    let mut off = frame_offset(header.page_size, out.valid_frames + 1);
     while off + frame_len <= len {
         r.read_exact_at(&mut frame, off)?;
         let (page_no, db_size) = (be(&frame, 0), be(&frame, 4));
         if page_no == 0 || be(&frame, 8) != header.salt1 || be(&frame, 12) != header.salt2 {
+            out.stop = if be(&frame, 8) == header.salt1.wrapping_add(1) {
+                Stop::NextLog
+            } else {
+                Stop::Invalid
+            };
             break;
         }
         let s = checksum(header.big_endian, &frame[..8], sum);
         let s = checksum(header.big_endian, &frame[FRAME_HEADER_LEN as usize..], s);
         if s != (be(&frame, 16), be(&frame, 20)) {
+            out.stop = Stop::Invalid;
             break;
         }
         sum = s;
         out.valid_frames += 1;
+        frame_seen(out.valid_frames, page_no);
         if db_size != 0 {
             out.last_commit = out.valid_frames;
             out.db_pages = db_size;
@@ -182,7 +232,7 @@ pub fn scan<R: ReadAt + ?Sized>(r: &R, len: u64) -> io::Result<Result<Option<Sca
         }
         off += frame_len;
     }
-    Ok(Ok(Some(out)))
+    Ok(out)
 }
 
 #[cfg(test)]

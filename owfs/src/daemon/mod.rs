@@ -145,6 +145,10 @@ pub struct Stats {
     pub last_lost_path: (u64, String),
     /// `lost_writes` as of the last `owfs sync` (or fsync of the root) that reported them.
     pub lost_reported: u64,
+    /// Databases whose WAL lost frames an earlier generation recorded as committed
+    /// (committer/sqlite.rs), and the last one found.
+    pub sqlite_damage: u64,
+    pub last_sqlite_damage: Option<String>,
 }
 
 struct SyncState {
@@ -194,6 +198,8 @@ pub struct Shared {
     flusher: std::sync::OnceLock<flusher::Flusher>,
     /// Checks of each frozen file between the cut and the upload (committer/checks.rs).
     checks: RwLock<committer::checks::Checks>,
+    /// Each database's page CRCs, kept by the committer between cuts (committer/sqlite.rs).
+    databases: Mutex<committer::sqlite::KeptDbs>,
     /// The fault knobs of the tests (`OWFS_FAULTS`); all off in a release build.
     pub(crate) faults: faults::Faults,
     pub stats: Mutex<Stats>,
@@ -320,6 +326,7 @@ impl Shared {
             "last_commit_duration_ms": st.last_commit_duration_ms,
             "throttled_writes": st.throttled_writes,
             "lost_writes": {"count": st.lost_writes, "bytes": st.lost_write_bytes, "last": st.last_lost_write},
+            "sqlite": {"databases": s.last.sqlite.len(), "wal_damage": st.sqlite_damage, "last_damage": st.last_sqlite_damage},
             "index_compactions": {"count": st.index_compactions, "objects_merged": st.index_objects_merged},
             "barrier_us": {"count": b.len(), "p50": pct(0.5), "p99": pct(0.99), "max": b.last().copied().unwrap_or(0)},
             "requests": self.repo.store.counters(),
@@ -846,6 +853,7 @@ impl Daemon {
             flushing: AtomicBool::new(false),
             flusher: std::sync::OnceLock::new(),
             checks: RwLock::new(Default::default()),
+            databases: Mutex::new(Default::default()),
             faults: faults::Faults::from_env(),
             stats: Mutex::new(Stats::default()),
             started: Instant::now(),

@@ -2,8 +2,10 @@
 //! a file's frozen bytes before they become part of a generation. A check sees each frozen
 //! file (its cache path, its size at the cut, and its bytes as the cut froze them) and may
 //! fail the commit, which then publishes nothing and leaves every file changed for the next
-//! cut. The SQLite WAL verification (docs/DESIGN.md §6) plugs in here; until it exists the
-//! list is empty and a commit pays one uncontended read lock per frozen file for it.
+//! cut. The databases' state is read per cut, not per file (`sqlite.rs`: it needs a
+//! database with its companions and produces record data, and never fails a commit for what
+//! it finds); this list is empty outside the tests and a commit pays one uncontended read
+//! lock per frozen file for it.
 
 use chunkstore::rechunk::ReadAt;
 

@@ -56,10 +56,28 @@ enum Item {
     },
 }
 
-struct FrozenFile {
-    data: Arc<FileData>,
-    size: u64,
-    dirty: Vec<Range<u64>>,
+pub(super) struct FrozenFile {
+    pub(super) data: Arc<FileData>,
+    pub(super) size: u64,
+    /// Byte ranges written since the last cut.
+    pub(super) dirty: Vec<Range<u64>>,
+}
+
+/// A regular file of a changed directory, as the database capture sees it (sqlite.rs).
+pub(super) enum FileSlot<'a> {
+    /// Changed in this cut (written, created, renamed here).
+    Frozen(u64, &'a FrozenFile),
+    /// As in the last generation.
+    Clean(&'a Entry),
+}
+
+/// A directory this cut changed: its regular files, and its subdirectories that did not
+/// change (everything below them is as in the last generation).
+pub(super) struct ChangedDir<'a> {
+    /// Its path in the workspace ("" for the root, else "a/b").
+    pub(super) path: String,
+    pub(super) files: std::collections::BTreeMap<&'a [u8], FileSlot<'a>>,
+    pub(super) clean_dirs: std::collections::HashSet<&'a [u8]>,
 }
 
 pub struct Cut {
@@ -198,6 +216,55 @@ fn freeze_dir(
     out
 }
 
+impl Cut {
+    /// The directories this cut changed, by path (sqlite.rs). Names that are not UTF-8 are
+    /// shown lossily.
+    pub(super) fn changed_dirs(&self) -> Vec<ChangedDir<'_>> {
+        let Some((_, dirs)) = &self.root else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut todo = vec![(0usize, String::new())];
+        while let Some((index, path)) = todo.pop() {
+            let mut d = ChangedDir {
+                path: path.clone(),
+                files: Default::default(),
+                clean_dirs: Default::default(),
+            };
+            for (name, item) in &dirs[index] {
+                match item {
+                    Item::File { ino, .. } => {
+                        if let Some(ff) = self.files.get(ino) {
+                            d.files.insert(name, FileSlot::Frozen(*ino, ff));
+                        }
+                    }
+                    Item::Clean(e) if e.kind == chunkstore::tree::Kind::File => {
+                        d.files.insert(name, FileSlot::Clean(e));
+                    }
+                    Item::Clean(e) if e.kind == chunkstore::tree::Kind::Dir => {
+                        d.clean_dirs.insert(name);
+                    }
+                    Item::Unloaded { .. } => {
+                        d.clean_dirs.insert(name);
+                    }
+                    Item::Dir { dir, .. } => {
+                        let n = String::from_utf8_lossy(name);
+                        let child = if path.is_empty() {
+                            n.into_owned()
+                        } else {
+                            format!("{path}/{n}")
+                        };
+                        todo.push((*dir, child));
+                    }
+                    _ => {}
+                }
+            }
+            out.push(d);
+        }
+        out
+    }
+}
+
 /// What the barrier found.
 pub(super) enum CutOutcome {
     /// Nothing changed since the last generation.
@@ -258,6 +325,9 @@ impl Shared {
         let mut results: Vec<(u64, Entry)> = Vec::new();
         let mut contents: HashMap<u64, (Content, Arc<Vec<Part>>)> = HashMap::new();
         let outcome = self.upload(&mut cut, parent, &mut results, &mut contents);
+        if let Ok(rec) = &outcome {
+            self.report_corruption(rec);
+        }
         // Thaw files: success gives them their new base.
         for (ino, ff) in &cut.files {
             let r = if outcome.is_ok() {
@@ -310,6 +380,8 @@ impl Shared {
         let repo = &self.repo;
         let mut writer = BlobWriter::new(repo.clone())?;
         let params = repo.chunk_params();
+        // Each changed database's state, read from the frozen bytes before any is uploaded.
+        let databases = self.capture_databases(cut, parent)?;
         for (ino, ff) in &cut.files {
             let old = ff
                 .data
@@ -379,6 +451,7 @@ impl Shared {
             epoch: self.epoch,
         });
         rec.root_attr = Some(cut.root_attr);
+        rec.sqlite = databases;
         // Invariant: along a workspace's history lease epochs never fall (the number is the
         // parent's + 1 by construction, `record`); a record that broke it would let an older
         // holder's history continue over a newer one's.

@@ -1,12 +1,14 @@
 //! The committer: every commit interval, on `owfs sync` and on fsync of the root, it brings
 //! the kernel's dirty pages to the daemon (`flush_kernel`), cuts (`cut.rs`: the barrier that
-//! freezes what changed), runs the per-file checks on the frozen bytes (`checks.rs`), uploads
-//! what changed and publishes the generation (`cut.rs`: `commit_cut`). Also here: the sync
+//! freezes what changed), reads each changed database's state from the frozen bytes
+//! (`sqlite.rs`), runs the per-file checks on them (`checks.rs`), uploads what changed and
+//! publishes the generation (`cut.rs`: `commit_cut`). Also here: the sync
 //! requests its callers wait on, backpressure on writers, lost writes, and the merging of the
 //! mount's index objects after commits.
 
 pub(super) mod checks;
 pub(super) mod cut;
+pub(super) mod sqlite;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
