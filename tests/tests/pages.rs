@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use chunkstore::pack::{read_trailer, BlobKind};
-use chunkstore::store::Store;
+use chunkstore::store::{Listed, Store};
 use owfs_tests::{runtime, Case};
 use rand::Rng;
 
@@ -34,17 +34,24 @@ impl Watch {
             rt: runtime(),
             seen: HashSet::new(),
         };
-        w.added();
+        w.seen = w.listed().into_iter().map(|l| l.key).collect();
         w
+    }
+
+    fn listed(&self) -> Vec<Listed> {
+        let mut listed = Vec::new();
+        for prefix in ["packs", "index", "ws"] {
+            listed.extend(self.rt.block_on(self.store.list(prefix)).unwrap());
+        }
+        listed
     }
 
     /// The objects written since the last call (objects deleted meanwhile, such as index
     /// objects a merge replaced, are not counted).
     fn added(&mut self) -> Added {
-        let listed = self.rt.block_on(self.store.list("")).unwrap();
         let mut a = Added::default();
-        for l in listed {
-            if l.key.contains("lease") || !self.seen.insert(l.key.clone()) {
+        for l in self.listed() {
+            if l.key.contains("/lease") || !self.seen.insert(l.key.clone()) {
                 continue;
             }
             a.objects += 1;
@@ -88,10 +95,10 @@ fn a_transaction_costs_the_pages_it_changed_and_a_checkpoint_no_page() {
         // N single-row updates at random rows, each committed by `owfs sync`: each changes one
         // leaf page, which reaches the store once, as a WAL frame's page.
         let n = 20u64;
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         let mut total = Added::default();
         for _ in 0..n {
-            let id = rng.gen_range(1..=rows);
+            let id = rng.random_range(1..=rows);
             db.execute("UPDATE t SET v = randomblob(300) WHERE id = ?1", [id])
                 .unwrap();
             m.sync();
@@ -126,7 +133,11 @@ fn a_transaction_costs_the_pages_it_changed_and_a_checkpoint_no_page() {
         assert_eq!(moved, 0, "TRUNCATE leaves an empty log");
         m.sync();
         let a = watch.added();
-        assert_eq!(a.data, 0, "{}: the checkpoint uploaded pages: {a:?}", case.name);
+        assert_eq!(
+            a.data, 0,
+            "{}: the checkpoint uploaded pages: {a:?}",
+            case.name
+        );
         assert!(
             a.meta <= n * 4 * 1024,
             "{}: the checkpoint's metadata: {a:?}",
