@@ -112,8 +112,10 @@ pub enum Command {
         /// Generation to return to.
         n: u64,
     },
-    /// Restore drill: verify every tree and chunk, restore into a scratch directory and run
-    /// `PRAGMA integrity_check` on every SQLite database. Exit 12 on any problem.
+    /// Restore drill: verify every tree and chunk, restore into a scratch directory, run
+    /// `PRAGMA integrity_check` on every SQLite database, and check each database state the
+    /// generation recorded (page count, checksum) against what SQLite recovers from the
+    /// restored files. Exit 12 on any problem.
     Drill {
         /// WS or WS@N.
         spec: String,

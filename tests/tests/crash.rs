@@ -1,7 +1,8 @@
 //! Crash: SIGKILL of the daemon at a random moment of a workload of SQLite transactions and
 //! file writes, then a mount of the same workspace on an empty cache directory. The database
 //! passes integrity_check, its rows are a prefix of the transactions, everything before the
-//! last successful sync is there, and files and rows come from the same cut.
+//! last successful sync is there, files and rows come from the same cut, and the state the
+//! generation recorded for each database is what SQLite recovers (`owfs drill`, page count).
 //!
 //! Beside it, three writer processes loop as editors, git and pip do: one SQLite transaction
 //! in a shared database, then the number of that row written to `files/wK.tmp` and renamed
@@ -200,6 +201,18 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
                 "the new node did not fence the dead one: {epochs:?}"
             ));
         }
+        // The state each database's record claims is what SQLite recovers from the restored
+        // files (the drill recomputes page count and checksum), and what it opens here.
+        let drill = c.owfs(&["drill", ws]);
+        if !drill.status.success() {
+            return Err(format!(
+                "drill of the recovered generation: {}{}",
+                String::from_utf8_lossy(&drill.stdout),
+                String::from_utf8_lossy(&drill.stderr)
+            ));
+        }
+        let log = c.json(&["log", ws]);
+        let recorded_pages = log[0]["sqlite"]["app.db"]["page_count"].as_i64();
         let writers = check_writers(&m2)?;
         let db_path = m2.path("app.db");
         if !db_path.exists() {
@@ -217,6 +230,14 @@ fn trial(c: &Case, ws: &str, mode: &str, seed: u64, n: usize) -> Result<String, 
             .map_err(|e| format!("integrity_check: {e}"))?;
         if ic != "ok" {
             return Err(format!("integrity_check: {ic}"));
+        }
+        let pages: i64 = db
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if recorded_pages != Some(pages) {
+            return Err(format!(
+                "SQLite opens {pages} pages, the generation recorded {recorded_pages:?}"
+            ));
         }
         let has_table: i64 = db
             .query_row(
