@@ -249,8 +249,16 @@ pub async fn latest(store: &Store, ws: &str) -> Result<Option<GenRecord>> {
     }
 }
 
-/// Publishes `rec` as generation `rec.number` of its workspace, or reports who beat us.
+/// Publishes `rec` as generation `rec.number` of its workspace, or reports who beat us; then
+/// moves the head hint.
 pub async fn publish(store: &Store, rec: &GenRecord) -> Result<()> {
+    publish_record(store, rec, true).await
+}
+
+/// `publish`, moving the head hint only when `hint` is set. A committer that publishes every
+/// second moves it now and then (one PUT a commit saved): readers list the records past the
+/// hint, so a lagging hint costs them a longer listing, never a wrong answer.
+pub async fn publish_record(store: &Store, rec: &GenRecord, hint: bool) -> Result<()> {
     assert!(rec.number >= 1, "generation numbers start at 1");
     assert_eq!(
         rec.parent.map(|p| p + 1).unwrap_or(1),
@@ -273,9 +281,11 @@ pub async fn publish(store: &Store, rec: &GenRecord) -> Result<()> {
         }
     }
     // The hint may fail or lag: readers list past it.
-    let _ = store
-        .put(&head_key(&rec.workspace), rec.number.to_string().into())
-        .await;
+    if hint {
+        let _ = store
+            .put(&head_key(&rec.workspace), rec.number.to_string().into())
+            .await;
+    }
     Ok(())
 }
 

@@ -60,8 +60,19 @@ pub fn record(g: NewGen) -> GenRecord {
 /// Publishes after checking that gc is not about to delete a pack this commit relies on
 /// (see docs/decisions/gc-safety.md).
 pub fn publish_checked(repo: &Arc<Repo>, rec: &GenRecord, reused: &HashSet<Hash>) -> Result<()> {
+    publish_checked_hint(repo, rec, reused, true)
+}
+
+/// `publish_checked`, moving the head hint only when `hint` is set
+/// (`generation::publish_record`).
+pub fn publish_checked_hint(
+    repo: &Arc<Repo>,
+    rec: &GenRecord,
+    reused: &HashSet<Hash>,
+    hint: bool,
+) -> Result<()> {
     gc::check_reused_not_condemned(repo, reused)?;
-    repo.block_on(generation::publish(&repo.store, rec))
+    repo.block_on(generation::publish_record(&repo.store, rec, hint))
 }
 
 /// `owfs snapshot DIR WS`: commits DIR as WS's next generation, reading only what changed

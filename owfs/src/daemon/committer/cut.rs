@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chunkstore::generation::RootAttr;
 use chunkstore::layout;
 use chunkstore::pack::BlobKind;
-use chunkstore::publish::{publish_checked, record, NewGen};
+use chunkstore::publish::{publish_checked_hint, record, NewGen};
 use chunkstore::snapshot::{encode_content, TreeStats};
 use chunkstore::tree::{Content, Entry, Part, Tree};
 use chunkstore::writer::BlobWriter;
@@ -20,6 +20,9 @@ use super::super::content::{FileData, FrozenView};
 use super::super::inodes::{Body, Prior, Table, ROOT};
 use super::super::Shared;
 use super::checks::Frozen;
+
+/// A mount moves its workspace's head hint once in this many generations (and at its last).
+const HEAD_HINT_EVERY: u64 = 16;
 
 /// A frozen directory's entries, by name.
 type Items = Vec<(Vec<u8>, Item)>;
@@ -468,7 +471,11 @@ impl Shared {
         // Never publish past the lease's deadline; a publish already in flight when it passes
         // is refused by the new holder's fence.
         self.may_publish(rec.number)?;
-        publish_checked(repo, &rec, &reused)?;
+        // The head hint moves every HEAD_HINT_EVERY generations and at the last commit of
+        // the mount (docs/decisions/publication.md).
+        let hint = rec.number % HEAD_HINT_EVERY == 0
+            || self.life.phase() != super::super::lifecycle::Phase::Serving;
+        publish_checked_hint(repo, &rec, &reused, hint)?;
         Ok(rec)
     }
 }
