@@ -473,7 +473,7 @@ impl Shared {
         self.may_publish(rec.number)?;
         // The head hint moves every HEAD_HINT_EVERY generations and at the last commit of
         // the mount (docs/decisions/publication.md).
-        let hint = rec.number % HEAD_HINT_EVERY == 0
+        let hint = rec.number.is_multiple_of(HEAD_HINT_EVERY)
             || self.life.phase() != super::super::lifecycle::Phase::Serving;
         publish_checked_hint(repo, &rec, &reused, hint)?;
         Ok(rec)
