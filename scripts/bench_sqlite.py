@@ -194,9 +194,9 @@ def tally(recs):
     return {"req": c, "requests": sum(c.values()), "put_bytes": up}
 
 
-def moto_log_count(path, since, until):
-    """Requests in moto's own (werkzeug) log: a cross-check of the body log's count. The
-    werkzeug log has whole seconds only, so this is the count of the whole log."""
+def moto_log_count(path):
+    """Requests in moto's own (werkzeug) log, all of it (it has whole seconds only): a
+    cross-check of the body log's count."""
     n = 0
     with open(path, "rb") as f:
         for line in f:
@@ -208,10 +208,11 @@ def moto_log_count(path, since, until):
 class Store:
     """One system's moto body log, read incrementally."""
 
-    def __init__(self, path, quiet_ignore=None, polls=False):
+    def __init__(self, path, quiet_ignore=None, polls=False, settled=None):
         self.path = path
         self.quiet_ignore = re.compile(quiet_ignore) if quiet_ignore else None
         self.polls = polls
+        self.settled = settled  # recs -> bool: the system's own work is done (besides quiet)
 
     def recs(self):
         return read_log(self.path)
@@ -243,7 +244,7 @@ def wait_quiet(stores, quiets, limit, say):
             if name in done:
                 continue
             since = max(st.last_work(), t0)
-            if now - since >= quiets[name]:
+            if now - since >= quiets[name] and (st.settled is None or st.settled(st.recs())):
                 done[name] = since + quiets[name]
         if len(done) == len(stores):
             return done
@@ -413,6 +414,16 @@ def ltx_uploads(recs):
     return sorted(out)
 
 
+def ltx_compacted(recs):
+    """Litestream has compacted every L0 file it uploaded into L1 and L2 (the levels that fire
+    within minutes: 30 s and 5 min by default). Waiting for this before a phase ends puts the
+    compactions a phase causes in that phase, not in the next one."""
+    top = {}
+    for _t, lv, _lo, hi, _ts in ltx_uploads(recs):
+        top[lv] = max(top.get(lv, 0), hi)
+    return 0 in top and top.get(1, 0) >= top[0] and top.get(2, 0) >= top[0]
+
+
 def pct(xs, p):
     if not xs:
         return None
@@ -420,11 +431,18 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))]
 
 
+def seq_by_time(log, t):
+    """The newest transaction whose commit had returned by time t (0: none of the phase's)."""
+    i = bisect.bisect_right([e for _, _, e in log], t) - 1
+    return log[i][0] if i >= 0 else 0
+
+
 def recovery_points(samples_at, durable, log, build_end):
-    """For each sample time s: the newest durable state's time T (the newest T among states
-    whose upload had ended by s), the newest transaction whose commit had returned by T, and
-    its age s - end. `durable`: sorted (end, T). `log`: (seq, start, end), in order."""
-    ends = [e for _, _, e in log]
+    """For each sample time s: the newest transaction held by a state whose upload had ended by
+    s, and its age at s (s minus the time its commit returned). `durable`: sorted (upload end,
+    newest seq in that state). `log`: (seq, start, end), in order; seq 0 is the build."""
+    ends = {seq: e for seq, _, e in log}
+    ends[0] = build_end
     out = []
     j = -1
     best = None
@@ -435,11 +453,96 @@ def recovery_points(samples_at, durable, log, build_end):
         if best is None:
             out.append(None)
             continue
-        i = bisect.bisect_right(ends, best) - 1
-        seq, end = (log[i][0], log[i][2]) if i >= 0 else (0, build_end)
-        out.append({"s": round(s, 3), "state_t": round(best, 3), "seq": seq,
-                    "age": round(s - end, 3)})
+        out.append({"s": round(s, 3), "seq": best, "age": round(s - ends[best], 3)})
     return out
+
+
+def wal_committed_pages(buf):
+    """The page images of a WAL's valid frames up to its last valid commit frame, as SQLite's
+    recovery reads it (sqlite.org fileformat2 §4: salts equal the header's and the cumulative
+    checksum, over 32-bit words in the byte order the magic says, matches). [] if none."""
+    if len(buf) < 32:
+        return []
+    magic, _ver, psz, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", buf[:32])
+    if magic not in (0x377F0682, 0x377F0683) or psz < 512:
+        return []
+    fmt = ">" if magic & 1 else "<"
+
+    def cksum(b, s0, s1):
+        w = struct.unpack(f"{fmt}{len(b) // 4}I", b)
+        for i in range(0, len(w), 2):
+            s0 = (s0 + w[i] + s1) & 0xFFFFFFFF
+            s1 = (s1 + w[i + 1] + s0) & 0xFFFFFFFF
+        return s0, s1
+
+    s0, s1 = cksum(buf[:24], 0, 0)
+    if (s0, s1) != (c1, c2):
+        return []
+    pages, committed, off = [], 0, 32
+    while off + 24 + psz <= len(buf):
+        _pgno, dbsize, f1, f2, k1, k2 = struct.unpack(">6I", buf[off : off + 24])
+        if (f1, f2) != (salt1, salt2):
+            break
+        s0, s1 = cksum(buf[off : off + 8], s0, s1)
+        s0, s1 = cksum(buf[off + 24 : off + 24 + psz], s0, s1)
+        if (s0, s1) != (k1, k2):
+            break
+        pages.append(buf[off + 24 : off + 24 + psz])
+        if dbsize:
+            committed = len(pages)
+        off += 24 + psz
+    return pages[:committed]
+
+
+def varint(b, i):
+    v = 0
+    for k in range(9):
+        c = b[i + k]
+        if k == 8:
+            return (v << 8) | c, i + 9
+        v = (v << 7) | (c & 0x7F)
+        if c < 0x80:
+            return v, i + k + 1
+    return v, i + 9
+
+
+INT_LEN = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}
+
+
+def max_seq_in_pages(pages):
+    """The largest `seq` (third column of table t: id, k, seq, ts, v) in the table b-tree leaf
+    pages among `pages`; index and interior pages are skipped, and so is a page whose cells do
+    not decode as rows of t."""
+    top = None
+    for pg in pages:
+        if pg[0] != 0x0D:
+            continue
+        n = int.from_bytes(pg[3:5], "big")
+        for c in range(n):
+            try:
+                p = int.from_bytes(pg[8 + 2 * c : 10 + 2 * c], "big")
+                _plen, p = varint(pg, p)
+                _rowid, p = varint(pg, p)
+                hlen, q = varint(pg, p)
+                body = p + hlen
+                types = []
+                while q < p + hlen:
+                    t, q = varint(pg, q)
+                    types.append(t)
+                if len(types) != 5 or types[0] != 0 or types[3] != 7:
+                    continue
+                off = body + INT_LEN.get(types[1], 0)
+                t2 = types[2]
+                if t2 in (8, 9):
+                    v = t2 - 8
+                elif t2 in INT_LEN:
+                    v = int.from_bytes(pg[off : off + INT_LEN[t2]], "big", signed=True)
+                else:
+                    continue
+                top = v if top is None else max(top, v)
+            except IndexError:
+                continue
+    return top
 
 
 class Owfs:
@@ -457,15 +560,18 @@ class Owfs:
             raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
         return json.loads(r.stdout) if json_out else r.stdout
 
-    def state_time(self, n, cache):
-        """The time of the newest change generation n holds of the database: the later mtime of
-        app.db and app.db-wal in its tree (the daemon stamps a file's mtime when a write
-        reaches it, so every transaction that had returned by then is in it)."""
-        if n not in cache:
-            ls = self.owfs("ls", "-l", f"{self.ws}@{n}", "/")
-            ts = [e["mtime_ns"] / 1e9 for e in ls["entries"] if e["name"] in ("app.db", "app.db-wal")]
-            cache[n] = max(ts) if ts else None
-        return cache[n]
+    def newest_seq(self, n):
+        """The newest transaction generation n holds, read from its app.db-wal: the largest seq
+        in the pages of the WAL's committed frames, as SQLite would recover it from that
+        generation (None if the WAL holds no committed frame of this log cycle, which happens
+        only between a checkpoint and the next write)."""
+        cmd = [self.bin, "--store", self.store, "-q", "cat", f"{self.ws}@{n}", "app.db-wal"]
+        r = subprocess.run(cmd, env=self.env, capture_output=True, timeout=600)
+        if r.returncode != 0:
+            # No WAL in that generation (the last connection had closed): nothing to read.
+            print(f"bench-sqlite: note: {' '.join(cmd[-2:])}: exit {r.returncode}", file=sys.stderr)
+            return None
+        return max_seq_in_pages(wal_committed_pages(r.stdout))
 
     def restore(self, dest, gen=None):
         spec = self.ws if gen is None else f"{self.ws}@{gen}"
@@ -516,7 +622,7 @@ def cmd_run(a):
     names = ("owfs", "litestream")
     dbs = {"owfs": a.owfs_db, "litestream": a.ls_db}
     stores = {"owfs": Store(a.owfs_body_log, quiet_ignore=r"/ws/[^/]+/lease$"),
-              "litestream": Store(a.ls_body_log, polls=True)}
+              "litestream": Store(a.ls_body_log, polls=True, settled=ltx_compacted)}
     quiets = {"owfs": a.owfs_quiet, "litestream": a.ls_quiet}
     ow, ls = Owfs(a), Litestream(a)
 
@@ -559,26 +665,33 @@ def cmd_run(a):
     say("recovery points")
     samples_at = [t_start + k / 10 for k in range(10, int(a.duration * 10) + 1)]
     t_rp = time.time()
-    gen_cache = {}
     rp = {}
     pubs = owfs_publishes(stores["owfs"].recs())
-    # Only the generations that are the newest at some sample need their state time.
+    # Only the generations that are the newest at some sample need reading.
     need = set()
+    pub_ends = [t for t, _ in pubs]
     for s in samples_at:
-        i = bisect.bisect_right([t for t, _ in pubs], s) - 1
+        i = bisect.bisect_right(pub_ends, s) - 1
         if i >= 0:
             need.add(pubs[i][1])
-    durable_owfs = []
+    durable_owfs, unknown = [], 0
     for t, g in pubs:
         if g in need:
-            st = ow.state_time(g, gen_cache)
-            if st is not None:
-                durable_owfs.append((t, st))
+            seq = ow.newest_seq(g)
+            if seq is None:
+                unknown += 1  # the state holds at least what the previous one did
+            else:
+                durable_owfs.append((t, seq))
     rp["owfs"] = recovery_points(samples_at, durable_owfs, logs["owfs"], built["owfs"]["end"])
     ups = ltx_uploads(stores["litestream"].recs())
-    rp["litestream"] = recovery_points(samples_at, [(u[0], u[4]) for u in ups], logs["litestream"],
-                                       built["litestream"]["end"])
-    say(f"recovery points: {len(need)} generations' state times read in {time.time() - t_rp:.0f} s")
+    rp["litestream"] = recovery_points(
+        samples_at, [(u[0], seq_by_time(logs["litestream"], u[4])) for u in ups],
+        logs["litestream"], built["litestream"]["end"])
+    say(f"recovery points: the WALs of {len(need)} generations read in {time.time() - t_rp:.0f} s "
+        f"({unknown} without a committed frame)")
+    emit({"kind": "note", "text": f"owfs: {len(need)} generations were the newest at some sample; "
+          f"{unknown} of them had no committed frame in their WAL (or no WAL; counted as holding what "
+          "the one before held)."})
     for n in names:
         ages = [x["age"] for x in rp[n] if x]
         emit({"kind": "rpo", "system": n, "samples": len(ages), "missing": sum(1 for x in rp[n] if not x),
@@ -586,31 +699,33 @@ def cmd_run(a):
     with open(a.out + ".rpo", "w") as f:
         json.dump(rp, f)
 
-    # 4. Check the recovery point measure at one sample: restore the state it names and read the
-    # newest transaction the restored database holds.
-    mid = len(samples_at) // 2
-    say(f"checking the recovery point at {samples_at[mid] - t_start:.1f} s by restoring that state")
-    chk = {}
-    try:
-        s = samples_at[mid]
-        g = max((gg for t, gg in pubs if t <= s), default=None)
-        r = timed_restore(ow.restore, os.path.join(a.workdir, "check-owfs"), g)
-        chk["owfs"] = {"sample_s": round(s - t_start, 1), "state": f"{a.owfs_ws}@{g}", "predicted_seq": rp["owfs"][mid]["seq"],
-                       "restored_seq": r["max_seq"], "quick_check": r["quick_check"]}
-    except Exception as e:  # noqa: BLE001 - reported
-        chk["owfs"] = {"error": str(e)}
-    try:
-        s = samples_at[mid]
-        best = max((u for u in ups if u[0] <= s), key=lambda u: (u[4], u[3]), default=None)
-        r = timed_restore(ls.restore, os.path.join(a.workdir, "check-litestream"), best[3])
-        chk["litestream"] = {"sample_s": round(s - t_start, 1), "state": f"txid {best[3]:x} (L{best[1]})",
-                             "predicted_seq": rp["litestream"][mid]["seq"],
-                             "restored_seq": r["max_seq"], "quick_check": r["quick_check"]}
-    except Exception as e:  # noqa: BLE001 - reported
-        chk["litestream"] = {"error": str(e)}
+    # 4. Check the recovery point measure at a few samples, drawn at random from the last 200 s
+    # of the phase (Litestream keeps its L0 files, which a restore to one transaction needs, for
+    # 5 minutes): restore the state the measure names and read the newest transaction it holds.
+    rng = random.Random(a.seed + 3)
+    lo = max(0, len(samples_at) - 2000)
+    picks = sorted(rng.sample(range(lo, len(samples_at)), min(a.checks, len(samples_at) - lo)))
+    for i in picks:
+        s = samples_at[i]
+        say(f"checking the recovery point at {s - t_start:.1f} s by restoring that state")
+        for n in names:
+            try:
+                if n == "owfs":
+                    g = max((gg for t, gg in pubs if t <= s), default=None)
+                    r = timed_restore(ow.restore, os.path.join(a.workdir, "check-owfs"), g)
+                    state = f"{a.owfs_ws}@{g}"
+                else:
+                    best = max((u for u in ups if u[0] <= s), key=lambda u: (u[4], u[3]))
+                    r = timed_restore(ls.restore, os.path.join(a.workdir, "check-litestream"), best[3])
+                    state = f"txid {best[3]:x} (L{best[1]})"
+                c = {"sample_s": round(s - t_start, 1), "state": state, "predicted_seq": rp[n][i]["seq"],
+                     "restored_seq": r["max_seq"], "quick_check": r["quick_check"]}
+            except Exception as e:  # noqa: BLE001 - reported
+                c = {"sample_s": round(s - t_start, 1), "error": str(e)}
+            emit({"kind": "rpo_check", "system": n, **c})
+            say(f"{n}: recovery point check: {c}")
     for n in names:
-        emit({"kind": "rpo_check", "system": n, **chk[n]})
-        say(f"{n}: recovery point check: {chk[n]}")
+        shutil.rmtree(os.path.join(a.workdir, f"check-{n}"), ignore_errors=True)
 
     say("waiting until both stores are quiet")
     q = wait_quiet(stores, quiets, a.settle_max, say)
@@ -674,7 +789,7 @@ def cmd_run(a):
     for n in names:
         recs = stores[n].recs()
         emit({"kind": "logcheck", "system": n, "body_log": len(recs),
-              "moto_log": moto_log_count(a.owfs_moto_log if n == "owfs" else a.ls_moto_log, 0, 0)})
+              "moto_log": moto_log_count(a.owfs_moto_log if n == "owfs" else a.ls_moto_log)})
     say("done")
 
 
@@ -757,15 +872,15 @@ def cmd_report(a):
     L.append("")
     L.append("Notes:")
     for n in names:
-        c = one("rpo_check", n)
-        if "error" in c:
-            L.append(f"- {n}: the recovery point check could not restore: {c['error']}")
-        elif c:
+        for c in (r for r in by.get("rpo_check", []) if r["system"] == n):
+            if "error" in c:
+                L.append(f"- {n}: the recovery point check at {c.get('sample_s')} s could not restore: {c['error']}")
+                continue
             verdict = ("the measure is exact there" if c["restored_seq"] == c["predicted_seq"] else
-                       "the measure is conservative there (the state holds more)" if c["restored_seq"] > c["predicted_seq"]
-                       else "THE MEASURE OVERSTATES THE STATE THERE")
-            L.append(f"- {n}: recovery point checked at second {c['sample_s']}: {c['state']} restored holds "
-                     f"transaction {c['restored_seq']}, the measure said {c['predicted_seq']}: {verdict}.")
+                       "the measure is conservative there (the state holds more)"
+                       if c["restored_seq"] > c["predicted_seq"] else "THE MEASURE OVERSTATES THE STATE THERE")
+            L.append(f"- {n}: recovery point checked at {c['sample_s']} s: {c['state']}, restored, holds "
+                     f"transaction {c['restored_seq']}; the measure said {c['predicted_seq']}: {verdict}.")
     for n in ("litestream",):
         c = cost(n, "steady")
         if c.get("ltx_levels"):
@@ -793,17 +908,22 @@ def cmd_report(a):
 METHOD = """How it is measured (scripts/bench-sqlite.sh --help has the details):
 - Requests and bytes: each system has its own moto_server; a wrapper around moto writes one line
   per request (method, path, status, body bytes, end time). Bytes uploaded are PUT bodies. A
-  phase's window runs from its start until the system's store went quiet (no request but owfs'
-  lease renewals for 5 s, for Litestream 35 s: longer than its 30 s L1 compaction interval and
-  its 15 s L0 retention check, so those land in the phase that caused them). Restores and the
-  `owfs ls` calls of the measurement sign with another access key and are not counted.
-- Recovery point: ten times a second through the steady phase, the newest state whose upload had ended by
-  then (owfs: the generation record's conditional PUT; Litestream: an LTX file's PUT), the time
-  of that state (owfs: the later mtime of app.db and app.db-wal in that generation's tree, which
-  the daemon stamps when a write reaches it; Litestream: the timestamp in the LTX header, taken
-  as it reads the WAL), the newest transaction whose commit had returned by that time, and the
-  age of that transaction's commit. One sample per system is checked by restoring that very
-  state and reading the newest transaction it holds (the notes say how it compared).
+  phase's window runs from its start until the system's store went quiet: for owfs no request
+  but its lease renewals for 5 s; for Litestream every L0 file compacted into L1 and L2 (its
+  30 s and 5 min levels) and then no request but its LISTs of the levels for 35 s. So the
+  compactions a phase causes are counted in it. Litestream's L3 (hourly) and snapshot (daily)
+  levels cannot fire within a run, nor, in a short one, its deletion of L0 files 5 minutes
+  after their compaction. Restores and the `owfs cat` calls of the measurement sign with
+  another access key and are not counted.
+- Recovery point: ten times a second through the steady phase, the newest state whose upload
+  had ended by then (owfs: the generation record's conditional PUT; Litestream: an LTX file's
+  PUT), the newest transaction that state holds (owfs: the largest seq in the pages of the
+  committed frames of that generation's app.db-wal, read with `owfs cat` and checked as
+  SQLite's recovery checks them; Litestream: the newest transaction whose commit had returned
+  by the LTX header's timestamp, which Litestream takes just after it read the WAL), and the
+  age of that transaction's commit. A few samples (at random in the phase's last 200 s) are
+  checked by restoring that very state and reading the newest transaction it holds (the notes
+  say how each compared).
 - Restore: `owfs restore WS DIR` / `litestream restore -o DIR/app.db`, into an empty directory,
   timed; then count(*), max(seq) and quick_check on the restored database."""
 
@@ -833,6 +953,7 @@ def main():
     q.add_argument("--owfs-quiet", type=float, default=5.0)
     q.add_argument("--ls-quiet", type=float, default=35.0)
     q.add_argument("--settle-max", type=float, default=420.0)
+    q.add_argument("--checks", type=int, default=3)
     q.set_defaults(fn=cmd_run)
     q = sub.add_parser("report")
     q.add_argument("jsonl")
