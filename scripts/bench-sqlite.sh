@@ -28,8 +28,10 @@
 #
 # Reported per system, for the steady and the bulk phase apart: bytes uploaded (PUT bodies),
 # requests by kind (PUT, GET, LIST, DELETE, other) in total and per transaction, Litestream's
-# uploads by LTX level; the recovery point (age of the newest durable state) sampled ten times
-# a second through the steady phase, p50/p99/max; the restore time of the newest state.
+# uploads by LTX level; the recovery point sampled ten times a second through the steady phase,
+# p50/p99/max, as the loss window (how long the first transaction missing from the newest
+# durable state has been committed: what a crash would lose) and as the age of the newest
+# transaction in that state; the restore time of the newest state.
 #
 # How: each moto_server runs inside a thin wrapper (bench_sqlite.py moto) that writes one JSON
 # line per request (times, method, path, status, body bytes, the signing key, an LTX file's
