@@ -1,8 +1,6 @@
 //! Fetching many blobs at once (restore, pre-pull): neighbouring blobs of a pack become one
 //! range request, a bounded number of requests are in flight, and every blob is verified.
 
-use std::sync::Arc;
-
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
@@ -25,7 +23,7 @@ pub struct FetchPlan {
 /// one, in no particular order (`i` indexes `locs`). A failed request fails each of its
 /// blobs. Stops at the first error `each` returns. Returns the number of requests made.
 pub fn fetch_blobs(
-    repo: &Arc<Repo>,
+    repo: &Repo,
     locs: &[(Hash, PackEntry)],
     plan: FetchPlan,
     mut each: impl FnMut(usize, Result<Vec<u8>>) -> Result<()>,

@@ -29,6 +29,9 @@ const FRAME_HEADER: u64 = 24;
 /// An appended file re-chunks its old last chunk with the new bytes only when that chunk is
 /// shorter than this; longer ones are kept as they are.
 const APPEND_TAIL_MIN: u64 = 4096;
+/// A write that starts at most this far before the old end of a growing file is checked for
+/// being an append that rewrote the old bytes unchanged (`unchanged_before`).
+const APPEND_VERIFY_MAX: u64 = 64 << 10;
 /// Bytes read at once when laying out pages.
 const READ_RUN: u64 = 1 << 20;
 
@@ -215,11 +218,10 @@ fn content<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     // A file that stopped being a database or a log goes back to content-defined chunks.
     let old = if looks_paged(old) { &[][..] } else { old };
     let (starts, old_size) = part_starts(old);
+    let mut read = 0u64;
     let appended = !old.is_empty()
         && new_size > old_size
-        && dirty
-            .iter()
-            .all(|r| r.start >= old_size || r.start >= r.end);
+        && unchanged_before(file, old, &starts, old_size, &dirty, &mut read)?;
     if !appended {
         return rechunk(file, new_size, old, dirty, p, fresh);
     }
@@ -231,10 +233,54 @@ fn content<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     };
     let from = starts.get(keep).copied().unwrap_or(old_size);
     let tail = Shifted { file, by: from };
-    let (fresh_parts, read) = rechunk(&tail, new_size - from, &[], Vec::new(), p, &mut fresh)?;
+    let (fresh_parts, tail_read) = rechunk(&tail, new_size - from, &[], Vec::new(), p, &mut fresh)?;
     let mut out = old[..keep].to_vec();
     out.extend(fresh_parts);
-    Ok((out, read))
+    Ok((out, read + tail_read))
+}
+
+/// Whether every byte before `old_size` is as the old parts hold it, though writes since
+/// may have started before it: the kernel writes back whole pages, so an append to a file
+/// whose end is not page-aligned rewrites the start of its last page with the same bytes.
+/// The old parts from the first written byte on (at most `APPEND_VERIFY_MAX` of them) are
+/// read and hashed again; any other case is not an append.
+fn unchanged_before<R: ReadAt + ?Sized>(
+    file: &R,
+    old: &[Part],
+    starts: &[u64],
+    old_size: u64,
+    dirty: &[Range<u64>],
+    read: &mut u64,
+) -> std::io::Result<bool> {
+    let Some(first) = dirty
+        .iter()
+        .filter(|r| r.start < r.end)
+        .map(|r| r.start)
+        .min()
+    else {
+        return Ok(true);
+    };
+    if first >= old_size {
+        return Ok(true);
+    }
+    if old_size - first > APPEND_VERIFY_MAX {
+        return Ok(false);
+    }
+    let from = starts.partition_point(|s| *s <= first) - 1;
+    let mut buf = Vec::new();
+    for (part, &start) in old[from..].iter().zip(&starts[from..]) {
+        buf.resize(part.len() as usize, 0);
+        file.read_exact_at(&mut buf, start)?;
+        *read += buf.len() as u64;
+        let same = match part {
+            Part::Chunk(c) => Hash::of(&buf) == c.hash,
+            Part::Inline(i) => i.bytes() == buf.as_slice(),
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// A file seen from an offset on.
@@ -390,11 +436,27 @@ mod tests {
         assert_eq!(fresh.len(), 1);
         assert_eq!(grown[..parts.len()], parts[..]);
         check_covers(&grown, &log);
-        // The 300-byte tail is short: the next append re-chunks it with the new bytes.
+        // Written back from the start of its last page, as the kernel does: the same.
+        let old_len = log.len() as u64;
+        log.extend(noise(300, 8));
+        let from = old_len / 4096 * 4096;
+        let (paged, read, fresh) = lay(&log, &grown, &[from..log.len() as u64]);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(paged[..grown.len() - 1], grown[..grown.len() - 1]);
+        assert!(read <= (256 << 10) + 600, "{read}");
+        check_covers(&paged, &log);
+        // A change of the bytes before the old end is no append.
+        let mut changed = log.clone();
+        changed.extend(noise(300, 9));
+        changed[from as usize] ^= 1;
+        let (whole, _, _) = lay(&changed, &paged, &[from..changed.len() as u64]);
+        check_covers(&whole, &changed);
+        let grown = paged;
+        // The short tail: the next append re-chunks it with the new bytes.
         let old_len = log.len() as u64;
         log.extend(noise(500, 6));
         let (again, read, _) = lay(&log, &grown, &[old_len..log.len() as u64]);
-        assert_eq!(read, 800);
+        assert_eq!(read, 600 + 500);
         assert_eq!(again.len(), grown.len());
         check_covers(&again, &log);
         // A database overwritten by other bytes: content-defined chunks, as a fresh file has.

@@ -390,6 +390,12 @@ impl Repo {
         Ok(raw)
     }
 
+    /// A blob from the node's blob cache, if it holds it.
+    pub fn cached_blob(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let cache = self.blob_cache.read().expect("blob cache").clone();
+        cache.and_then(|c| c.get(hash))
+    }
+
     /// Reads blobs from `cache` first (set by a mount whose node ran a pre-pull).
     pub fn set_blob_cache(&self, cache: Option<Arc<BlobCache>>) {
         *self.blob_cache.write().expect("blob cache") = cache;

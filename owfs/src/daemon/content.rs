@@ -18,6 +18,10 @@ use parking_lot::Condvar;
 
 use super::ranges::RangeSet;
 
+/// Bytes of chunks fetched together when a range of a file is first read (bounds the memory
+/// a read holds).
+const FETCH_BATCH: u64 = 8 << 20;
+
 /// What of the file is still in the generation the mount started from.
 struct Remote {
     /// The file's content and size in that generation.
@@ -354,21 +358,35 @@ impl FileData {
         };
         let remote_end = remote.end;
         for gap in st.present.gaps(start, end) {
-            for piece in map.covering(gap.start, gap.end) {
-                let (cs, ce_clip) = (piece.start, piece.end().min(remote_end));
-                let missing = st.present.gaps(cs, ce_clip);
-                if missing.is_empty() {
-                    continue;
+            // The chunks of the gap are fetched together: a database's pages are chunks of
+            // their own, side by side in their pack, and come in one request per run.
+            let pieces: Vec<read::Piece> = map
+                .covering(gap.start, gap.end)
+                .filter(|p| !st.present.gaps(p.start, p.end().min(remote_end)).is_empty())
+                .collect();
+            let mut rest = &pieces[..];
+            while !rest.is_empty() {
+                let mut n = 0;
+                let mut bytes = 0;
+                while n < rest.len() && (n == 0 || bytes + rest[n].part.len() <= FETCH_BATCH) {
+                    bytes += rest[n].part.len();
+                    n += 1;
                 }
-                // A hole's chunk is not fetched: bytes not yet local already read as zeros.
-                if let Some(data) = read::fetch_chunk(repo, &piece, &path).map_err(eio)? {
-                    for m in &missing {
-                        let a = (m.start - cs) as usize;
-                        let b = (m.end - cs) as usize;
-                        self.put(st, &data[a..b], m.start)?;
+                let (batch, more) = rest.split_at(n);
+                rest = more;
+                let fetched = read::fetch_pieces(repo, batch, &path).map_err(eio)?;
+                for (piece, data) in batch.iter().zip(fetched) {
+                    let (cs, ce_clip) = (piece.start, piece.end().min(remote_end));
+                    // A hole's chunk is not fetched: bytes not yet local already read as zeros.
+                    if let Some(data) = data {
+                        for m in st.present.gaps(cs, ce_clip) {
+                            let a = (m.start - cs) as usize;
+                            let b = (m.end - cs) as usize;
+                            self.put(st, &data[a..b], m.start)?;
+                        }
                     }
+                    st.present.insert(cs, ce_clip);
                 }
-                st.present.insert(cs, ce_clip);
             }
         }
         let remote_end = st.remote.as_ref().map(|r| r.end).unwrap_or(0);
