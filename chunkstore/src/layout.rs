@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use crate::chunker::ChunkParams;
 use crate::hash::Hash;
-use crate::rechunk::{rechunk, ReadAt};
+use crate::rechunk::{rechunk, touches, ReadAt};
 use crate::tree::{part_starts, Inline, Part};
 
 const DB_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -125,12 +125,6 @@ fn places(layout: Layout, size: u64) -> Vec<(u64, u64, bool)> {
     out
 }
 
-/// Whether any of the sorted `dirty` ranges touches `[a, b)`.
-fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
-    let i = dirty.partition_point(|r| r.end <= a);
-    i < dirty.len() && dirty[i].start < b
-}
-
 /// The part list of `file` (now `new_size` bytes, of `layout`) given its `old` parts and the
 /// byte ranges written since. Calls `fresh` on each chunk produced anew (the store
 /// deduplicates). Returns the parts and the bytes read.
@@ -149,6 +143,15 @@ pub fn relayout<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     let mut dirty = dirty;
     dirty.retain(|r| r.start < r.end);
     dirty.sort_by_key(|r| r.start);
+    // Merged, so that their ends are sorted too (`touches` searches by end).
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(dirty.len());
+    for r in dirty {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    let dirty = merged;
     let (starts, _) = part_starts(old);
     let places = places(layout, new_size);
     let mut out: Vec<Option<Part>> = Vec::with_capacity(places.len());
@@ -393,6 +396,12 @@ mod tests {
         check_covers(&new, &d);
         let changed: Vec<usize> = (0..300).filter(|&i| new[i] != parts[i]).collect();
         assert_eq!(changed, [77, 200]);
+        // Overlapping written ranges, the first containing the second.
+        d[10 * 4096] ^= 1;
+        let (over, _, fresh) = lay(&d, &new, &[9 * 4096..12 * 4096, 9 * 4096 + 1..9 * 4096 + 2]);
+        assert_eq!(fresh.len(), 3);
+        check_covers(&over, &d);
+        let new = over;
         // Growth by two pages reads only them.
         d.extend(noise(8192, 10));
         let (grown, read, _) = lay(&d, &new, &[300 * 4096..302 * 4096]);

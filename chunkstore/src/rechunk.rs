@@ -77,8 +77,8 @@ fn normalize(mut dirty: Vec<Range<u64>>, old_size: u64, new_size: u64) -> Vec<Ra
     out
 }
 
-/// Whether any dirty byte lies in `[a, b)`.
-fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
+/// Whether any byte of the sorted, merged `dirty` ranges lies in `[a, b)`.
+pub(crate) fn touches(dirty: &[Range<u64>], a: u64, b: u64) -> bool {
     let i = dirty.partition_point(|r| r.end <= a);
     i < dirty.len() && dirty[i].start < b
 }
