@@ -290,7 +290,14 @@ impl Shared {
                     if let Some(rec) = rec {
                         s.last = rec;
                     }
-                    s.done_ok = target;
+                    // The last commit holds every write: the mount is gone. A request made
+                    // after `target` was read (the unmount's own, racing this loop) is
+                    // answered by it too, or `umount` would report a failed final commit.
+                    s.done_ok = if stop {
+                        target.max(s.requested)
+                    } else {
+                        target
+                    };
                 }
                 Err(e) => {
                     eprintln!("owfs: {}: commit failed: {e}", self.ws);
