@@ -35,8 +35,9 @@ type FrozenDirs = Vec<Items>;
 
 /// One entry of a frozen directory.
 enum Item {
-    /// Unchanged since the last generation.
-    Clean(Arc<Entry>),
+    /// Unchanged since the last generation; the inode whose bytes the working copy holds for
+    /// it, when it is a live file of the mount (a name held back at its prior state has none).
+    Clean(Arc<Entry>, Option<u64>),
     File {
         ino: u64,
         entry: Entry,
@@ -70,8 +71,8 @@ pub(super) struct FrozenFile {
 pub(super) enum FileSlot<'a> {
     /// Changed in this cut (written, created, renamed here).
     Frozen(u64, &'a FrozenFile),
-    /// As in the last generation.
-    Clean(&'a Entry),
+    /// As in the last generation (and the live inode that holds its bytes, if any).
+    Clean(&'a Entry, Option<u64>),
 }
 
 /// A directory this cut changed: its regular files, and its subdirectories that did not
@@ -134,7 +135,7 @@ fn freeze_tree(
             for (name, src) in back {
                 let Some(n) = t.get(src) else { continue };
                 let item = match (&n.committed, n.data()) {
-                    (Some(e), _) => Item::Clean(e.clone()),
+                    (Some(e), _) => Item::Clean(e.clone(), None),
                     (None, Some(d)) => {
                         freeze_file(files, src, d);
                         Item::File {
@@ -176,7 +177,7 @@ fn freeze_dir(
         if let Some(prior) = t.held_back(c, ino, name) {
             held_back.push(child);
             let item = match prior {
-                Prior::Committed(e) => Item::Clean(e.clone()),
+                Prior::Committed(e) => Item::Clean(e.clone(), None),
                 Prior::Live { ino, entry, data } => {
                     freeze_file(files, *ino, data.data());
                     Item::File {
@@ -189,7 +190,7 @@ fn freeze_dir(
             continue;
         }
         if let Some(e) = &c.committed {
-            out.push((name.clone(), Item::Clean(e.clone())));
+            out.push((name.clone(), Item::Clean(e.clone(), Some(child))));
             continue;
         }
         let entry = c.entry(child);
@@ -241,10 +242,10 @@ impl Cut {
                             d.files.insert(name, FileSlot::Frozen(*ino, ff));
                         }
                     }
-                    Item::Clean(e) if e.kind == chunkstore::tree::Kind::File => {
-                        d.files.insert(name, FileSlot::Clean(e));
+                    Item::Clean(e, ino) if e.kind == chunkstore::tree::Kind::File => {
+                        d.files.insert(name, FileSlot::Clean(e, *ino));
                     }
-                    Item::Clean(e) if e.kind == chunkstore::tree::Kind::Dir => {
+                    Item::Clean(e, _) if e.kind == chunkstore::tree::Kind::Dir => {
                         d.clean_dirs.insert(name);
                     }
                     Item::Unloaded { .. } => {
@@ -515,7 +516,7 @@ fn build_dir(
     let mut entries = Vec::with_capacity(items.len());
     for (name, item) in items {
         let mut e = match item {
-            Item::Clean(e) => {
+            Item::Clean(e, _) => {
                 note_entry_reused(writer, &e);
                 let mut e = (*e).clone();
                 e.name = name;

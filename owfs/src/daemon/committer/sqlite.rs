@@ -21,7 +21,12 @@ use chunkstore::tree::Entry;
 use vfs::db::{self, Change, Changes, Files, Mode, Source, Tracked};
 use vfs::wal::Stop;
 
-use super::super::content::FrozenView;
+use std::sync::Arc;
+
+use chunkstore::tree::Part;
+use chunkstore::Hash;
+
+use super::super::content::{FileData, FrozenView};
 use super::super::Shared;
 use super::cut::{ChangedDir, Cut, FileSlot};
 
@@ -55,13 +60,47 @@ struct Stored<'a> {
     map: FileMap,
     path: String,
     window: std::cell::RefCell<(u64, Vec<u8>)>,
+    /// The working copy of the file, when the mount holds it: its bytes are used where they
+    /// hash to the generation's parts (they may have changed since the cut; then the store's
+    /// are read). A database's pages are parts of their own, so this is page by page.
+    local: Option<Arc<FileData>>,
 }
 
 const STORED_WINDOW_MAX: u64 = 4 << 20;
 
+impl Stored<'_> {
+    /// `buf` at `offset` from the working copy, if every part it covers there is the
+    /// generation's (checked by hash); `false` otherwise.
+    fn read_local(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let Some(local) = &self.local else {
+            return Ok(false);
+        };
+        let end = offset + buf.len() as u64;
+        for p in self.map.covering(offset, end) {
+            let len = p.part.len();
+            let data = local.read(self.reader.repo(), p.start, len as u32)?;
+            let same = data.len() as u64 == len
+                && match p.part {
+                    Part::Chunk(c) => Hash::of(&data) == c.hash,
+                    Part::Inline(i) => i.bytes() == data.as_slice(),
+                };
+            if !same {
+                return Ok(false);
+            }
+            let (a, b) = (p.start.max(offset), p.end().min(end));
+            buf[(a - offset) as usize..(b - offset) as usize]
+                .copy_from_slice(&data[(a - p.start) as usize..(b - p.start) as usize]);
+        }
+        Ok(true)
+    }
+}
+
 impl vfs::wal::ReadAt for Stored<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset + buf.len() as u64;
+        if end <= self.map.size() && self.read_local(buf, offset)? {
+            return Ok(());
+        }
         let mut w = self.window.borrow_mut();
         let (start, data) = &*w;
         if offset < *start || end > start + data.len() as u64 {
@@ -275,7 +314,11 @@ impl Shared {
                     change: Change::Ranges(ff.dirty.clone()),
                     ino: *ino,
                 }),
-                Some(FileSlot::Clean(e)) => Some(stored(reader, e, &join(path, suffix))?),
+                Some(FileSlot::Clean(e, ino)) => {
+                    let local =
+                        ino.and_then(|i| self.table.lock().get(i).and_then(|n| n.data().cloned()));
+                    Some(stored(reader, e, &join(path, suffix), local)?)
+                }
             })
         };
         let Some(dbf) = open("")? else {
@@ -344,7 +387,12 @@ fn source<'a>(o: &'a Opened<'_>) -> Source<'a> {
 }
 
 /// A file of the last generation, read from the store.
-fn stored<'a>(reader: &'a Reader, e: &Entry, path: &str) -> io::Result<Opened<'a>> {
+fn stored<'a>(
+    reader: &'a Reader,
+    e: &Entry,
+    path: &str,
+    local: Option<Arc<FileData>>,
+) -> io::Result<Opened<'a>> {
     let map = reader
         .open(&e.content, e.size, path)
         .map_err(io::Error::other)?;
@@ -354,6 +402,7 @@ fn stored<'a>(reader: &'a Reader, e: &Entry, path: &str) -> io::Result<Opened<'a
             map,
             path: path.to_string(),
             window: Default::default(),
+            local,
         }),
         len: e.size,
         change: Change::None,
