@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use crate::chunker::ChunkParams;
 use crate::hash::Hash;
-use crate::rechunk::{rechunk, touches, ReadAt};
+use crate::rechunk::{merge, rechunk, touches, ReadAt};
 use crate::tree::{part_starts, Inline, Part};
 
 const DB_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -140,18 +140,7 @@ pub fn relayout<E: From<std::io::Error>, R: ReadAt + ?Sized>(
     if layout == Layout::Content {
         return content(file, new_size, old, dirty, p, fresh);
     }
-    let mut dirty = dirty;
-    dirty.retain(|r| r.start < r.end);
-    dirty.sort_by_key(|r| r.start);
-    // Merged, so that their ends are sorted too (`touches` searches by end).
-    let mut merged: Vec<Range<u64>> = Vec::with_capacity(dirty.len());
-    for r in dirty {
-        match merged.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => merged.push(r),
-        }
-    }
-    let dirty = merged;
+    let dirty = merge(dirty);
     let (starts, _) = part_starts(old);
     let places = places(layout, new_size);
     let mut out: Vec<Option<Part>> = Vec::with_capacity(places.len());

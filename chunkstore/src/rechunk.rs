@@ -65,6 +65,12 @@ fn normalize(mut dirty: Vec<Range<u64>>, old_size: u64, new_size: u64) -> Vec<Ra
         let from = old_size.min(new_size).saturating_sub(1);
         dirty.push(from..new_size.max(old_size));
     }
+    merge(dirty)
+}
+
+/// `dirty` without empty ranges, sorted and merged, so that their ends are sorted too (what
+/// `touches` searches by).
+pub(crate) fn merge(mut dirty: Vec<Range<u64>>) -> Vec<Range<u64>> {
     dirty.retain(|r| r.start < r.end);
     dirty.sort_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::with_capacity(dirty.len());

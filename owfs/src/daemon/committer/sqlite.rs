@@ -235,7 +235,8 @@ impl Shared {
                 );
             }
         }
-        let reader = Reader::new(self.repo.clone(), 32 << 20);
+        // No chunk cache: stored files are read through `Stored`'s own window.
+        let reader = Reader::new(self.repo.clone(), 0);
         let mut kept = self.databases.lock();
         for d in &dirs {
             let mut names: BTreeSet<&[u8]> = BTreeSet::new();
