@@ -44,7 +44,7 @@ pub enum Mode {
 /// with epoch 1. Released or expired (our wall clock past `expires_ms + max_skew`), or
 /// forced: replaced with the next epoch. A lost race re-reads and decides again (a racer that
 /// now holds it live makes this `Held`, or keeps `Wait` waiting; `Takeover` forces only the
-/// record it first read, never a racer's).
+/// epoch it first read, renewed since or not, never a racer's).
 pub async fn acquire(
     store: &Store,
     ws: &str,
@@ -59,13 +59,20 @@ pub async fn acquire(
         Mode::Wait(Some(limit)) => Some(clock.now() + limit),
         _ => None,
     };
-    let mut force = mode == Mode::Takeover;
+    // The epoch a takeover fences out: the one read first. Its holder renewing between our
+    // read and our write (every `renew_every`) must not turn the takeover into `Held`.
+    let mut force_epoch = None;
+    let mut first = true;
     loop {
         let (prev, version) = read_versioned(store, ws).await?.unzip();
+        if first && mode == Mode::Takeover {
+            force_epoch = prev.as_ref().map(|p| p.epoch);
+        }
+        first = false;
         let wall = clock.wall_ms();
         let take = match &prev {
             None => true,
-            Some(p) => force || is_free(p, wall, cfg),
+            Some(p) => force_epoch == Some(p.epoch) || is_free(p, wall, cfg),
         };
         if take {
             let start = clock.now();
@@ -118,8 +125,7 @@ pub async fn acquire(
                     return Ok(lease);
                 }
                 None => {
-                    // Someone else wrote first: look again.
-                    force = false;
+                    // Someone else wrote first (the holder renewing, or a racer): look again.
                     continue;
                 }
             }

@@ -272,6 +272,40 @@ async fn takeover_fences_out_a_live_holder() {
     }
 }
 
+/// The holder renews every millisecond while another node takes over: a renewal
+/// landing between the taker's read and its write is the same epoch, forced all the same (it
+/// once made `--takeover` fail with "held", seen under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_wins_over_the_holders_renewals() {
+    let cfg = LeaseConfig::default();
+    for store in &stores().stores {
+        for round in 0..10 {
+            let clock = Arc::new(ManualClock::new());
+            let ws = format!("race{round}");
+            let mut a = acquire(store, &ws, node("a"), &cfg, Mode::Normal, clock.clone())
+                .await
+                .unwrap();
+            let renewer = tokio::spawn(async move {
+                let mut n = 0u32;
+                while a.renew().await.is_ok() {
+                    n += 1;
+                    tokio::time::sleep(ms(1)).await;
+                }
+                n
+            });
+            tokio::time::sleep(ms(5)).await;
+            let b = acquire(store, &ws, node("b"), &cfg, Mode::Takeover, clock.clone())
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: the takeover failed: {e}"));
+            assert_eq!(b.took_over().map(|r| r.holder.node.as_str()), Some("a"));
+            assert_eq!(b.epoch(), 2);
+            // The holder's renewals stop at the takeover, and the record is b's.
+            renewer.await.unwrap();
+            assert_eq!(read(store, &ws).await.unwrap().unwrap().holder.node, "b");
+        }
+    }
+}
+
 #[tokio::test]
 async fn wait_succeeds_after_release() {
     let cfg = LeaseConfig::default();

@@ -160,6 +160,11 @@ struct SyncState {
     last: GenRecord,
     /// The committer has ended (after its last commit, or after the lease was lost).
     finished: bool,
+    /// The last commit, made once the mount was gone (or halted), succeeded: it holds every
+    /// write the daemon took. Whether the mount ended well is this, not `done_ok` against
+    /// `requested`: a request counted after that commit (the unmount's own, when the
+    /// committer's timer won the race) asks for nothing it lacks.
+    final_ok: bool,
 }
 
 impl SyncState {
@@ -841,6 +846,7 @@ impl Daemon {
             sync: Mutex::new(SyncState {
                 requested: 0,
                 done_ok: 0,
+                final_ok: false,
                 done_err: 0,
                 err: None,
                 last: rec.clone(),
@@ -982,7 +988,7 @@ impl Daemon {
         }
         let (ok, last) = {
             let s = shared.sync.lock();
-            (s.done_ok >= s.requested, s.last.clone())
+            (s.final_ok, s.last.clone())
         };
         if ok {
             // Merge what is left of this mount's index objects (up to 15 young ones), so that
@@ -1061,7 +1067,7 @@ impl Shared {
             while !s.finished && Instant::now() < deadline {
                 self.sync_cv.wait_until(&mut s, deadline);
             }
-            (s.finished && s.done_ok >= s.requested, s.last.number)
+            (s.finished && s.final_ok, s.last.number)
         };
         if ok {
             self.stop_renewer();

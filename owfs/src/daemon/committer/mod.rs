@@ -298,6 +298,7 @@ impl Shared {
                     } else {
                         target
                     };
+                    s.final_ok = stop;
                 }
                 Err(e) => {
                     eprintln!("owfs: {}: commit failed: {e}", self.ws);
