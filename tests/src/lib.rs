@@ -629,3 +629,112 @@ impl Drop for RwMount<'_> {
         }
     }
 }
+
+/// Names the step a test is at and, if the test is still there after `limit`, prints that
+/// step, every owfs process's threads with the kernel function each waits in and its kernel
+/// stack, and the files given to `attach` (daemon logs), then aborts the test process: a
+/// hang is reported where it happened, not as a bare timeout.
+pub struct Watchdog {
+    state: Arc<std::sync::Mutex<(String, std::time::Instant, Vec<PathBuf>, bool)>>,
+}
+
+impl Watchdog {
+    pub fn new(test: &'static str, limit: std::time::Duration) -> Watchdog {
+        let state = Arc::new(std::sync::Mutex::new((
+            "start".to_string(),
+            std::time::Instant::now(),
+            Vec::<PathBuf>::new(),
+            false,
+        )));
+        let s = state.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let g = s.lock().unwrap();
+            if g.3 {
+                return;
+            }
+            if g.1.elapsed() < limit {
+                continue;
+            }
+            eprintln!(
+                "WATCHDOG: {test}: stuck for {limit:?} at step {:?}; owfs processes:",
+                g.0
+            );
+            eprintln!("{}", owfs_process_report());
+            for f in &g.2 {
+                eprintln!(
+                    "--- {}:\n{}",
+                    f.display(),
+                    std::fs::read_to_string(f).unwrap_or_default()
+                );
+            }
+            std::process::abort();
+        });
+        Watchdog { state }
+    }
+
+    /// The test is now at `step` (its time limit starts again).
+    pub fn step(&self, step: impl Into<String>) {
+        let mut g = self.state.lock().unwrap();
+        g.0 = step.into();
+        g.1 = std::time::Instant::now();
+    }
+
+    /// `file` is printed if the test hangs.
+    pub fn attach(&self, file: &Path) {
+        self.state.lock().unwrap().2.push(file.to_path_buf());
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.state.lock() {
+            g.3 = true;
+        }
+    }
+}
+
+/// Every `owfs` process with, per thread, its state, the kernel function it waits in and
+/// its kernel stack (this test's process too: its threads may be the ones stuck).
+pub fn owfs_process_report() -> String {
+    let mut out = String::new();
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let pid = e.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if pid != me && !cmd.contains("owfs") {
+            continue;
+        }
+        out.push_str(&format!("pid {pid}: {cmd}\n"));
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let tp = t.path();
+            let read = |f: &str| std::fs::read_to_string(tp.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(") ")
+                .map(|(_, r)| r.chars().next().unwrap_or('?'))
+                .unwrap_or('?');
+            out.push_str(&format!(
+                "  tid {} {} {} wchan={}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                state,
+                read("wchan")
+            ));
+            for l in read("stack").lines().take(12) {
+                out.push_str(&format!("      {l}\n"));
+            }
+        }
+    }
+    out
+}

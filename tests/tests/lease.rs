@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use owfs_tests::{is_mounted, kill_and_detach, send_signal, Case};
+use owfs_tests::{is_mounted, kill_and_detach, send_signal, Case, Watchdog};
 
 /// A lease short enough for tests: 3 s, renewed every 500 ms, writes stop 1 s before expiry.
 const FAST: &[&str] = &[
@@ -203,7 +203,10 @@ fn a_held_workspace_is_refused_waited_for_and_taken_after_expiry() {
 
 #[test]
 fn a_zombie_is_fenced_and_stops() {
+    // Hung once in CI (uring=off, all 14 minutes): the watchdog says where.
+    let dog = Watchdog::new("a_zombie_is_fenced_and_stops", Duration::from_secs(120));
     for c in Case::all() {
+        dog.step(format!("[{}] start A", c.name));
         let marker = c.dir("hook-ran");
         let hook = format!(
             "on_lease_loss=echo $OWFS_REASON > {}; sleep 2",
@@ -213,6 +216,8 @@ fn a_zombie_is_fenced_and_stops() {
         let hook_static: &'static str = Box::leak(hook.into_boxed_str());
         o.push(hook_static);
         let mut a = Daemon::start(&c, "z", "a", &o, &[], &[]);
+        dog.attach(&a.log);
+        dog.step(format!("[{}] A: write and sync", c.name));
         std::fs::write(a.at.join("before"), b"A, before the stop").unwrap();
         c.ok(&["sync", a.at.to_str().unwrap()]);
         // A keeps writing: a workload appending to a file (its requests block while A is
@@ -240,15 +245,18 @@ fn a_zombie_is_fenced_and_stops() {
         std::thread::sleep(Duration::from_millis(300));
 
         send_signal(a.pid(), 19); // SIGSTOP: A is a zombie from now on
+        dog.step(format!("[{}] B: mount with --wait", c.name));
         let b = c.mount_rw_with("z", "b", &opts(&[]), &["--wait=60s"]);
         assert_eq!(
             std::fs::read(b.path("before")).unwrap(),
             b"A, before the stop"
         );
+        dog.step(format!("[{}] B: write, status, sync", c.name));
         std::fs::write(b.path("b.txt"), b"from B").unwrap();
         let fence_epoch = b.status()["lease"]["epoch"].as_u64().unwrap();
         b.sync();
 
+        dog.step(format!("[{}] A continued: a write fails", c.name));
         send_signal(a.pid(), 18); // SIGCONT
         std::thread::sleep(Duration::from_millis(300));
         // The hook is still sleeping: the daemon is alive and answers EIO.
@@ -259,7 +267,9 @@ fn a_zombie_is_fenced_and_stops() {
             "[{}] A's write after the takeover",
             c.name
         );
+        dog.step(format!("[{}] A exits", c.name));
         a.expect_lease_lost_exit(c.name);
+        dog.step(format!("[{}] the workload's thread ends", c.name));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (wrote, err) = writer.join().unwrap();
         assert!(
@@ -271,6 +281,7 @@ fn a_zombie_is_fenced_and_stops() {
         assert!(!reason.trim().is_empty(), "the hook ran with OWFS_REASON");
 
         // Nothing from A after B's fence; epochs never go down.
+        dog.step(format!("[{}] history", c.name));
         let h = c.history("z");
         assert_epochs_monotonic(&h);
         let fence = h.iter().find(|g| g.2 == "fence").expect("a fence");
@@ -280,6 +291,7 @@ fn a_zombie_is_fenced_and_stops() {
             .filter(|g| g.0 > fence.0)
             .all(|g| g.1 >= fence_epoch));
         assert!(!b.path("after").exists());
+        dog.step(format!("[{}] B: umount", c.name));
         b.umount();
         eprintln!("[{}] zombie fenced; history {h:?}", c.name);
     }
