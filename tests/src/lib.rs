@@ -635,8 +635,11 @@ impl Drop for RwMount<'_> {
 /// stack, and the files given to `attach` (daemon logs), then aborts the test process: a
 /// hang is reported where it happened, not as a bare timeout.
 pub struct Watchdog {
-    state: Arc<std::sync::Mutex<(String, std::time::Instant, Vec<PathBuf>, bool)>>,
+    state: Arc<std::sync::Mutex<DogState>>,
 }
+
+/// The step, when it began, the files to print, and whether the test ended.
+type DogState = (String, std::time::Instant, Vec<PathBuf>, bool);
 
 impl Watchdog {
     pub fn new(test: &'static str, limit: std::time::Duration) -> Watchdog {

@@ -264,8 +264,10 @@ fn a_zombie_is_fenced_and_stops() {
         assert_eq!(
             errno,
             Some(libc_eio()),
-            "[{}] A's write after the takeover",
-            c.name
+            "[{}] A's write after the takeover (A mounted: {}); A's log:\n{}",
+            c.name,
+            is_mounted(&a.at),
+            a.log_text()
         );
         dog.step(format!("[{}] A exits", c.name));
         a.expect_lease_lost_exit(c.name);
