@@ -92,6 +92,20 @@ impl PackBuilder {
         self.raw_bytes += raw_len as u64;
     }
 
+    /// Moves every blob of `other` to the end of this pack.
+    pub fn append(&mut self, other: PackBuilder) {
+        for e in &other.entries {
+            let at = e.offset as usize;
+            self.push(
+                e.hash,
+                e.kind,
+                &other.data[at..at + e.stored_len as usize],
+                e.raw_len as usize,
+                e.compressed,
+            );
+        }
+    }
+
     /// Seals the pack: appends the trailer and returns (name, bytes, entries).
     pub fn finish(mut self) -> (Hash, Vec<u8>, Vec<PackEntry>) {
         let trailer = codec::encode(ObjKind::PackTrailer, &self.entries);

@@ -1,7 +1,7 @@
 //! The blob writer: deduplicates blobs against the index, compresses them on worker threads,
-//! appends them to one open pack per kind (so a small commit is one data pack and one tree
-//! pack), and uploads full packs with a bounded number in flight. Memory stays bounded: a
-//! bounded queue to the workers, two open packs, and a bounded upload window.
+//! appends them to one open pack per kind (a small commit's two are uploaded as one), and
+//! uploads full packs with a bounded number in flight. Memory stays bounded: a bounded queue
+//! to the workers, two open packs, and a bounded upload window.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,9 @@ use crate::repo::Repo;
 /// A data pack is sealed at this size; trees and segments use smaller packs (read whole).
 const DATA_PACK_BYTES: usize = 16 << 20;
 const META_PACK_BYTES: usize = 4 << 20;
+/// The last data and tree packs of a commit are uploaded as one up to this size (a reader
+/// of a tree fetches its whole pack, so at most this much data with it).
+const COMBINED_PACK_BYTES: usize = 1 << 20;
 /// Blobs queued to the compression workers.
 const QUEUE_BLOBS: usize = 64;
 /// Packs uploading at once.
@@ -237,9 +240,17 @@ fn worker(shared: Arc<Shared>, rx: Arc<Mutex<Receiver<Job>>>) {
     }
 }
 
-/// Seals and uploads the packs still open (after the workers have stopped).
+/// Seals and uploads the packs still open (after the workers have stopped). Together they
+/// are one pack when small (the common commit: a few changed chunks and their trees), one
+/// PUT instead of two; readers fetch blobs by range, whatever else a pack holds.
 fn flush_open(shared: &Arc<Shared>) {
-    let (data, meta) = std::mem::take(&mut *shared.open.lock().expect("open packs"));
+    let (mut data, meta) = std::mem::take(&mut *shared.open.lock().expect("open packs"));
+    let meta = if data.len() + meta.len() <= COMBINED_PACK_BYTES {
+        data.append(meta);
+        PackBuilder::default()
+    } else {
+        meta
+    };
     for pack in [data, meta] {
         if !pack.is_empty() {
             upload(shared, pack);
