@@ -49,6 +49,8 @@ start_moto "$moto_log" "${moto[@]}" || true
 [[ -n $endpoint ]] || die "could not start moto's S3 server (${moto[*]}); see $moto_log"
 step "moto S3 server at $endpoint (pid $moto_pid, log $moto_log)"
 export OWFS_TEST_S3_ENDPOINT="$endpoint"
+# Tests that count requests read the server's log.
+export OWFS_TEST_MOTO_LOG="$moto_log"
 
 # --- the tests -------------------------------------------------------------------------------
 # Mounts serve FUSE requests through io_uring where the kernel has it (the default, which as

@@ -53,7 +53,7 @@ fn condemned_key(pack: &Hash) -> String {
 }
 
 /// Condemned packs and when each was condemned.
-async fn condemned(repo: &Repo) -> Result<HashMap<Hash, i64>> {
+pub(crate) async fn condemned(repo: &Repo) -> Result<HashMap<Hash, i64>> {
     Ok(repo
         .store
         .list(CONDEMNED)
@@ -170,6 +170,11 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     // 2. Mark. A tree that cannot be read stops gc: deleting on an incomplete mark loses data.
     repo.reset_index();
     repo.refresh_index()?;
+    // Packs no index object names yet (a mount writes its commits' index object after up
+    // to 16 of them, or never if it crashed) are read by their trailers: their blobs are
+    // located for the mark, and the packs judged and kept in the new index like the others.
+    // (Condemned packs stay out: the sweep below reads those itself.)
+    repo.adopt_unindexed()?;
     let mut live = HashSet::new();
     for root in roots {
         mark(repo, root, &mut live)?;

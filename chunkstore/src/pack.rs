@@ -165,21 +165,41 @@ pub fn compress(raw: &[u8], zstd_level: i32) -> (std::borrow::Cow<'_, [u8]>, boo
 
 /// Reads the trailer of a whole pack (used by gc to re-index a pack).
 pub fn read_trailer(pack: &[u8], what: &str) -> Result<Vec<PackEntry>> {
-    let n = pack.len();
-    if n < 8 || &pack[n - 4..] != PACK_MAGIC {
+    read_trailer_from_tail(pack, pack.len() as u64, what).map(|t| match t {
+        Tail::Entries(e) => e,
+        Tail::Needs(_) => unreachable!("the whole pack holds its trailer"),
+    })
+}
+
+/// What the last bytes of a pack say.
+pub enum Tail {
+    Entries(Vec<PackEntry>),
+    /// The trailer is longer than the bytes given: the last this many bytes hold it.
+    Needs(u64),
+}
+
+/// The trailer from `tail`, the last bytes of a pack of `size` bytes (a range read that
+/// need not fetch the pack).
+pub fn read_trailer_from_tail(tail: &[u8], size: u64, what: &str) -> Result<Tail> {
+    let n = tail.len();
+    if n < 8 || &tail[n - 4..] != PACK_MAGIC || n as u64 > size {
         return Err(Error::corrupt(format!(
             "{what}: no pack trailer (truncated?)"
         )));
     }
-    let tlen = u32::from_le_bytes(pack[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
-    if tlen > n - 8 {
+    let tlen = u32::from_le_bytes(tail[n - 8..n - 4].try_into().expect("4 bytes")) as u64;
+    if tlen > size - 8 {
         return Err(Error::corrupt(format!(
             "{what}: pack trailer length out of range"
         )));
     }
-    let data_len = (n - 8 - tlen) as u64;
+    if tlen + 8 > n as u64 {
+        return Ok(Tail::Needs(tlen + 8));
+    }
+    let tlen = tlen as usize;
+    let data_len = size - 8 - tlen as u64;
     let entries: Vec<PackEntry> =
-        codec::decode(ObjKind::PackTrailer, &pack[n - 8 - tlen..n - 8], what)?;
+        codec::decode(ObjKind::PackTrailer, &tail[n - 8 - tlen..n - 8], what)?;
     for e in &entries {
         check_entry(e, what)?;
         if e.offset as u64 + e.stored_len as u64 > data_len {
@@ -189,7 +209,7 @@ pub fn read_trailer(pack: &[u8], what: &str) -> Result<Vec<PackEntry>> {
             )));
         }
     }
-    Ok(entries)
+    Ok(Tail::Entries(entries))
 }
 
 /// Refuses an entry (from an index or a trailer) claiming a blob larger than its kind may be

@@ -2,6 +2,7 @@
 //! and trees. Every byte read back is checked against its hash. A generation's files are read
 //! through `read.rs`.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::index::{Index, IndexFile};
-use crate::pack::{open_blob, pack_key, BlobKind, PackEntry};
+use crate::pack::{open_blob, pack_key, BlobKind, PackEntry, Tail};
 use crate::store::{Created, Store};
 use crate::tree::Tree;
 
@@ -85,6 +86,12 @@ pub struct Repo {
     blob_cache: RwLock<Option<Arc<BlobCache>>>,
     /// Index objects this process wrote recently, which `compact_own_index` may merge.
     own_index: Mutex<Vec<OwnIndex>>,
+    /// Packs this process uploaded whose index object it has not written yet
+    /// (`defer_index`; docs/decisions/one-pack-a-commit.md): in the in-memory index, kept
+    /// there across a reload, written by `write_deferred_index`.
+    deferred: Mutex<Option<OwnIndex>>,
+    /// Packs whose trailers `adopt_unindexed` read, and when it last listed the packs.
+    adopted: Mutex<(HashSet<Hash>, Option<std::time::Instant>)>,
 }
 
 /// An index object this process wrote, with what it names and the time before its oldest
@@ -145,6 +152,8 @@ impl Repo {
             pack_cache: pack_cache(),
             blob_cache: RwLock::default(),
             own_index: Mutex::default(),
+            deferred: Mutex::default(),
+            adopted: Mutex::default(),
         }))
     }
 
@@ -180,6 +189,7 @@ impl Repo {
             // gc replaced index objects: packs may have been dropped, so forget everything
             // rather than keep locations of blobs that may be gone.
             *self.index.write().expect("index lock") = Index::default();
+            self.adopted.lock().expect("adopted").0.clear();
             known.clear();
         }
         let new: Vec<String> = listed.into_iter().filter(|k| !known.contains(k)).collect();
@@ -202,8 +212,172 @@ impl Repo {
             index.merge(&file);
             index.files.push(key);
         }
+        // Our packs that no index object names yet stay known.
+        if let Some(d) = &*self.deferred.lock().expect("deferred") {
+            for (name, entries) in &d.packs {
+                index.add_pack(*name, entries);
+            }
+        }
         *self.index_loaded.lock().expect("index flag") = true;
         Ok(())
+    }
+
+    /// Packs just uploaded (`BlobWriter::finish`) whose index object is written later, by
+    /// `write_deferred_index`: a commit then costs one PUT less. Until then a reader in
+    /// another process finds them by their trailers (`adopt_unindexed`).
+    pub fn defer_index(&self, packs_since_ms: u64, packs: Vec<(Hash, Vec<PackEntry>)>) {
+        for (name, entries) in &packs {
+            self.add_to_index(*name, entries);
+        }
+        let mut d = self.deferred.lock().expect("deferred");
+        let d = d.get_or_insert_with(|| OwnIndex {
+            key: String::new(),
+            packs_since_ms,
+            packs: Vec::new(),
+        });
+        d.packs_since_ms = d.packs_since_ms.min(packs_since_ms);
+        d.packs.extend(packs);
+    }
+
+    /// Packs waiting for their index object, and when the oldest was begun (ms).
+    pub fn deferred(&self) -> Option<(usize, u64)> {
+        let d = self.deferred.lock().expect("deferred");
+        d.as_ref().map(|d| (d.packs.len(), d.packs_since_ms))
+    }
+
+    /// Writes one index object naming every deferred pack (then merged like any index
+    /// object this process wrote). Ok(false) when nothing waits; on failure they wait on.
+    pub fn write_deferred_index(&self) -> Result<bool> {
+        let Some(mut d) = self.deferred.lock().expect("deferred").take() else {
+            return Ok(false);
+        };
+        // A gc whose grace is shorter than these packs' age (only the library allows one
+        // while a workspace is mounted) may have condemned or deleted one: naming it again
+        // would let a later commit deduplicate against it. Such packs are left out, and
+        // forgotten by the in-memory index.
+        let gone = match self.gone_packs(&d.packs) {
+            Ok(g) => g,
+            Err(e) => {
+                self.restore_deferred(d);
+                return Err(e);
+            }
+        };
+        if !gone.is_empty() {
+            d.packs.retain(|(name, _)| !gone.contains(name));
+            self.reset_index();
+        }
+        if d.packs.is_empty() {
+            return Ok(false);
+        }
+        let file = IndexFile {
+            packs: d.packs.clone(),
+        };
+        let bytes = file.encode();
+        let key = file.key(crate::generation::now_ms(), &bytes);
+        if let Err(e) = self.block_on(self.store.put(&key, bytes.into())) {
+            self.restore_deferred(d);
+            return Err(e);
+        }
+        self.note_index_file(&key);
+        self.note_own_index(key, d.packs_since_ms, file.packs);
+        Ok(true)
+    }
+
+    /// Puts deferred packs taken for an index object back in front of newer ones.
+    fn restore_deferred(&self, d: OwnIndex) {
+        let mut slot = self.deferred.lock().expect("deferred");
+        match &mut *slot {
+            Some(newer) => {
+                newer.packs_since_ms = newer.packs_since_ms.min(d.packs_since_ms);
+                let later = std::mem::replace(&mut newer.packs, d.packs);
+                newer.packs.extend(later);
+            }
+            None => *slot = Some(d),
+        }
+    }
+
+    /// Of `packs`, those gc condemned or deleted. A deleted pack has lost its marker, but gc
+    /// leaves traces in `index/`: it replaces the index objects it merges. Only when the
+    /// listing differs from the index objects this process read or wrote is each pack's
+    /// presence read (a one-byte range each); another writer's new index object costs that
+    /// too, harmlessly.
+    fn gone_packs(&self, packs: &[(Hash, Vec<PackEntry>)]) -> Result<HashSet<Hash>> {
+        let condemned = self.block_on(crate::gc::condemned(self))?;
+        let mut gone: HashSet<Hash> = packs
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| condemned.contains_key(n))
+            .collect();
+        let listed: HashSet<String> = self
+            .block_on(self.store.list("index"))?
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        let known: HashSet<String> = self.with_index(|i| i.files.iter().cloned().collect());
+        if listed == known {
+            return Ok(gone);
+        }
+        let store = &self.store;
+        let checked: Vec<(Hash, Result<Bytes>)> = self.block_on(
+            futures::stream::iter(packs.iter().map(|(name, _)| async move {
+                (*name, store.get_range(&pack_key(name), 0..1).await)
+            }))
+            .buffer_unordered(INDEX_FETCH_PARALLEL)
+            .collect(),
+        );
+        for (name, r) in checked {
+            match r {
+                Ok(_) => {}
+                Err(Error::Missing { .. }) => {
+                    gone.insert(name);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Reads the trailers of listed packs that no index object names and adds their blobs
+    /// to the in-memory index (packs read before aside, and packs gc condemned: a commit
+    /// must not deduplicate against those, and no generation needs them). This is how a
+    /// reader finds the blobs of a commit whose index object is not written yet (a mount
+    /// writes it after up to 16 commits or 30 s, or never if it crashed; gc writes it then).
+    /// Returns how many packs it read.
+    pub fn adopt_unindexed(&self) -> Result<usize> {
+        let skip = self.block_on(crate::gc::condemned(self))?;
+        let listed = self.block_on(self.store.list("packs"))?;
+        let known: HashSet<Hash> = self.with_index(|i| i.pack_names().iter().copied().collect());
+        let todo: Vec<(Hash, u64)> = {
+            let mut a = self.adopted.lock().expect("adopted");
+            a.1 = Some(std::time::Instant::now());
+            listed
+                .iter()
+                .filter_map(|l| Some((Hash::from_hex(l.key.rsplit('/').next()?)?, l.size)))
+                .filter(|(h, _)| !known.contains(h) && !skip.contains_key(h) && !a.0.contains(h))
+                .collect()
+        };
+        let store = &self.store;
+        let found: Vec<(Hash, Result<Vec<PackEntry>>)> = self.block_on(
+            futures::stream::iter(todo.into_iter().map(|(name, size)| async move {
+                (name, fetch_trailer(store, &name, size).await)
+            }))
+            .buffer_unordered(INDEX_FETCH_PARALLEL)
+            .collect(),
+        );
+        let mut n = 0;
+        for (name, r) in found {
+            match r {
+                Ok(entries) => {
+                    self.add_to_index(name, &entries);
+                    self.adopted.lock().expect("adopted").0.insert(name);
+                    n += 1;
+                }
+                // Deleted by gc since the listing: nothing to adopt.
+                Err(Error::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
 
     pub fn ensure_index(&self) -> Result<()> {
@@ -341,6 +515,7 @@ impl Repo {
     /// Drops the in-memory index (after gc rewrote it).
     pub fn reset_index(&self) {
         *self.index.write().expect("index lock") = Index::default();
+        self.adopted.lock().expect("adopted").0.clear();
         *self.index_loaded.lock().expect("index flag") = false;
     }
 
@@ -351,6 +526,20 @@ impl Repo {
             return Ok(loc);
         }
         self.refresh_index()?;
+        if let Some(loc) = self.with_index(|i| i.get(hash)) {
+            return Ok(loc);
+        }
+        // A pack no index object names yet (a recent commit's): at most one listing a
+        // second, so a store that truly lost a blob is not listed once per lookup.
+        let listed_lately = self
+            .adopted
+            .lock()
+            .expect("adopted")
+            .1
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1));
+        if !listed_lately {
+            self.adopt_unindexed()?;
+        }
         self.with_index(|i| i.get(hash))
             .ok_or_else(|| Error::Missing {
                 key: format!("blob {}", hash.short()),
@@ -437,6 +626,24 @@ impl Repo {
     pub fn read_tree(&self, hash: &Hash, dir: &str) -> Result<Tree> {
         let bytes = self.read_blob(hash, &format!("tree of {dir:?}"))?;
         Tree::decode(&bytes, dir)
+    }
+}
+
+/// A pack's trailer by range reads of its end (one, or two for a trailer over 64 KiB).
+async fn fetch_trailer(store: &Store, name: &Hash, size: u64) -> Result<Vec<PackEntry>> {
+    let key = pack_key(name);
+    let what = format!("pack {}", name.short());
+    let first = size.min(64 << 10);
+    let tail = store.get_range(&key, size - first..size).await?;
+    match crate::pack::read_trailer_from_tail(&tail, size, &what)? {
+        Tail::Entries(e) => Ok(e),
+        Tail::Needs(n) => {
+            let tail = store.get_range(&key, size - n..size).await?;
+            match crate::pack::read_trailer_from_tail(&tail, size, &what)? {
+                Tail::Entries(e) => Ok(e),
+                Tail::Needs(_) => Err(Error::corrupt(format!("{what}: trailer unreadable"))),
+            }
+        }
     }
 }
 

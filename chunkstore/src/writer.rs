@@ -66,6 +66,8 @@ pub struct BlobWriter {
     blobs_new: u64,
     /// Before any pack of this writer was uploaded: what index compaction ages it by.
     started_ms: u64,
+    /// `defer_index` was called.
+    defer: bool,
 }
 
 impl BlobWriter {
@@ -106,6 +108,7 @@ impl BlobWriter {
             reused: HashSet::new(),
             blobs_new: 0,
             started_ms,
+            defer: false,
         })
     }
 
@@ -160,8 +163,15 @@ impl BlobWriter {
         None
     }
 
+    /// `finish` leaves the index object of a small write (up to COMPACT_MAX_ENTRIES blobs) to
+    /// `Repo::write_deferred_index`, which the caller runs later (a mount's commit).
+    pub fn defer_index(&mut self) {
+        self.defer = true;
+    }
+
     /// Seals the last packs, waits for every upload, then writes one index object naming the
-    /// new packs. Only after this returns may a generation refer to the new blobs.
+    /// new packs (or defers it: `defer_index`). Only after this returns may a generation
+    /// refer to the new blobs.
     pub fn finish(mut self) -> Result<WriteStats> {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
@@ -189,7 +199,10 @@ impl BlobWriter {
         }
         let sealed = std::mem::take(&mut *self.shared.sealed.lock().expect("sealed"));
         let packs = sealed.len() as u64;
-        if !sealed.is_empty() {
+        let entries: usize = sealed.iter().map(|(_, e)| e.len()).sum();
+        if !sealed.is_empty() && self.defer && entries <= crate::repo::COMPACT_MAX_ENTRIES {
+            self.shared.repo.defer_index(self.started_ms, sealed);
+        } else if !sealed.is_empty() {
             let file = IndexFile { packs: sealed };
             let bytes = file.encode();
             let key = file.key(now_ms(), &bytes);

@@ -20,6 +20,9 @@ pub struct Case {
 
 pub struct Moto {
     pub endpoint: String,
+    /// Its request log (one line per HTTP request), if known: `OWFS_TEST_MOTO_LOG` for the
+    /// test script's server, a file of ours for one started here.
+    pub log: Option<PathBuf>,
     child: Option<Child>,
     port: Option<u16>,
 }
@@ -64,6 +67,7 @@ pub fn moto() -> Arc<Moto> {
     MOTO.get_or_init(|| match std::env::var("OWFS_TEST_S3_ENDPOINT") {
         Ok(endpoint) => Arc::new(Moto {
             endpoint,
+            log: std::env::var_os("OWFS_TEST_MOTO_LOG").map(PathBuf::from),
             child: None,
             port: None,
         }),
@@ -76,12 +80,14 @@ impl Moto {
     /// Starts a moto server of our own with extra environment (e.g. to enforce credentials).
     pub fn spawn(env: &[(&str, &str)]) -> Moto {
         let port = free_port();
+        let log = std::env::temp_dir().join(format!("owfs-test-moto-{port}.log"));
         // A watchdog shell stops the server when this test process ends: statics are never
         // dropped, so nothing else would.
         let script = format!(
-            "(moto_server -p {port} -H 127.0.0.1 || python3 -m moto.server -p {port} -H 127.0.0.1) >/dev/null 2>&1 & m=$!; \\
+            "(moto_server -p {port} -H 127.0.0.1 || python3 -m moto.server -p {port} -H 127.0.0.1) >{log} 2>&1 & m=$!; \\
              while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill $m; sleep 1; pkill -f 'moto.* -p {port} ' ; true",
-            parent = std::process::id()
+            parent = std::process::id(),
+            log = log.display()
         );
         let child = Command::new("sh")
             .args(["-c", &script])
@@ -99,6 +105,7 @@ impl Moto {
         }
         Moto {
             endpoint,
+            log: Some(log),
             child: Some(child),
             port: Some(port),
         }
@@ -258,6 +265,39 @@ impl Case {
             set_s3_env(&m.endpoint);
         }
         Store::open(&self.url).unwrap()
+    }
+
+    /// Where the S3 server's request log ends now (for `s3_requests`); None on file:// or
+    /// when the log is unknown.
+    pub fn s3_log_end(&self) -> Option<u64> {
+        let log = self._moto.as_ref()?.log.as_ref()?;
+        std::fs::metadata(log).ok().map(|m| m.len())
+    }
+
+    /// The S3 server's requests for this case's bucket logged after `from` (a `s3_log_end`),
+    /// as "METHOD /bucket/key?query".
+    pub fn s3_requests(&self, from: u64) -> Option<Vec<String>> {
+        use std::io::{Read, Seek};
+        let log = self._moto.as_ref()?.log.as_ref()?;
+        let bucket = self.url.strip_prefix("s3://")?.split('/').next()?;
+        let mut f = std::fs::File::open(log).ok()?;
+        f.seek(std::io::SeekFrom::Start(from)).ok()?;
+        let mut raw = Vec::new();
+        f.read_to_end(&mut raw).ok()?;
+        let text = String::from_utf8_lossy(&raw);
+        let lines = text
+            .lines()
+            .filter_map(|l| {
+                // 127.0.0.1 - - [date] "PUT /bucket/key HTTP/1.1" 200 -
+                let req = l.split('"').nth(1)?;
+                let mut it = req.split(' ');
+                let (method, path) = (it.next()?, it.next()?);
+                let rest = path.strip_prefix('/')?.strip_prefix(bucket)?;
+                (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+                    .then(|| format!("{method} {path}"))
+            })
+            .collect();
+        Some(lines)
     }
 
     pub fn repo(&self, rt: &tokio::runtime::Runtime) -> Arc<Repo> {

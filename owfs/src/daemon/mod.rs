@@ -123,6 +123,8 @@ pub enum Uring {
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub commits: u64,
+    /// Index objects written for packs of earlier commits (`write_index_if_due`).
+    pub deferred_index_writes: u64,
     /// Names cuts held at their content before a rename replaced them (inodes::Replaced).
     pub names_held_back: u64,
     pub commit_failures: u64,
@@ -325,6 +327,7 @@ impl Shared {
             "phase": format!("{:?}", self.life.phase()),
             "uptime_s": self.started.elapsed().as_secs(),
             "commits": st.commits,
+            "deferred_index_writes": st.deferred_index_writes,
             "names_held_back": st.names_held_back,
             "commit_failures": st.commit_failures,
             "last_error": st.last_error,

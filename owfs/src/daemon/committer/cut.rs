@@ -383,6 +383,8 @@ impl Shared {
     ) -> crate::error::Result<GenRecord> {
         let repo = &self.repo;
         let mut writer = BlobWriter::new(repo.clone())?;
+        // A small commit's index object waits for later ones (`write_index_if_due`).
+        writer.defer_index();
         let params = repo.chunk_params();
         // Each changed database's state, read from the frozen bytes before any is uploaded.
         let databases = self.capture_databases(cut, parent)?;

@@ -22,6 +22,11 @@ use super::lifecycle::Phase;
 use super::{flusher, Nice, Shared, CUT_ATTEMPTS};
 use cut::CutOutcome;
 
+/// Packs whose index object may wait (one a commit, as a rule) ...
+const DEFERRED_PACKS: usize = 16;
+/// ... and how long the oldest may wait.
+const DEFERRED_MS: u64 = 30_000;
+
 impl Shared {
     /// Waits while the upload backlog is over its bound.
     pub(in crate::daemon) fn throttle(&self) {
@@ -329,6 +334,7 @@ impl Shared {
                 break;
             }
             if committed {
+                self.write_index_if_due(false);
                 self.compact_index();
             }
         }
@@ -365,7 +371,31 @@ impl Shared {
     /// At a clean stop: merges every index object of this mount still young enough, whatever
     /// the usual thresholds (at least two of them).
     pub(in crate::daemon) fn compact_index_final(&self) {
+        self.write_index_if_due(true);
         self.stats.lock().last_compaction_ms = 0;
         self.compact_index();
+    }
+
+    /// Writes the index object of the packs recent commits left without one, once there
+    /// are DEFERRED_PACKS of them or the oldest is DEFERRED_MS old (`force`: now). Until
+    /// then other readers find those packs by their trailers (docs/decisions/
+    /// one-pack-a-commit.md). A failure is retried at the next commit.
+    fn write_index_if_due(&self, force: bool) {
+        let Some((packs, since_ms)) = self.repo.deferred() else {
+            return;
+        };
+        let due = force
+            || packs >= DEFERRED_PACKS
+            || generation::now_ms().saturating_sub(since_ms) >= DEFERRED_MS;
+        if !due {
+            return;
+        }
+        match self.repo.write_deferred_index() {
+            Ok(_) => self.stats.lock().deferred_index_writes += 1,
+            Err(e) => eprintln!(
+                "owfs: {}: writing the index of recent commits: {e}",
+                self.ws
+            ),
+        }
     }
 }

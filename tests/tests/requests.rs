@@ -1,0 +1,249 @@
+//! What a commit costs in requests, counted by the store: on S3 from the server's own request
+//! log, on `file://` from the objects that appear or change in the store directory. The
+//! workload is the common one: a SQLite database in WAL mode, one small transaction and one
+//! `owfs sync` per commit. (docs/PERFORMANCE.md has the figures; docs/decisions/
+//! one-pack-a-commit.md why a commit costs what it does.)
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use owfs_tests::{kill_and_detach, Case};
+
+/// Commits measured.
+const N: u64 = 24;
+
+/// Every file under `root` with its modification time and size.
+fn files(root: &Path) -> BTreeMap<PathBuf, (SystemTime, u64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path(), (m.modified().unwrap(), m.len()));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Default)]
+struct Cost {
+    puts: u64,
+    gets: u64,
+    lists: u64,
+    deletes: u64,
+    /// Requests by method and kind of key (for a failure's message).
+    by_kind: BTreeMap<String, u64>,
+}
+
+/// "packs", "index", "gens", "head", ... from a key under the store's prefix.
+fn kind_of(key: &str) -> String {
+    let key = key.split('?').next().unwrap();
+    if let Some((_, rest)) = key.split_once("/ws/") {
+        // ws/<workspace>/<kind>/...
+        return rest.split('/').nth(1).unwrap_or(rest).to_string();
+    }
+    for k in ["packs", "index", "gc"] {
+        if key.contains(&format!("/{k}/")) {
+            return k.to_string();
+        }
+    }
+    key.rsplit('/').next().unwrap_or(key).to_string()
+}
+
+/// Classifies S3 request lines ("METHOD /bucket/key?query"), leaving out the lease's own
+/// renewals (a node's cost per second, not per commit).
+fn s3_cost(lines: &[String]) -> Cost {
+    let mut c = Cost::default();
+    for l in lines {
+        let (method, path) = l.split_once(' ').unwrap();
+        if path.split('?').next().unwrap().ends_with("/lease") {
+            continue;
+        }
+        *c.by_kind
+            .entry(format!("{method} {}", kind_of(path)))
+            .or_default() += 1;
+        match method {
+            // A multi-object delete is a POST.
+            "DELETE" => c.deletes += 1,
+            "POST" if path.contains("delete") => c.deletes += 1,
+            "PUT" | "POST" => c.puts += 1,
+            "GET" if path.contains("list-type") || path.contains("?prefix") => c.lists += 1,
+            "GET" | "HEAD" => c.gets += 1,
+            _ => {}
+        }
+    }
+    c
+}
+
+#[test]
+fn a_small_commit_costs_a_few_requests() {
+    for c in Case::all() {
+        let m = c.mount_rw("req", "m", &[]);
+        let db = rusqlite::Connection::open(m.path("app.db")).unwrap();
+        db.pragma_update(None, "journal_mode", "wal").unwrap();
+        db.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        m.sync();
+
+        let store_dir = c.url.strip_prefix("file://").map(PathBuf::from);
+        let before = store_dir.as_deref().map(files);
+        let log_from = c.s3_log_end();
+        let status0 = m.status();
+        for i in 0..N {
+            db.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+            m.sync();
+        }
+        let status1 = m.status();
+        let counter = |k: &str| {
+            status1["requests"][k].as_u64().unwrap() - status0["requests"][k].as_u64().unwrap()
+        };
+        let commits = status1["commits"].as_u64().unwrap() - status0["commits"].as_u64().unwrap();
+        assert!(commits >= N, "[{}] {commits} commits for {N} syncs", c.name);
+
+        let cost = match (&store_dir, before, log_from) {
+            (Some(dir), Some(before), _) => {
+                // Objects written: new ones and rewritten ones (the head hint), the lease
+                // left out; an object written and deleted since (an index object a merge
+                // replaced) is not seen, so the daemon's count is taken if higher. A file
+                // store cannot count its LISTs: the daemon's counter does.
+                let after = files(dir);
+                let written = after
+                    .iter()
+                    .filter(|(p, v)| {
+                        !p.ends_with("lease") && before.get(p.as_path()) != Some(v)
+                    })
+                    .count() as u64;
+                let deletes = before.keys().filter(|p| !after.contains_key(*p)).count() as u64;
+                Cost {
+                    puts: written.max(counter("puts")),
+                    gets: counter("gets"),
+                    lists: counter("lists"),
+                    deletes,
+                    by_kind: BTreeMap::new(),
+                }
+            }
+            (None, _, Some(from)) => s3_cost(&c.s3_requests(from).unwrap()),
+            _ => panic!(
+                "[{}] the S3 server's request log is unknown: set OWFS_TEST_MOTO_LOG (scripts/test.sh does)",
+                c.name
+            ),
+        };
+        eprintln!(
+            "[{}] {N} one-row transactions, each synced: {commits} commits, {} PUTs, {} LISTs, \
+             {} GETs, {} DELETEs (the daemon's counters: {} PUTs, {} LISTs, {} GETs)",
+            c.name,
+            cost.puts,
+            cost.lists,
+            cost.gets,
+            cost.deletes,
+            counter("puts"),
+            counter("lists"),
+            counter("gets"),
+        );
+        // A commit: one pack (data and trees together), one index object and the generation
+        // record; the head hint every 16th; one merge of the mount's index objects per 16.
+        let puts_bound = 3 * commits + commits / 16 + 2 * (commits / 16 + 1);
+        assert!(
+            cost.puts <= puts_bound,
+            "[{}] {} PUTs for {commits} commits (at most {puts_bound}): {:?}",
+            c.name,
+            cost.puts,
+            cost.by_kind
+        );
+        // One LIST a commit (gc's condemned packs), one per index merge.
+        let lists_bound = commits + commits / 16 + 2;
+        assert!(
+            cost.lists <= lists_bound,
+            "[{}] {} LISTs for {commits} commits (at most {lists_bound}): {:?}",
+            c.name,
+            cost.lists,
+            cost.by_kind
+        );
+        // A commit reads nothing back: its parent is in memory.
+        assert!(
+            cost.gets <= 4,
+            "[{}] {} GETs for {commits} commits: {:?}",
+            c.name,
+            cost.gets,
+            cost.by_kind
+        );
+        drop(db);
+        m.umount();
+    }
+}
+
+/// A mount writes the index object of its small commits' packs after 16 of them (or 30 s, or
+/// at unmount): a daemon killed before that leaves packs no index object names. Another
+/// process reads those generations by the packs' own trailers, and gc keeps them and names
+/// them in its index (docs/decisions/one-pack-a-commit.md).
+#[test]
+fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
+    for c in Case::all() {
+        // A short lease: gc refuses a short grace while a lease is live.
+        let fast = [
+            "lease_ttl_ms=3000",
+            "lease_renew_ms=500",
+            "lease_margin_ms=1000",
+            "lease_skew_ms=200",
+        ];
+        let m = c.mount_rw("crash", "m", &fast);
+        let body = noise(300_000, 7);
+        std::fs::write(m.path("first.txt"), b"first").unwrap();
+        m.sync();
+        std::fs::write(m.path("b.bin"), &body).unwrap();
+        let g = m.sync();
+        let st = m.status();
+        assert_eq!(
+            st["deferred_index_writes"].as_u64(),
+            Some(0),
+            "[{}] the commits' index object is not written yet: {st}",
+            c.name
+        );
+        kill_and_detach(m.daemon_pid(), &m.at);
+        drop(m);
+
+        let spec = format!("crash@{g}");
+        let out = c.owfs(&["cat", &spec, "b.bin"]);
+        assert!(out.status.success(), "[{}] {:?}", c.name, out);
+        assert!(out.stdout == body, "[{}] b.bin read back differs", c.name);
+
+        // gc (twice, so that a condemned pack would go) keeps them, and after it a reader
+        // finds them in the index. (Once the dead mount's lease has expired, 3 s and 2 s of
+        // allowed clock skew after its last renewal.)
+        std::thread::sleep(std::time::Duration::from_millis(6000));
+        for _ in 0..2 {
+            c.ok(&["gc", "--grace", "0s"]);
+        }
+        let dir = c.dir("restored");
+        c.ok(&["restore", &spec, dir.to_str().unwrap()]);
+        assert_eq!(
+            std::fs::read(dir.join("b.bin")).unwrap(),
+            body,
+            "[{}]",
+            c.name
+        );
+        assert_eq!(std::fs::read(dir.join("first.txt")).unwrap(), b"first");
+    }
+}
+
+/// `n` bytes nothing can compress or deduplicate.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
