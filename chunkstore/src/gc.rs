@@ -65,7 +65,26 @@ pub(crate) async fn condemned(repo: &Repo) -> Result<HashMap<Hash, i64>> {
 
 /// Called by committers just before publishing.
 pub fn check_reused_not_condemned(repo: &Arc<Repo>, reused: &HashSet<Hash>) -> Result<()> {
-    let marked = repo.block_on(condemned(repo))?;
+    check_reused_against(repo, reused, &repo.block_on(condemned(repo))?)
+}
+
+/// `check_reused_not_condemned` with a listing of condemned packs up to `max_age` old
+/// (`Repo::condemned_listing`): for a mount, whose gc runs have a grace of 15 minutes at
+/// least (the CLI refuses less while a workspace is mounted), so a listing a minute old is
+/// as safe as a fresh one (docs/decisions/gc-safety.md).
+pub fn check_reused_not_condemned_within(
+    repo: &Arc<Repo>,
+    reused: &HashSet<Hash>,
+    max_age: std::time::Duration,
+) -> Result<()> {
+    check_reused_against(repo, reused, &*repo.condemned_listing(max_age)?)
+}
+
+fn check_reused_against(
+    repo: &Arc<Repo>,
+    reused: &HashSet<Hash>,
+    marked: &HashMap<Hash, i64>,
+) -> Result<()> {
     if marked.is_empty() {
         return Ok(());
     }

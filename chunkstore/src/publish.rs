@@ -60,18 +60,21 @@ pub fn record(g: NewGen) -> GenRecord {
 /// Publishes after checking that gc is not about to delete a pack this commit relies on
 /// (see docs/decisions/gc-safety.md).
 pub fn publish_checked(repo: &Arc<Repo>, rec: &GenRecord, reused: &HashSet<Hash>) -> Result<()> {
-    publish_checked_hint(repo, rec, reused, true)
+    gc::check_reused_not_condemned(repo, reused)?;
+    repo.block_on(generation::publish_record(&repo.store, rec, true))
 }
 
-/// `publish_checked`, moving the head hint only when `hint` is set
-/// (`generation::publish_record`).
-pub fn publish_checked_hint(
+/// `publish_checked` for a mount's commit: the head hint moves only when `hint` is set
+/// (`generation::publish_record`), and the listing of condemned packs may be up to
+/// `listing_max_age` old (`gc::check_reused_not_condemned_within`).
+pub fn publish_checked_mount(
     repo: &Arc<Repo>,
     rec: &GenRecord,
     reused: &HashSet<Hash>,
     hint: bool,
+    listing_max_age: std::time::Duration,
 ) -> Result<()> {
-    gc::check_reused_not_condemned(repo, reused)?;
+    gc::check_reused_not_condemned_within(repo, reused, listing_max_age)?;
     repo.block_on(generation::publish_record(&repo.store, rec, hint))
 }
 

@@ -2,7 +2,7 @@
 //! and trees. Every byte read back is checked against its hash. A generation's files are read
 //! through `read.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -92,7 +92,12 @@ pub struct Repo {
     deferred: Mutex<Option<OwnIndex>>,
     /// Packs whose trailers `adopt_unindexed` read, and when it last listed the packs.
     adopted: Mutex<(HashSet<Hash>, Option<std::time::Instant>)>,
+    /// The last listing of condemned packs and when it was made (`condemned_listing`).
+    condemned: Mutex<Option<(std::time::Instant, Condemned)>>,
 }
+
+/// gc's condemned packs, each with when it was condemned (ms).
+pub type Condemned = Arc<HashMap<Hash, i64>>;
 
 /// An index object this process wrote, with what it names and the time before its oldest
 /// pack was uploaded.
@@ -154,6 +159,7 @@ impl Repo {
             own_index: Mutex::default(),
             deferred: Mutex::default(),
             adopted: Mutex::default(),
+            condemned: Mutex::default(),
         }))
     }
 
@@ -237,6 +243,19 @@ impl Repo {
         });
         d.packs_since_ms = d.packs_since_ms.min(packs_since_ms);
         d.packs.extend(packs);
+    }
+
+    /// gc's condemned packs, listed again when the last listing is `max_age` old.
+    pub fn condemned_listing(&self, max_age: std::time::Duration) -> Result<Condemned> {
+        if let Some((at, l)) = &*self.condemned.lock().expect("condemned") {
+            if at.elapsed() < max_age {
+                return Ok(l.clone());
+            }
+        }
+        let at = std::time::Instant::now();
+        let l = Arc::new(self.block_on(crate::gc::condemned(self))?);
+        *self.condemned.lock().expect("condemned") = Some((at, l.clone()));
+        Ok(l)
     }
 
     /// Packs waiting for their index object, and when the oldest was begun (ms).

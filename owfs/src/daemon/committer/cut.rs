@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chunkstore::generation::RootAttr;
 use chunkstore::layout;
 use chunkstore::pack::BlobKind;
-use chunkstore::publish::{publish_checked_hint, record, NewGen};
+use chunkstore::publish::{publish_checked_mount, record, NewGen};
 use chunkstore::snapshot::{encode_content, TreeStats};
 use chunkstore::tree::{Content, Entry, Part, Tree};
 use chunkstore::writer::BlobWriter;
@@ -23,6 +23,9 @@ use super::checks::Frozen;
 
 /// A mount moves its workspace's head hint once in this many generations (and at its last).
 const HEAD_HINT_EVERY: u64 = 16;
+/// A commit checks what it reuses against a listing of gc's condemned packs at most this
+/// old: one LIST a minute, not one a commit (docs/decisions/gc-safety.md).
+const CONDEMNED_LISTING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A frozen directory's entries, by name.
 type Items = Vec<(Vec<u8>, Item)>;
@@ -478,7 +481,7 @@ impl Shared {
         // the mount (docs/decisions/publication.md).
         let hint = rec.number.is_multiple_of(HEAD_HINT_EVERY)
             || self.life.phase() != super::super::lifecycle::Phase::Serving;
-        publish_checked_hint(repo, &rec, &reused, hint)?;
+        publish_checked_mount(repo, &rec, &reused, hint, CONDEMNED_LISTING_MAX_AGE)?;
         Ok(rec)
     }
 }
