@@ -94,6 +94,8 @@ pub struct Repo {
     adopted: Mutex<(HashSet<Hash>, Option<std::time::Instant>)>,
     /// The last listing of condemned packs and when it was made (`condemned_listing`).
     condemned: Mutex<Option<(std::time::Instant, Condemned)>>,
+    /// `index_what_it_adopts` was called.
+    pays_adopted: std::sync::atomic::AtomicBool,
 }
 
 /// gc's condemned packs, each with when it was condemned (ms).
@@ -160,6 +162,7 @@ impl Repo {
             deferred: Mutex::default(),
             adopted: Mutex::default(),
             condemned: Mutex::default(),
+            pays_adopted: Default::default(),
         }))
     }
 
@@ -366,37 +369,54 @@ impl Repo {
         let skip = self.block_on(crate::gc::condemned(self))?;
         let listed = self.block_on(self.store.list("packs"))?;
         let known: HashSet<Hash> = self.with_index(|i| i.pack_names().iter().copied().collect());
-        let todo: Vec<(Hash, u64)> = {
+        let todo: Vec<(Hash, u64, i64)> = {
             let mut a = self.adopted.lock().expect("adopted");
             a.1 = Some(std::time::Instant::now());
             listed
                 .iter()
-                .filter_map(|l| Some((Hash::from_hex(l.key.rsplit('/').next()?)?, l.size)))
-                .filter(|(h, _)| !known.contains(h) && !skip.contains_key(h) && !a.0.contains(h))
+                .filter_map(|l| {
+                    let name = Hash::from_hex(l.key.rsplit('/').next()?)?;
+                    Some((name, l.size, l.modified_ms))
+                })
+                .filter(|(h, _, _)| !known.contains(h) && !skip.contains_key(h) && !a.0.contains(h))
                 .collect()
         };
         let store = &self.store;
-        let found: Vec<(Hash, Result<Vec<PackEntry>>)> = self.block_on(
-            futures::stream::iter(todo.into_iter().map(|(name, size)| async move {
-                (name, fetch_trailer(store, &name, size).await)
+        let found: Vec<(Hash, i64, Result<Vec<PackEntry>>)> = self.block_on(
+            futures::stream::iter(todo.into_iter().map(|(name, size, at)| async move {
+                (name, at, fetch_trailer(store, &name, size).await)
             }))
             .buffer_unordered(INDEX_FETCH_PARALLEL)
             .collect(),
         );
-        let mut n = 0;
-        for (name, r) in found {
+        let mut adopted = Vec::new();
+        let mut oldest_ms = u64::MAX;
+        for (name, at, r) in found {
             match r {
                 Ok(entries) => {
                     self.add_to_index(name, &entries);
                     self.adopted.lock().expect("adopted").0.insert(name);
-                    n += 1;
+                    oldest_ms = oldest_ms.min(at.max(0) as u64);
+                    adopted.push((name, entries));
                 }
                 // Deleted by gc since the listing: nothing to adopt.
                 Err(Error::Missing { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
+        let n = adopted.len();
+        if n > 0 && self.pays_adopted.load(std::sync::atomic::Ordering::Relaxed) {
+            self.defer_index(oldest_ms, adopted);
+        }
         Ok(n)
+    }
+
+    /// Packs `adopt_unindexed` finds join this process's deferred ones, so that its next
+    /// `write_deferred_index` names them and later readers need not read their trailers (a
+    /// mount after a crash: the dead mount's last commits).
+    pub fn index_what_it_adopts(&self) {
+        self.pays_adopted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn ensure_index(&self) -> Result<()> {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use owfs_tests::{kill_and_detach, Case};
+use owfs_tests::{kill_and_detach, runtime, Case};
 
 /// Commits measured.
 const N: u64 = 24;
@@ -185,8 +185,8 @@ fn a_small_commit_costs_a_few_requests() {
 
 /// A mount writes the index object of its small commits' packs after 16 of them (or 30 s, or
 /// at unmount): a daemon killed before that leaves packs no index object names. Another
-/// process reads those generations by the packs' own trailers, and gc keeps them and names
-/// them in its index (docs/decisions/one-pack-a-commit.md).
+/// process reads those generations by the packs' own trailers, the next mount names them in
+/// its index object, and gc keeps them (docs/decisions/one-pack-a-commit.md).
 #[test]
 fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
     for c in Case::all() {
@@ -218,10 +218,41 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
         assert!(out.status.success(), "[{}] {:?}", c.name, out);
         assert!(out.stdout == body, "[{}] b.bin read back differs", c.name);
 
-        // gc (twice, so that a condemned pack would go) keeps them, and after it a reader
-        // finds them in the index. (Once the dead mount's lease has expired, 3 s and 2 s of
-        // allowed clock skew after its last renewal.)
-        std::thread::sleep(std::time::Duration::from_millis(6000));
+        // The next mount reads them the same way, and names them in its index object: after
+        // its unmount every pack in the store is in the index.
+        let m2 = c.mount_rw_with("crash", "m2", &fast, &["--takeover"]);
+        assert!(
+            std::fs::read(m2.path("b.bin")).unwrap() == body,
+            "[{}]",
+            c.name
+        );
+        std::fs::write(m2.path("after.txt"), b"after the crash").unwrap();
+        m2.umount();
+        let rt = runtime();
+        let repo = c.repo(&rt);
+        repo.refresh_index().unwrap();
+        let indexed: std::collections::HashSet<_> =
+            repo.with_index(|i| i.pack_names().iter().copied().collect());
+        let packs = rt.block_on(repo.store.list("packs")).unwrap();
+        let unindexed: Vec<_> = packs
+            .iter()
+            .filter(|p| {
+                let name = p
+                    .key
+                    .rsplit('/')
+                    .next()
+                    .and_then(chunkstore::Hash::from_hex);
+                !name.is_some_and(|n| indexed.contains(&n))
+            })
+            .map(|p| p.key.clone())
+            .collect();
+        assert!(
+            unindexed.is_empty(),
+            "[{}] packs no index object names after the second mount: {unindexed:?}",
+            c.name
+        );
+
+        // gc (twice, so that a condemned pack would go) keeps them all.
         for _ in 0..2 {
             c.ok(&["gc", "--grace", "0s"]);
         }

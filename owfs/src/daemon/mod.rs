@@ -827,6 +827,9 @@ impl Daemon {
             None => rec,
         };
         let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::io(mountpoint, e))?;
+        // Packs a crashed mount left without an index object: found by their trailers at
+        // the first read, then named in this mount's next index object.
+        repo.index_what_it_adopts();
         // A pre-pull left blobs here: read them before asking the store.
         if blobs_dir(&cache_dir).is_dir() {
             repo.set_blob_cache(Some(Arc::new(chunkstore::blobcache::BlobCache::open(
