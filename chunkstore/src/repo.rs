@@ -401,6 +401,12 @@ impl Repo {
                 }
                 // Deleted by gc since the listing: nothing to adopt.
                 Err(Error::Missing { .. }) => {}
+                // A damaged trailer hides only that pack's blobs: a reader that needs one
+                // is told it is missing, the others read on (gc reads the whole pack).
+                Err(Error::Corrupt { what }) => {
+                    eprintln!("owfs: a pack no index object names is unreadable: {what}");
+                    self.adopted.lock().expect("adopted").0.insert(name);
+                }
                 Err(e) => return Err(e),
             }
         }
