@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use owfs_tests::{kill_and_detach, runtime, Case};
+use owfs_tests::{kill_and_detach, noise, runtime, Case};
 
 /// Commits measured.
 const N: u64 = 24;
@@ -266,17 +266,4 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
         );
         assert_eq!(std::fs::read(dir.join("first.txt")).unwrap(), b"first");
     }
-}
-
-/// `n` bytes nothing can compress or deduplicate.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
