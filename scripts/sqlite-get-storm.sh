@@ -9,8 +9,9 @@
 #   ROWS     rows to build (default 3200000, about 1 GiB)
 #   SECONDS  seconds of steady transactions (default 120)
 # Measured 2026-12-07 (release build): 3,200,000 rows, 120 s: 2,372 transactions, 46 commits,
-# 9,459 GETs and 31 GB read from the store. The same with constant row values and no index:
-# 13 GETs.
+# 9,459 GETs and 31 GB read from the store (the same with constant row values and no index:
+# 13 GETs). The database capture walked the clean database's whole part list from the store
+# at every commit; with the list kept in memory: 3,000,000 rows, 60 s, 58 commits, 0 GETs.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 rows=${1:-3200000}

@@ -105,7 +105,12 @@ impl FileMap {
     /// The chunk map of a file whose entry holds `content` and `size`; chunks that do not add
     /// up to `size` are damage, refused here rather than read as a short or padded file.
     pub fn load(repo: &Repo, content: &Content, size: u64, path: &str) -> Result<FileMap> {
-        let chunks = chunk_list(repo, content, path)?;
+        FileMap::from_parts(chunk_list(repo, content, path)?, size, path)
+    }
+
+    /// The map of a part list already in memory (a mount's last committed list of a file),
+    /// checked like `load`'s.
+    pub fn from_parts(chunks: Vec<Part>, size: u64, path: &str) -> Result<FileMap> {
         let (starts, total) = part_starts(&chunks);
         if total != size {
             return Err(Error::corrupt(format!(
