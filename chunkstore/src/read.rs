@@ -76,7 +76,7 @@ pub fn chunk_list(repo: &Repo, content: &Content, path: &str) -> Result<Vec<Part
 /// the file belongs to exactly one chunk.
 #[derive(Debug)]
 pub struct FileMap {
-    chunks: Vec<Part>,
+    chunks: Arc<Vec<Part>>,
     starts: Vec<u64>,
     size: u64,
 }
@@ -105,12 +105,12 @@ impl FileMap {
     /// The chunk map of a file whose entry holds `content` and `size`; chunks that do not add
     /// up to `size` are damage, refused here rather than read as a short or padded file.
     pub fn load(repo: &Repo, content: &Content, size: u64, path: &str) -> Result<FileMap> {
-        FileMap::from_parts(chunk_list(repo, content, path)?, size, path)
+        FileMap::from_parts(Arc::new(chunk_list(repo, content, path)?), size, path)
     }
 
-    /// The map of a part list already in memory (a mount's last committed list of a file),
-    /// checked like `load`'s.
-    pub fn from_parts(chunks: Vec<Part>, size: u64, path: &str) -> Result<FileMap> {
+    /// The map of a part list already in memory (a mount's last committed list of a file,
+    /// shared, not copied), checked like `load`'s.
+    pub fn from_parts(chunks: Arc<Vec<Part>>, size: u64, path: &str) -> Result<FileMap> {
         let (starts, total) = part_starts(&chunks);
         if total != size {
             return Err(Error::corrupt(format!(
@@ -360,7 +360,7 @@ mod tests {
             .collect();
         let (starts, size) = part_starts(&chunks);
         FileMap {
-            chunks,
+            chunks: Arc::new(chunks),
             starts,
             size,
         }

@@ -178,6 +178,19 @@ impl Repo {
         self.rt.block_on(f)
     }
 
+    /// Runs `futs` (store requests) INDEX_FETCH_PARALLEL at a time; their outputs in the
+    /// order they finish.
+    fn block_on_all<F: std::future::Future>(
+        &self,
+        futs: impl IntoIterator<Item = F>,
+    ) -> Vec<F::Output> {
+        self.block_on(
+            futures::stream::iter(futs)
+                .buffer_unordered(INDEX_FETCH_PARALLEL)
+                .collect(),
+        )
+    }
+
     /// Fetches index objects not merged yet. Cheap when nothing is new: one LIST.
     pub fn refresh_index(&self) -> Result<()> {
         let mut known: std::collections::HashSet<String> = self
@@ -203,18 +216,15 @@ impl Repo {
         }
         let new: Vec<String> = listed.into_iter().filter(|k| !known.contains(k)).collect();
         let store = &self.store;
-        let fetched: Vec<Result<(String, IndexFile)>> = self.block_on(
-            futures::stream::iter(new.into_iter().map(|key| async move {
+        let fetched: Vec<Result<(String, IndexFile)>> =
+            self.block_on_all(new.into_iter().map(|key| async move {
                 match store.get(&key).await {
                     Ok(bytes) => IndexFile::decode(&bytes, &key).map(|f| (key, f)),
                     // Replaced by gc since the listing: its successor is in the next listing.
                     Err(Error::Missing { .. }) => Ok((key, IndexFile::default())),
                     Err(e) => Err(e),
                 }
-            }))
-            .buffer_unordered(INDEX_FETCH_PARALLEL)
-            .collect(),
-        );
+            }));
         let mut index = self.index.write().expect("index lock");
         for r in fetched {
             let (key, file) = r?;
@@ -340,13 +350,10 @@ impl Repo {
             return Ok(gone);
         }
         let store = &self.store;
-        let checked: Vec<(Hash, Result<Bytes>)> = self.block_on(
-            futures::stream::iter(packs.iter().map(|(name, _)| async move {
+        let checked: Vec<(Hash, Result<Bytes>)> =
+            self.block_on_all(packs.iter().map(|(name, _)| async move {
                 (*name, store.get_range(&pack_key(name), 0..1).await)
-            }))
-            .buffer_unordered(INDEX_FETCH_PARALLEL)
-            .collect(),
-        );
+            }));
         for (name, r) in checked {
             match r {
                 Ok(_) => {}
@@ -382,13 +389,10 @@ impl Repo {
                 .collect()
         };
         let store = &self.store;
-        let found: Vec<(Hash, i64, Result<Vec<PackEntry>>)> = self.block_on(
-            futures::stream::iter(todo.into_iter().map(|(name, size, at)| async move {
+        let found: Vec<(Hash, i64, Result<Vec<PackEntry>>)> =
+            self.block_on_all(todo.into_iter().map(|(name, size, at)| async move {
                 (name, at, fetch_trailer(store, &name, size).await)
-            }))
-            .buffer_unordered(INDEX_FETCH_PARALLEL)
-            .collect(),
-        );
+            }));
         let mut adopted = Vec::new();
         let mut oldest_ms = u64::MAX;
         for (name, at, r) in found {
@@ -535,11 +539,8 @@ impl Repo {
         // The merged object holds everything: a failed delete leaves a duplicate (harmless;
         // gc merges it).
         let store = &self.store;
-        let deleted: Vec<Result<()>> = self.block_on(
-            futures::stream::iter(inputs.iter().map(|o| store.delete(&o.key)))
-                .buffer_unordered(INDEX_FETCH_PARALLEL)
-                .collect(),
-        );
+        let deleted: Vec<Result<()>> =
+            self.block_on_all(inputs.iter().map(|o| store.delete(&o.key)));
         match deleted.into_iter().find_map(|r| r.err()) {
             Some(e) => Err(e),
             None => Ok(Some(Compaction {

@@ -622,7 +622,6 @@ impl FileData {
         (size, dirty)
     }
 
-    /// The chunk list of the last committed content.
     /// The part list of `content` if it is this file's committed content: kept in memory
     /// from the last commit, or read once and kept (`base_chunks`).
     pub fn committed_parts(&self, repo: &Repo, content: &Content) -> Option<Arc<Vec<Part>>> {
@@ -632,6 +631,7 @@ impl FileData {
         self.base_chunks(repo).ok()
     }
 
+    /// The chunk list of the last committed content.
     pub fn base_chunks(&self, repo: &Repo) -> io::Result<Arc<Vec<Part>>> {
         let (base, cached) = {
             let st = self.st.lock();

@@ -401,7 +401,7 @@ fn stored<'a>(
         .as_ref()
         .and_then(|l| l.committed_parts(reader.repo(), &e.content));
     let map = match kept {
-        Some(parts) => chunkstore::read::FileMap::from_parts((*parts).clone(), e.size, path),
+        Some(parts) => chunkstore::read::FileMap::from_parts(parts, e.size, path),
         None => reader.open(&e.content, e.size, path),
     }
     .map_err(io::Error::other)?;
