@@ -221,27 +221,22 @@ fn a_zombie_is_fenced_and_stops() {
         std::fs::write(a.at.join("before"), b"A, before the stop").unwrap();
         c.ok(&["sync", a.at.to_str().unwrap()]);
         // A keeps writing: a workload appending to a file (its requests block while A is
-        // stopped and fail once A resumes).
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (path, stop) = (a.at.join("stream"), stop.clone());
-            std::thread::spawn(move || -> (u64, Option<i32>) {
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let r = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&path)
-                        .and_then(|mut f| f.write_all(format!("{n}\n").as_bytes()));
-                    if let Err(e) = r {
-                        return (n, e.raw_os_error());
-                    }
-                    n += 1;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                (n, None)
-            })
-        };
+        // stopped and fail once A resumes). It runs in its own process, not in a thread of
+        // this one: a file this process holds open on A's mount would be inherited by the
+        // `owfs mount` spawned for B below, whose exec closes it, and that close waits on a
+        // FLUSH that stopped A never answers: B never starts and the test hangs (it did, in
+        // CI, until the workload moved out).
+        let writer = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "n=0; while echo $n >> \"$1\"; do n=$((n+1)); sleep 0.005; done; echo $n",
+                "sh",
+            ])
+            .arg(a.at.join("stream"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(300));
 
         send_signal(a.pid(), 19); // SIGSTOP: A is a zombie from now on
@@ -271,13 +266,17 @@ fn a_zombie_is_fenced_and_stops() {
         );
         dog.step(format!("[{}] A exits", c.name));
         a.expect_lease_lost_exit(c.name);
-        dog.step(format!("[{}] the workload's thread ends", c.name));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (wrote, err) = writer.join().unwrap();
+        dog.step(format!("[{}] the workload's process ends", c.name));
+        let out = writer.wait_with_output().unwrap();
+        let wrote: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         assert!(
-            wrote > 0 && err.is_some(),
-            "[{}] the workload's writes failed after {wrote}: {err:?}",
-            c.name
+            wrote > 0 && !out.stderr.is_empty(),
+            "[{}] the workload's writes failed after {wrote}: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stderr)
         );
         let reason = std::fs::read_to_string(&marker).unwrap_or_default();
         assert!(!reason.trim().is_empty(), "the hook ran with OWFS_REASON");
