@@ -306,11 +306,44 @@ def build(path, size, seed, out):
     c.close()
 
 
-def steady(path, n, rate, seed, t_start, nrows, log):
+class WalFrames:
+    """Follows a database's WAL as its transactions commit: after each, (salt-1, salt-2, number
+    of the last commit frame) of the log cycle, as SQLite's recovery would count it. With the
+    newest transaction of each, it says which transaction a generation holds from the WAL state
+    its record names (owfs log --json), without reading the generation back."""
+
+    def __init__(self, path):
+        self.path, self.salts, self.frames, self.off, self.last = path + "-wal", None, 0, 32, 0
+
+    def after_commit(self):
+        with open(self.path, "rb") as f:
+            hdr = f.read(32)
+            if len(hdr) < 32:
+                return None
+            page = int.from_bytes(hdr[8:12], "big")
+            salts = (int.from_bytes(hdr[16:20], "big"), int.from_bytes(hdr[20:24], "big"))
+            if salts != self.salts:
+                self.salts, self.frames, self.off, self.last = salts, 0, 32, 0
+            while True:
+                f.seek(self.off)
+                fh = f.read(24)
+                if len(fh) < 24 or (int.from_bytes(fh[8:12], "big"),
+                                    int.from_bytes(fh[12:16], "big")) != salts:
+                    break
+                self.frames += 1
+                self.off += 24 + page
+                if int.from_bytes(fh[4:8], "big") != 0:
+                    self.last = self.frames
+        return (salts[0], salts[1], self.last)
+
+
+def steady(path, n, rate, seed, t_start, nrows, log, wal_states=None):
     """n one-row transactions at `rate` a second from t_start: 70% update a random row's value,
     30% insert a row. Each sets seq (1..n) and ts: what a restored database holds says which
-    transaction is the newest in it. Appends (seq, start, end) to log."""
+    transaction is the newest in it. Appends (seq, start, end) to log; with `wal_states` (a
+    dict), maps the WAL state after each commit (WalFrames) to its seq."""
     c = connect(path)
+    wal = WalFrames(path) if wal_states is not None else None
     rng = random.Random(seed)
     for i in range(1, n + 1):
         due = t_start + (i - 1) / rate
@@ -329,6 +362,10 @@ def steady(path, n, rate, seed, t_start, nrows, log):
             nrows += 1
         c.execute("COMMIT")
         log.append((i, s, time.time()))
+        if wal is not None:
+            st = wal.after_commit()
+            if st is not None:
+                wal_states[st] = i
     c.close()
 
 
@@ -647,7 +684,9 @@ def cmd_run(a):
     say(f"steady: {n_tx} transactions at {a.rate}/s on both ({a.duration} s)")
     logs = {n: [] for n in names}
     nrows = built["owfs"]["rows"]
-    both(steady, {n: (dbs[n], n_tx, a.rate, a.seed + 1, t_start, nrows, logs[n]) for n in names})
+    wal_states = {}
+    both(steady, {n: (dbs[n], n_tx, a.rate, a.seed + 1, t_start, nrows, logs[n],
+                      wal_states if n == "owfs" else None) for n in names})
     steady_end = time.time()
     for n in names:
         lat = [e - s for _, s, e in logs[n]]
@@ -676,20 +715,40 @@ def cmd_run(a):
         i = bisect.bisect_right(pub_ends, s) - 1
         if i >= 0:
             need.add(pubs[i][1])
-    durable_owfs, unknown = [], 0
+    # Each generation's WAL state as its record names it (one `owfs log --json`), mapped to the
+    # transaction that ended there by what the workload saw of its own WAL after each commit;
+    # a state the workload never saw (none should be) is read back with `owfs cat`, and a few
+    # mapped ones are too, as a check of the mapping.
+    recorded = {}
+    for g in ow.owfs("log", ow.ws):
+        w = (g.get("sqlite") or {}).get("app.db", {}).get("wal")
+        if w:
+            recorded[g["number"]] = (w["salt1"], w["salt2"], w["last_commit"])
+    durable_owfs, unknown, read_back, mismatches = [], 0, 0, []
+    checks = set(random.Random(a.seed).sample(sorted(need), min(5, len(need))))
     for t, g in pubs:
         if g in need:
-            seq = ow.newest_seq(g)
+            seq = wal_states.get(recorded.get(g))
+            if seq is None or g in checks:
+                read = ow.newest_seq(g)
+                read_back += 1
+                if seq is not None and read != seq:
+                    mismatches.append((g, seq, read))
+                seq = read
             if seq is None:
                 unknown += 1  # the state holds at least what the previous one did
             else:
                 durable_owfs.append((t, seq))
+    if mismatches:
+        emit({"kind": "note", "text": f"owfs: recorded WAL state and the generation's own WAL "
+              f"disagree (generation, mapped seq, read seq): {mismatches}"})
     rp["owfs"] = recovery_points(samples_at, durable_owfs, logs["owfs"])
     ups = ltx_uploads(stores["litestream"].recs())
     rp["litestream"] = recovery_points(
         samples_at, [(u[0], seq_by_time(logs["litestream"], u[4])) for u in ups], logs["litestream"])
-    say(f"recovery points: the WALs of {len(need)} generations read in {time.time() - t_rp:.0f} s "
-        f"({unknown} without a committed frame)")
+    say(f"recovery points: {len(need)} generations placed in {time.time() - t_rp:.0f} s, "
+        f"{read_back} read back with owfs cat ({unknown} without a committed frame, "
+        f"{len(mismatches)} mismatches)")
     emit({"kind": "note", "text": f"owfs: {len(need)} generations were the newest at some sample; "
           f"{unknown} of them had no committed frame in their WAL (or no WAL; counted as holding what "
           "the one before held)."})

@@ -24,16 +24,29 @@ pub enum ObjKind {
 }
 
 pub fn encode<T: Serialize>(kind: ObjKind, value: &T) -> Vec<u8> {
+    encode_version(kind, FORMAT_VERSION, value)
+}
+
+/// `encode` with another format version than `FORMAT_VERSION` (a kind whose layout moved on
+/// alone: index objects).
+pub fn encode_version<T: Serialize>(kind: ObjKind, version: u8, value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
     out.push(kind as u8);
-    out.push(FORMAT_VERSION);
+    out.push(version);
     // Serializing plain data structures into a Vec cannot fail.
     postcard::to_io(value, &mut out).expect("postcard encoding into a Vec");
     out
 }
 
 pub fn decode<T: DeserializeOwned>(kind: ObjKind, bytes: &[u8], what: &str) -> Result<T> {
+    check_header(kind, bytes, FORMAT_VERSION, what)?;
+    decode_body(bytes, what)
+}
+
+/// Checks magic, kind and version (at most `newest`); returns the version, so that a kind
+/// whose layout changed can decode each version its own way (`decode_body`).
+pub fn check_header(kind: ObjKind, bytes: &[u8], newest: u8, what: &str) -> Result<u8> {
     if bytes.len() < 6 || &bytes[..4] != MAGIC {
         return Err(Error::corrupt(format!(
             "{what}: not an owfs object (bad magic)"
@@ -45,14 +58,19 @@ pub fn decode<T: DeserializeOwned>(kind: ObjKind, bytes: &[u8], what: &str) -> R
             kind as u8, bytes[4]
         )));
     }
-    if !(OLDEST_READ..=FORMAT_VERSION).contains(&bytes[5]) {
+    if !(OLDEST_READ..=newest).contains(&bytes[5]) {
         return Err(Error::Format {
             what: format!(
-                "{what} has format version {}, this owfs reads versions {OLDEST_READ} to {FORMAT_VERSION}; use a matching owfs release",
+                "{what} has format version {}, this owfs reads versions {OLDEST_READ} to {newest}; use a matching owfs release",
                 bytes[5]
             ),
         });
     }
+    Ok(bytes[5])
+}
+
+/// The value after a header `check_header` accepted.
+pub fn decode_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     postcard::from_bytes(&bytes[6..])
         .map_err(|e| Error::corrupt(format!("{what}: undecodable ({e}); truncated or damaged")))
 }

@@ -6,7 +6,7 @@ use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
-use crate::pack::{open_blob, pack_key, PackEntry};
+use crate::pack::{open_blob, PackEntry};
 use crate::repo::Repo;
 
 /// How blobs are grouped into requests.
@@ -53,8 +53,11 @@ pub fn fetch_blobs(
                 break;
             };
             let store = repo.store.clone();
+            let at = repo.pack_location(&pack);
             running.push(repo.rt.spawn(async move {
-                let r = store.get_range(&pack_key(&pack), s..e).await;
+                let r = crate::repo::get_range_at(&store, &at, &pack, s..e)
+                    .await
+                    .map(|(b, _)| b);
                 (pack, s, idx, r)
             }));
         }

@@ -45,6 +45,8 @@ pub struct GcReport {
     pub bytes_deleted: u64,
     /// Unreferenced blobs inside packs that still hold live ones (not repacked).
     pub bytes_dead_in_live_packs: u64,
+    /// Packs copied out of the generation records this run deleted, to their own keys.
+    pub packs_moved_out_of_records: u64,
     pub index_files_merged: u64,
 }
 
@@ -157,14 +159,17 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     let store = &repo.store;
 
     // 1. Retention: which generations stay. The latest of each workspace always does.
-    let mut roots = Vec::new();
+    let mut kept = Vec::new();
     let mut doomed = Vec::new();
+    // The newest generation of each workspace when this run listed them.
+    let mut newest: HashMap<String, u64> = HashMap::new();
     for ws in repo.block_on(generation::list_workspaces(store))? {
         report.workspaces += 1;
         let numbers = repo.block_on(generation::list_generations(store, &ws))?;
         let Some(&latest) = numbers.last() else {
             continue;
         };
+        newest.insert(ws.clone(), latest);
         let count_keep: HashSet<u64> = match opts.keep_last {
             Some(n) => numbers.iter().rev().take(n.max(1)).copied().collect(),
             None => HashSet::new(),
@@ -178,10 +183,10 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
             let keep = !rules || n == latest || count_keep.contains(&n) || young;
             if keep {
                 report.generations_kept += 1;
-                roots.push(rec.root_hash()?);
+                kept.push(rec);
             } else {
                 report.generations_deleted.push(rec.spec());
-                doomed.push((ws.clone(), n));
+                doomed.push(rec);
             }
         }
     }
@@ -194,15 +199,49 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     // located for the mark, and the packs judged and kept in the new index like the others.
     // (Condemned packs stay out: the sweep below reads those itself.)
     repo.adopt_unindexed()?;
+    // Packs inside records (a mount's small commits, docs/decisions/one-request-a-commit.md):
+    // every record was read whole above, so each one's pack is known. A record about to be
+    // deleted first has its pack copied to the pack's own key, where the sweep below judges
+    // it like any other (a blob in it may be live, or reused by a commit running now).
+    for rec in kept.iter().chain(&doomed) {
+        repo.root_of(rec)?;
+    }
+    let mut packs = repo.block_on(store.list("packs"))?;
+    let listed: HashSet<Hash> = packs
+        .iter()
+        .filter_map(|p| p.key.rsplit('/').next().and_then(Hash::from_hex))
+        .collect();
+    let mut changed = false;
+    for rec in &doomed {
+        let Some(name) = rec.pack_name()? else {
+            continue;
+        };
+        if listed.contains(&name) || opts.dry_run {
+            continue;
+        }
+        repo.block_on(store.copy(&rec.key(), &pack_key(&name)))?;
+        repo.forget_home(&name);
+        report.packs_moved_out_of_records += 1;
+        changed = true;
+        packs.push(crate::store::Listed {
+            key: pack_key(&name),
+            size: 0,
+            modified_ms: now,
+        });
+    }
     let mut live = HashSet::new();
-    for root in roots {
-        mark(repo, root, &mut live)?;
+    for rec in &kept {
+        mark(repo, rec.root_hash()?, &mut live)?;
     }
     report.live_blobs = live.len() as u64;
     // Generation records go only once the mark is complete.
     if !opts.dry_run {
-        for (ws, n) in &doomed {
-            repo.block_on(generation::delete_generation(store, ws, *n))?;
+        for rec in &doomed {
+            repo.block_on(generation::delete_generation(
+                store,
+                &rec.workspace,
+                rec.number,
+            ))?;
         }
     }
 
@@ -210,11 +249,31 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     let index_files: Vec<String> = repo.with_index(|i| i.files.clone());
     let by_pack = repo.with_index(|i| i.by_pack());
     let marked = repo.block_on(condemned(repo))?;
-    let packs = repo.block_on(store.list("packs"))?;
     report.packs_total = packs.len() as u64;
     let mut keep_in_index: Vec<(Hash, Vec<PackEntry>)> = Vec::new();
     let mut to_delete: Vec<Hash> = Vec::new();
-    let mut changed = false;
+    // The packs inside kept records stay where they are, named with their homes.
+    // So do those of records published after this run listed them (an index object this
+    // run merged may name one, and nothing else would name it again). A home older than
+    // the listing that is not a kept record was deleted (its pack copied out first).
+    let kept_keys: HashSet<String> = kept.iter().map(|r| r.key()).collect();
+    let home_stays = |home: &str| {
+        kept_keys.contains(home)
+            || generation::parse_record_key(home)
+                .is_some_and(|(ws, n)| newest.get(&ws).is_none_or(|&latest| n > latest))
+    };
+    let mut homes = Vec::new();
+    for (name, home) in repo.with_index(|i| i.homed()) {
+        if listed.contains(&name) || !home_stays(&home) {
+            continue;
+        }
+        let Some(entries) = by_pack.get(&name) else {
+            continue;
+        };
+        changed |= !repo.with_index(|i| i.is_named(&name));
+        keep_in_index.push((name, entries.clone()));
+        homes.push((name, home));
+    }
     for p in packs {
         let Some(name) = p.key.rsplit('/').next().and_then(Hash::from_hex) else {
             continue;
@@ -312,6 +371,7 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     }
     let file = IndexFile {
         packs: keep_in_index,
+        homes,
     };
     let bytes = file.encode();
     let key = file.key(now_ms(), &bytes);

@@ -3,14 +3,19 @@
 //! `head` object is only a hint that lets readers skip most of the listing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hash::Hash;
+use crate::pack::{PackBuilder, PackEntry};
 use crate::store::{Created, Store};
 
-pub const GEN_FORMAT: u32 = 1;
+/// The format of the records this owfs writes. Format 2 added `pack` and `pending`
+/// (docs/decisions/one-request-a-commit.md); format 1 records still read.
+pub const GEN_FORMAT: u32 = 2;
+const OLDEST_GEN_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenRecord {
@@ -43,6 +48,45 @@ pub struct GenRecord {
     /// directory itself); absent in generations made by `owfs snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_attr: Option<RootAttr>,
+    /// A small commit's pack travels inside its record, after this JSON and a newline: the
+    /// pack's name (docs/decisions/one-request-a-commit.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
+    /// Packs inside earlier records that this generation may need and that no index object
+    /// named when it was published: a reader that misses a blob reads their trailers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PackAt>,
+    /// The entries of `pack`, read from the record's own bytes (not part of the JSON).
+    #[serde(skip)]
+    pub embedded: Option<Arc<Vec<PackEntry>>>,
+}
+
+/// A pack inside generation record `ws@n`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PackAt {
+    pub pack: String,
+    pub ws: String,
+    pub n: u64,
+}
+
+impl PackAt {
+    pub fn key(&self) -> String {
+        gen_key(&self.ws, self.n)
+    }
+
+    pub fn name(&self) -> Option<Hash> {
+        Hash::from_hex(&self.pack)
+    }
+
+    /// The pack `name` inside the record at `key` (`ws/<ws>/gens/<n>`); None for another key.
+    pub fn from_key(name: &Hash, key: &str) -> Option<PackAt> {
+        let (ws, n) = parse_record_key(key)?;
+        Some(PackAt {
+            pack: name.to_hex(),
+            ws,
+            n,
+        })
+    }
 }
 
 /// The version of [`DbState`] this owfs writes.
@@ -111,6 +155,43 @@ impl GenRecord {
     pub fn spec(&self) -> String {
         format!("{}@{}", self.workspace, self.number)
     }
+
+    /// The key of this record in the store (which is also the home of its pack).
+    pub fn key(&self) -> String {
+        gen_key(&self.workspace, self.number)
+    }
+
+    /// The name of the pack inside this record, if it carries one.
+    pub fn pack_name(&self) -> Result<Option<Hash>> {
+        self.pack
+            .as_deref()
+            .map(|p| {
+                Hash::from_hex(p).ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "generation {}: pack {p:?} is not a hash",
+                        self.spec()
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// The pack inside this record as a place a reader may look, if it carries one.
+    pub fn pack_at(&self) -> Option<PackAt> {
+        self.pack.as_ref().map(|p| PackAt {
+            pack: p.clone(),
+            ws: self.workspace.clone(),
+            n: self.number,
+        })
+    }
+
+    /// Names the pack this record will carry: unique to the record (its nonce is random),
+    /// known before the pack's bytes are (they follow the JSON, which names it).
+    pub fn name_embedded_pack(&mut self) {
+        let name =
+            Hash::of(format!("owfs embedded pack {} {}", self.spec(), self.nonce).as_bytes());
+        self.pack = Some(name.to_hex());
+    }
 }
 
 pub fn new_nonce() -> String {
@@ -146,6 +227,12 @@ fn gen_key(ws: &str, n: u64) -> String {
     format!("ws/{ws}/gens/{n:020}")
 }
 
+/// (workspace, number) of a record's key, `ws/<ws>/gens/<n>`.
+pub fn parse_record_key(key: &str) -> Option<(String, u64)> {
+    let (ws, n) = key.strip_prefix("ws/")?.split_once("/gens/")?;
+    Some((ws.to_string(), n.parse().ok()?))
+}
+
 fn head_key(ws: &str) -> String {
     format!("ws/{ws}/head")
 }
@@ -154,18 +241,26 @@ fn parse_gen_key(key: &str) -> Option<u64> {
     key.rsplit('/').next()?.parse().ok()
 }
 
-/// Reads generation record `ws@n` from its stored form: any bytes give a record or an error
-/// (chunkstore/tests/hostile.rs).
+/// Reads generation record `ws@n` from its stored form: the JSON, then (format 2, when it
+/// names a `pack`) a newline and the pack, whose entries it reads from the pack's trailer.
+/// Any bytes give a record or an error (chunkstore/tests/hostile.rs).
 pub fn decode_record(bytes: &[u8], ws: &str, n: u64) -> Result<GenRecord> {
-    let rec: GenRecord = serde_json::from_slice(bytes).map_err(|e| {
+    let unreadable = |e: &dyn std::fmt::Display| {
         Error::corrupt(format!(
             "generation record {ws}@{n} is unreadable ({e}); truncated or damaged"
         ))
-    })?;
-    if rec.format != GEN_FORMAT {
+    };
+    let mut values = serde_json::Deserializer::from_slice(bytes).into_iter::<GenRecord>();
+    let mut rec = match values.next() {
+        Some(Ok(rec)) => rec,
+        Some(Err(e)) => return Err(unreadable(&e)),
+        None => return Err(unreadable(&"empty")),
+    };
+    let json_end = values.byte_offset();
+    if !(OLDEST_GEN_FORMAT..=GEN_FORMAT).contains(&rec.format) {
         return Err(Error::Format {
             what: format!(
-                "generation record {ws}@{n} has format {}, this owfs reads format {GEN_FORMAT}; use a matching owfs release",
+                "generation record {ws}@{n} has format {}, this owfs reads formats {OLDEST_GEN_FORMAT} to {GEN_FORMAT}; use a matching owfs release",
                 rec.format
             ),
         });
@@ -177,7 +272,51 @@ pub fn decode_record(bytes: &[u8], ws: &str, n: u64) -> Result<GenRecord> {
         )));
     }
     rec.root_hash()?;
+    let rest = &bytes[json_end..];
+    if rec.pack_name()?.is_some() {
+        if rest.first() != Some(&b'\n') {
+            return Err(unreadable(&"no pack after the record"));
+        }
+        let what = format!("the pack inside generation record {ws}@{n}");
+        let entries = crate::pack::read_trailer(bytes, &what)?;
+        if let Some(e) = entries.iter().find(|e| (e.offset as usize) <= json_end) {
+            return Err(Error::corrupt(format!(
+                "{what}: blob {} lies inside the record's JSON",
+                e.hash.short()
+            )));
+        }
+        rec.embedded = Some(Arc::new(entries));
+    } else if !rest.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(unreadable(&"trailing bytes"));
+    }
+    for p in &rec.pending {
+        if p.name().is_none() || check_workspace_name(&p.ws).is_err() {
+            return Err(unreadable(&format!("pending pack {p:?}")));
+        }
+    }
     Ok(rec)
+}
+
+/// A record's stored form: its JSON, and after a newline `pack` (if given) sealed so that
+/// its offsets count from the start of the object; with the pack's entries. A record that
+/// carries a pack must have been named for it (`GenRecord::name_embedded_pack`).
+pub fn encode_record(
+    rec: &GenRecord,
+    pack: Option<PackBuilder>,
+) -> (Vec<u8>, Option<Vec<PackEntry>>) {
+    assert_eq!(
+        rec.pack.is_some(),
+        pack.is_some(),
+        "a record names the pack it carries"
+    );
+    let mut body = serde_json::to_vec_pretty(rec).expect("serializing a generation record");
+    body.push(b'\n');
+    let entries = pack.map(|p| {
+        let (bytes, entries) = p.finish_at(body.len());
+        body.extend_from_slice(&bytes);
+        entries
+    });
+    (body, entries)
 }
 
 pub async fn list_workspaces(store: &Store) -> Result<Vec<String>> {
@@ -259,6 +398,20 @@ pub async fn publish(store: &Store, rec: &GenRecord) -> Result<()> {
 /// second moves it now and then (one PUT a commit saved): readers list the records past the
 /// hint, so a lagging hint costs them a longer listing, never a wrong answer.
 pub async fn publish_record(store: &Store, rec: &GenRecord, hint: bool) -> Result<()> {
+    publish_record_with(store, rec, None, hint)
+        .await
+        .map(|_| ())
+}
+
+/// `publish_record` of a record that carries `pack` (named by `name_embedded_pack`): one
+/// conditional PUT for the commit's data and its publication. Returns the pack's entries,
+/// whose offsets count from the start of the record object.
+pub async fn publish_record_with(
+    store: &Store,
+    rec: &GenRecord,
+    pack: Option<PackBuilder>,
+    hint: bool,
+) -> Result<Option<Vec<PackEntry>>> {
     assert!(rec.number >= 1, "generation numbers start at 1");
     assert_eq!(
         rec.parent.map(|p| p + 1).unwrap_or(1),
@@ -266,7 +419,7 @@ pub async fn publish_record(store: &Store, rec: &GenRecord, hint: bool) -> Resul
         "a generation follows its parent"
     );
     let key = gen_key(&rec.workspace, rec.number);
-    let body = serde_json::to_vec_pretty(rec).expect("serializing a generation record");
+    let (body, entries) = encode_record(rec, pack);
     match store.put_if_absent(&key, body.into()).await? {
         Created::Yes => {}
         Created::AlreadyExists => {
@@ -286,7 +439,7 @@ pub async fn publish_record(store: &Store, rec: &GenRecord, hint: bool) -> Resul
             .put(&head_key(&rec.workspace), rec.number.to_string().into())
             .await;
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// Deletes one generation record (retention); never the latest.
@@ -364,6 +517,9 @@ mod tests {
             )]),
             nonce: new_nonce(),
             root_attr: None,
+            pack: None,
+            pending: Vec::new(),
+            embedded: None,
         };
         let bytes = serde_json::to_vec(&rec).unwrap();
         assert_eq!(decode_record(&bytes, "ws", 3).unwrap(), rec);

@@ -107,14 +107,29 @@ impl PackBuilder {
     }
 
     /// Seals the pack: appends the trailer and returns (name, bytes, entries).
-    pub fn finish(mut self) -> (Hash, Vec<u8>, Vec<PackEntry>) {
+    pub fn finish(self) -> (Hash, Vec<u8>, Vec<PackEntry>) {
+        let (data, entries) = self.finish_at(0);
+        (Hash::of(&data), data, entries)
+    }
+
+    /// Seals the pack for storing after `base` bytes of another object (a generation
+    /// record's JSON, docs/decisions/one-request-a-commit.md): offsets in the trailer and the
+    /// entries count from the start of that object, so the object as a whole reads as a
+    /// pack. Returns the bytes to append and the entries.
+    pub fn finish_at(mut self, base: usize) -> (Vec<u8>, Vec<PackEntry>) {
+        assert!(
+            base + self.data.len() < u32::MAX as usize / 2,
+            "pack too large"
+        );
+        for e in &mut self.entries {
+            e.offset += base as u32;
+        }
         let trailer = codec::encode(ObjKind::PackTrailer, &self.entries);
         self.data.extend_from_slice(&trailer);
         self.data
             .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         self.data.extend_from_slice(PACK_MAGIC);
-        let name = Hash::of(&self.data);
-        (name, self.data, self.entries)
+        (self.data, self.entries)
     }
 }
 

@@ -47,7 +47,7 @@ pub fn prepull(
     // Trees and segments come through read_blob, which fills the cache once it is set.
     let mut wanted: Vec<(Hash, u32)> = Vec::new();
     let mut seen: HashSet<Hash> = HashSet::new();
-    let mut dirs = vec![(rec.root_hash()?, String::new())];
+    let mut dirs = vec![(repo.root_of(rec)?, String::new())];
     while let Some((tree, path)) = dirs.pop() {
         let t = repo.read_tree(&tree, &path)?;
         for e in t.entries {

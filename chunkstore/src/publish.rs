@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gc;
-use crate::generation::{self, new_nonce, now_ms, GenRecord, GEN_FORMAT};
+use crate::generation::{self, new_nonce, now_ms, GenRecord, PackAt, GEN_FORMAT};
 use crate::hash::Hash;
+use crate::pack::PackBuilder;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::snapshot::{snapshot_dir, TreeStats};
@@ -54,28 +55,67 @@ pub fn record(g: NewGen) -> GenRecord {
         sqlite: BTreeMap::new(),
         nonce: new_nonce(),
         root_attr: None,
+        pack: None,
+        pending: g.parent.map(reachable_packs).unwrap_or_default(),
+        embedded: None,
     }
 }
 
+/// The packs inside records that a generation sharing `rec`'s blobs may need: those `rec`
+/// lists as pending and the one it carries. `Repo::pending_for` keeps those no index object
+/// names.
+fn reachable_packs(rec: &GenRecord) -> Vec<PackAt> {
+    rec.pending.iter().cloned().chain(rec.pack_at()).collect()
+}
+
 /// Publishes after checking that gc is not about to delete a pack this commit relies on
-/// (see docs/decisions/gc-safety.md).
-pub fn publish_checked(repo: &Arc<Repo>, rec: &GenRecord, reused: &HashSet<Hash>) -> Result<()> {
+/// (see docs/decisions/gc-safety.md). Sets the record's `pending` packs first.
+pub fn publish_checked(
+    repo: &Arc<Repo>,
+    rec: &mut GenRecord,
+    reused: &HashSet<Hash>,
+) -> Result<()> {
     gc::check_reused_not_condemned(repo, reused)?;
+    rec.pending = repo.pending_for(&rec.pending)?;
     repo.block_on(generation::publish_record(&repo.store, rec, true))
 }
 
-/// `publish_checked` for a mount's commit: the head hint moves only when `hint` is set
-/// (`generation::publish_record`), and the listing of condemned packs may be up to
-/// `listing_max_age` old (`gc::check_reused_not_condemned_within`).
+/// `publish_checked` for a mount's commit: the record carries `pack` (the commit's only
+/// pack, when small: `BlobWriter::finish_embedding`), the head hint moves only when `hint`
+/// is set (`generation::publish_record`), and the listing of condemned packs may be up to
+/// `listing_max_age` old (`gc::check_reused_not_condemned_within`). Once published, the
+/// pack's blobs join the index, its index entry deferred (docs/decisions/
+/// one-request-a-commit.md).
 pub fn publish_checked_mount(
     repo: &Arc<Repo>,
-    rec: &GenRecord,
+    rec: &mut GenRecord,
     reused: &HashSet<Hash>,
+    pack: Option<PackBuilder>,
     hint: bool,
     listing_max_age: std::time::Duration,
 ) -> Result<()> {
     gc::check_reused_not_condemned_within(repo, reused, listing_max_age)?;
-    repo.block_on(generation::publish_record(&repo.store, rec, hint))
+    rec.pending = repo.pending_for(&rec.pending)?;
+    if pack.is_some() {
+        rec.name_embedded_pack();
+    } else {
+        rec.pack = None;
+    }
+    let entries = repo.block_on(generation::publish_record_with(
+        &repo.store,
+        rec,
+        pack,
+        hint,
+    ))?;
+    if let (Some(name), Some(entries)) = (rec.pack_name()?, entries) {
+        repo.defer_index_at(
+            rec.created_ms,
+            vec![(name, entries.clone())],
+            vec![(name, rec.key())],
+        );
+        rec.embedded = Some(Arc::new(entries));
+    }
+    Ok(())
 }
 
 /// `owfs snapshot DIR WS`: commits DIR as WS's next generation, reading only what changed
@@ -84,10 +124,10 @@ pub fn snapshot(repo: &Arc<Repo>, dir: &Path, ws: &str, progress: &Progress) -> 
     generation::check_workspace_name(ws)?;
     let before = repo.store.counters();
     let parent = repo.block_on(generation::latest(&repo.store, ws))?;
-    let parent_root = parent.as_ref().map(|p| p.root_hash()).transpose()?;
+    let parent_root = parent.as_ref().map(|p| repo.root_of(p)).transpose()?;
     // Trees of the parent are needed to skip unchanged files; gc keeps the latest.
     let res = snapshot_dir(repo, dir, parent_root, progress)?;
-    let rec = record(NewGen {
+    let mut rec = record(NewGen {
         ws,
         parent: parent.as_ref(),
         kind: "snapshot",
@@ -97,7 +137,7 @@ pub fn snapshot(repo: &Arc<Repo>, dir: &Path, ws: &str, progress: &Progress) -> 
         write: res.write,
         epoch: parent.as_ref().map(|p| p.epoch).unwrap_or(0),
     });
-    publish_checked(repo, &rec, &res.reused)?;
+    publish_checked(repo, &mut rec, &res.reused)?;
     Ok(Committed {
         generation: rec,
         tree: res.tree,
@@ -131,8 +171,8 @@ pub fn fork(repo: &Arc<Repo>, source: &GenRecord, new_ws: &str) -> Result<GenRec
             "workspace {new_ws:?} already exists; choose a new name (or `owfs rollback` to move an existing workspace)"
         )));
     }
-    let rec = derived(source, new_ws, None, "fork");
-    publish_checked(repo, &rec, &HashSet::from([source.root_hash()?]))?;
+    let mut rec = derived(source, new_ws, None, "fork");
+    publish_checked(repo, &mut rec, &HashSet::from([source.root_hash()?]))?;
     Ok(rec)
 }
 
@@ -147,7 +187,7 @@ pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64, epoch: Option<u64>) -> Resul
     if let Some(e) = epoch {
         rec.epoch = e;
     }
-    publish_checked(repo, &rec, &HashSet::from([target.root_hash()?]))?;
+    publish_checked(repo, &mut rec, &HashSet::from([target.root_hash()?]))?;
     Ok(rec)
 }
 
@@ -173,5 +213,8 @@ pub fn derived(source: &GenRecord, ws: &str, parent: Option<&GenRecord>, kind: &
         sqlite: source.sqlite.clone(),
         nonce: new_nonce(),
         root_attr: source.root_attr,
+        pack: None,
+        pending: reachable_packs(source),
+        embedded: None,
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::blobcache::BlobCache;
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
+use crate::generation::{GenRecord, PackAt};
 use crate::hash::Hash;
 use crate::index::{Index, IndexFile};
 use crate::pack::{open_blob, pack_key, BlobKind, PackEntry, Tail};
@@ -96,7 +97,16 @@ pub struct Repo {
     condemned: Mutex<Option<(std::time::Instant, Condemned)>>,
     /// `index_what_it_adopts` was called.
     pays_adopted: std::sync::atomic::AtomicBool,
+    /// Packs read from generation records (`open_generation`), by name: their home and
+    /// entries, kept across a reload of the index.
+    registered: Mutex<HashMap<Hash, Registered>>,
+    /// Packs inside earlier records that generations read here may need
+    /// (`GenRecord::pending`), not read yet: `locate` reads them when it misses a blob.
+    lazy: Mutex<Vec<PackAt>>,
 }
+
+/// A pack read from a generation record: the record's key and the pack's entries.
+type Registered = (String, Arc<Vec<PackEntry>>);
 
 /// gc's condemned packs, each with when it was condemned (ms).
 pub type Condemned = Arc<HashMap<Hash, i64>>;
@@ -107,6 +117,8 @@ struct OwnIndex {
     key: String,
     packs_since_ms: u64,
     packs: Vec<(Hash, Vec<PackEntry>)>,
+    /// Those of `packs` that live inside another object (`IndexFile::homes`).
+    homes: Vec<(Hash, String)>,
 }
 
 /// Index compaction (docs/decisions/index-compaction.md): only index objects whose packs are
@@ -163,6 +175,8 @@ impl Repo {
             adopted: Mutex::default(),
             condemned: Mutex::default(),
             pays_adopted: Default::default(),
+            registered: Mutex::default(),
+            lazy: Mutex::default(),
         }))
     }
 
@@ -231,10 +245,17 @@ impl Repo {
             index.merge(&file);
             index.files.push(key);
         }
-        // Our packs that no index object names yet stay known.
+        // Our packs that no index object names yet stay known, and those read from records.
         if let Some(d) = &*self.deferred.lock().expect("deferred") {
+            let homes: HashMap<&Hash, &str> =
+                d.homes.iter().map(|(n, h)| (n, h.as_str())).collect();
             for (name, entries) in &d.packs {
-                index.add_pack(*name, entries);
+                index.add_pack_at(*name, entries, homes.get(name).copied());
+            }
+        }
+        for (name, (home, entries)) in self.registered.lock().expect("registered").iter() {
+            if !index.is_named(name) {
+                index.add_pack_at(*name, entries, Some(home));
             }
         }
         *self.index_loaded.lock().expect("index flag") = true;
@@ -245,17 +266,163 @@ impl Repo {
     /// `write_deferred_index`: a commit then costs one PUT less. Until then a reader in
     /// another process finds them by their trailers (`adopt_unindexed`).
     pub fn defer_index(&self, packs_since_ms: u64, packs: Vec<(Hash, Vec<PackEntry>)>) {
-        for (name, entries) in &packs {
-            self.add_to_index(*name, entries);
+        self.defer_index_at(packs_since_ms, packs, Vec::new());
+    }
+
+    /// `defer_index` for packs some of which live inside other objects (`homes`): a small
+    /// commit's pack inside its generation record (docs/decisions/one-request-a-commit.md).
+    pub fn defer_index_at(
+        &self,
+        packs_since_ms: u64,
+        packs: Vec<(Hash, Vec<PackEntry>)>,
+        homes: Vec<(Hash, String)>,
+    ) {
+        {
+            let home_of: HashMap<&Hash, &str> =
+                homes.iter().map(|(n, h)| (n, h.as_str())).collect();
+            let mut index = self.index.write().expect("index lock");
+            for (name, entries) in &packs {
+                index.add_pack_at(*name, entries, home_of.get(name).copied());
+            }
         }
         let mut d = self.deferred.lock().expect("deferred");
         let d = d.get_or_insert_with(|| OwnIndex {
             key: String::new(),
             packs_since_ms,
             packs: Vec::new(),
+            homes: Vec::new(),
         });
         d.packs_since_ms = d.packs_since_ms.min(packs_since_ms);
         d.packs.extend(packs);
+        d.homes.extend(homes);
+    }
+
+    /// What a new generation's record lists as `pending` (packs inside records that no
+    /// index object names yet): of `candidates` (its parent's or source's, from
+    /// `publish::record` and `publish::derived`) and of this process's deferred packs that
+    /// live in records, those the loaded index does not name.
+    pub fn pending_for(&self, candidates: &[PackAt]) -> Result<Vec<PackAt>> {
+        self.ensure_index()?;
+        let mut all: Vec<PackAt> = candidates.to_vec();
+        if let Some(d) = &*self.deferred.lock().expect("deferred") {
+            all.extend(d.homes.iter().filter_map(|(n, h)| PackAt::from_key(n, h)));
+        }
+        let mut seen = HashSet::new();
+        Ok(self.with_index(|i| {
+            all.into_iter()
+                .filter(|p| p.name().is_some_and(|n| !i.is_named(&n)))
+                .filter(|p| seen.insert(p.pack.clone()))
+                .collect()
+        }))
+    }
+
+    /// Makes a generation's blobs findable before its tree is read: the pack inside its
+    /// record (entries read with the record), and the records it lists as pending (read
+    /// only if a blob is missed). Returns its root. Every reader of a generation starts
+    /// here.
+    pub fn root_of(&self, rec: &GenRecord) -> Result<Hash> {
+        let root = rec.root_hash()?;
+        if let (Some(name), Some(entries)) = (rec.pack_name()?, rec.embedded.clone()) {
+            self.register(name, rec.key(), entries);
+        }
+        let mut lazy = self.lazy.lock().expect("lazy");
+        for p in &rec.pending {
+            if !lazy.contains(p) {
+                lazy.push(p.clone());
+            }
+        }
+        Ok(root)
+    }
+
+    /// A pack read from a record: into the index (and, for a mount that pays for what it
+    /// adopts, into its next index object, unless one names it already).
+    fn register(&self, name: Hash, home: String, entries: Arc<Vec<PackEntry>>) {
+        let fresh = self
+            .registered
+            .lock()
+            .expect("registered")
+            .insert(name, (home.clone(), entries.clone()))
+            .is_none();
+        let named = {
+            let mut index = self.index.write().expect("index lock");
+            index.add_pack_at(name, &entries, Some(&home));
+            index.is_named(&name)
+        };
+        let pays = self.pays_adopted.load(std::sync::atomic::Ordering::Relaxed);
+        if fresh && !named && pays {
+            let deferred = self
+                .deferred
+                .lock()
+                .expect("deferred")
+                .as_ref()
+                .is_some_and(|d| d.packs.iter().any(|(n, _)| *n == name));
+            if !deferred {
+                self.defer_index_at(
+                    crate::generation::now_ms(),
+                    vec![(name, entries.to_vec())],
+                    vec![(name, home)],
+                );
+            }
+        }
+    }
+
+    /// Reads the records `root_of` noted as pending whose packs are not known yet; returns
+    /// how many packs it found. A record gone meanwhile was deleted by gc after it copied
+    /// the pack to its own key and named it in an index object: nothing to read.
+    fn read_lazy(&self) -> Result<usize> {
+        let todo: Vec<PackAt> = {
+            let lazy = self.lazy.lock().expect("lazy");
+            self.with_index(|i| {
+                lazy.iter()
+                    .filter(|p| {
+                        p.name()
+                            .is_some_and(|n| i.home(&n).is_none() && !i.is_named(&n))
+                    })
+                    .cloned()
+                    .collect()
+            })
+        };
+        let store = &self.store;
+        let got: Vec<(PackAt, Result<Option<Bytes>>)> = self.block_on_all(
+            todo.into_iter()
+                .map(|p| async move { (p.clone(), store.get_opt(&p.key()).await) }),
+        );
+        let mut found = 0;
+        for (p, r) in got {
+            let r = r?;
+            // Read once: found, or gone (its pack copied out by gc, named in an index object).
+            self.lazy.lock().expect("lazy").retain(|q| q != &p);
+            let Some(bytes) = r else { continue };
+            let rec = crate::generation::decode_record(&bytes, &p.ws, p.n)?;
+            if let (Some(name), Some(entries)) = (rec.pack_name()?, rec.embedded.clone()) {
+                self.register(name, rec.key(), entries);
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Where `pack` is stored: inside a record, or at its own key.
+    pub fn pack_location(&self, pack: &Hash) -> String {
+        self.with_index(|i| i.home(pack).map(str::to_string))
+            .unwrap_or_else(|| pack_key(pack))
+    }
+
+    /// Reads `range` of `pack`; a pack whose home (a record) is gone is read at its own
+    /// key, where gc copied it before deleting the record.
+    async fn get_pack_range(&self, pack: &Hash, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let at = self.pack_location(pack);
+        let (b, moved) = get_range_at(&self.store, &at, pack, range).await?;
+        if moved {
+            self.forget_home(pack);
+        }
+        Ok(b)
+    }
+
+    /// `pack` is at its own key now, not inside a record (gc copied it there).
+    pub fn forget_home(&self, pack: &Hash) {
+        self.index.write().expect("index lock").clear_home(pack);
+        self.registered.lock().expect("registered").remove(pack);
     }
 
     /// gc's condemned packs, listed again when the last listing is `max_age` old.
@@ -296,6 +463,7 @@ impl Repo {
         };
         if !gone.is_empty() {
             d.packs.retain(|(name, _)| !gone.contains(name));
+            d.homes.retain(|(name, _)| !gone.contains(name));
             self.reset_index();
         }
         if d.packs.is_empty() {
@@ -303,6 +471,7 @@ impl Repo {
         }
         let file = IndexFile {
             packs: d.packs.clone(),
+            homes: d.homes.clone(),
         };
         let bytes = file.encode();
         let key = file.key(crate::generation::now_ms(), &bytes);
@@ -311,7 +480,7 @@ impl Repo {
             return Err(e);
         }
         self.note_index_file(&key);
-        self.note_own_index(key, d.packs_since_ms, file.packs);
+        self.note_own_index(key, d.packs_since_ms, file.packs, file.homes);
         Ok(true)
     }
 
@@ -323,6 +492,7 @@ impl Repo {
                 newer.packs_since_ms = newer.packs_since_ms.min(d.packs_since_ms);
                 let later = std::mem::replace(&mut newer.packs, d.packs);
                 newer.packs.extend(later);
+                newer.homes.extend(d.homes);
             }
             None => *slot = Some(d),
         }
@@ -349,11 +519,11 @@ impl Repo {
         if listed == known {
             return Ok(gone);
         }
-        let store = &self.store;
-        let checked: Vec<(Hash, Result<Bytes>)> =
-            self.block_on_all(packs.iter().map(|(name, _)| async move {
-                (*name, store.get_range(&pack_key(name), 0..1).await)
-            }));
+        let checked: Vec<(Hash, Result<Bytes>)> = self.block_on_all(
+            packs
+                .iter()
+                .map(|(name, _)| async move { (*name, self.get_pack_range(name, 0..1).await) }),
+        );
         for (name, r) in checked {
             match r {
                 Ok(_) => {}
@@ -462,11 +632,19 @@ impl Repo {
         key: String,
         packs_since_ms: u64,
         packs: Vec<(Hash, Vec<PackEntry>)>,
+        homes: Vec<(Hash, String)>,
     ) {
+        {
+            let mut index = self.index.write().expect("index lock");
+            for (name, _) in &packs {
+                index.note_named(name);
+            }
+        }
         self.own_index.lock().expect("own index").push(OwnIndex {
             key,
             packs_since_ms,
             packs,
+            homes,
         });
     }
 
@@ -513,6 +691,7 @@ impl Repo {
         }
         let file = IndexFile {
             packs: inputs.iter().flat_map(|o| o.packs.clone()).collect(),
+            homes: inputs.iter().flat_map(|o| o.homes.clone()).collect(),
         };
         let bytes = file.encode();
         let key = file.key(now, &bytes);
@@ -534,6 +713,7 @@ impl Repo {
                 key: key.clone(),
                 packs_since_ms,
                 packs: file.packs,
+                homes: file.homes,
             },
         );
         // The merged object holds everything: a failed delete leaves a duplicate (harmless;
@@ -575,6 +755,12 @@ impl Repo {
         if let Some(loc) = self.with_index(|i| i.get(hash)) {
             return Ok(loc);
         }
+        // Inside a record an earlier generation listed as pending.
+        if self.read_lazy()? > 0 {
+            if let Some(loc) = self.with_index(|i| i.get(hash)) {
+                return Ok(loc);
+            }
+        }
         // A pack no index object names yet (a recent commit's): at most one listing a
         // second, so a store that truly lost a blob is not listed once per lookup.
         let listed_lately = self
@@ -600,7 +786,15 @@ impl Repo {
         // Not checked against its name as a whole: every blob taken from it is checked
         // against its own hash (`open_blob`), and a byte damaged in one blob must not make
         // the others unreadable (a small commit's data and trees share one pack).
-        let bytes = self.store.get(&pack_key(name)).await?;
+        let at = self.pack_location(name);
+        let bytes = match self.store.get(&at).await {
+            Err(Error::Missing { .. }) if at != pack_key(name) => {
+                let b = self.store.get(&pack_key(name)).await?;
+                self.forget_home(name);
+                b
+            }
+            other => other?,
+        };
         self.pack_cache.insert(*name, bytes.clone());
         Ok(bytes)
     }
@@ -640,8 +834,7 @@ impl Repo {
         let stored = self.block_on(async {
             if entry.kind == BlobKind::Data {
                 let start = entry.offset as u64;
-                self.store
-                    .get_range(&pack_key(&pack), start..start + entry.stored_len as u64)
+                self.get_pack_range(&pack, start..start + entry.stored_len as u64)
                     .await
             } else {
                 let whole = self.fetch_pack(&pack).await?;
@@ -672,6 +865,23 @@ impl Repo {
     pub fn read_tree(&self, hash: &Hash, dir: &str) -> Result<Tree> {
         let bytes = self.read_blob(hash, &format!("tree of {dir:?}"))?;
         Tree::decode(&bytes, dir)
+    }
+}
+
+/// Reads `range` of `pack` at `at` (`Repo::pack_location`); when `at` is a record that is
+/// gone, at the pack's own key, where gc copied it before deleting the record. Returns
+/// whether it read it there.
+pub async fn get_range_at(
+    store: &Store,
+    at: &str,
+    pack: &Hash,
+    range: std::ops::Range<u64>,
+) -> Result<(Bytes, bool)> {
+    match store.get_range(at, range.clone()).await {
+        Err(Error::Missing { .. }) if at != pack_key(pack) => {
+            Ok((store.get_range(&pack_key(pack), range).await?, true))
+        }
+        other => other.map(|b| (b, false)),
     }
 }
 

@@ -312,6 +312,17 @@ impl Store {
         Ok(())
     }
 
+    /// Server-side copy of `from` to `to` (S3 CopyObject: no bytes travel through this
+    /// process; counted as a PUT, which is how S3 bills it).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dst) = (self.path(from), self.path(to));
+        self.retry(from, || async {
+            self.counters.puts.fetch_add(1, Ordering::Relaxed);
+            self.inner.copy(&src, &dst).await
+        })
+        .await
+    }
+
     /// Create-if-absent (S3 `If-None-Match: *`, a hard link on local disk). After a retried
     /// ambiguous failure `AlreadyExists` may be our own first attempt: callers re-read.
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created> {

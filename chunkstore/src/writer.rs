@@ -54,6 +54,10 @@ struct Shared {
     level: i32,
     /// The open data pack and the open tree/segment pack.
     open: Mutex<(PackBuilder, PackBuilder)>,
+    /// `embed_small` was called: a write whose only pack is small keeps it here for its
+    /// generation record to carry, instead of uploading it.
+    embed: bool,
+    embedded: Mutex<Option<PackBuilder>>,
 }
 
 pub struct BlobWriter {
@@ -70,8 +74,23 @@ pub struct BlobWriter {
     defer: bool,
 }
 
+/// A pack to store inside another object can be at most this large (a reader of a tree in
+/// it fetches the whole object).
+pub const EMBED_MAX_BYTES: usize = COMBINED_PACK_BYTES;
+
 impl BlobWriter {
     pub fn new(repo: Arc<Repo>) -> Result<BlobWriter> {
+        Self::with_embedding(repo, false)
+    }
+
+    /// A writer that keeps a small write's only pack for the caller to store inside its
+    /// generation record (`finish_embedding`): a mount's small commit is then one PUT
+    /// (docs/decisions/one-request-a-commit.md).
+    pub fn embedding(repo: Arc<Repo>) -> Result<BlobWriter> {
+        Self::with_embedding(repo, true)
+    }
+
+    fn with_embedding(repo: Arc<Repo>, embed: bool) -> Result<BlobWriter> {
         let started_ms = now_ms();
         repo.ensure_index()?;
         let level = repo.config.zstd_level;
@@ -84,6 +103,8 @@ impl BlobWriter {
             raw_bytes: AtomicU64::new(0),
             level,
             open: Mutex::default(),
+            embed,
+            embedded: Mutex::default(),
         });
         let (tx, rx) = sync_channel::<Job>(QUEUE_BLOBS);
         let rx = Arc::new(Mutex::new(rx));
@@ -172,7 +193,16 @@ impl BlobWriter {
     /// Seals the last packs, waits for every upload, then writes one index object naming the
     /// new packs (or defers it: `defer_index`). Only after this returns may a generation
     /// refer to the new blobs.
-    pub fn finish(mut self) -> Result<WriteStats> {
+    pub fn finish(self) -> Result<WriteStats> {
+        let (stats, pack) = self.finish_embedding()?;
+        assert!(pack.is_none(), "only an embedding writer keeps a pack");
+        Ok(stats)
+    }
+
+    /// `finish` for a writer made by `embedding`: also returns the pack it kept, if the
+    /// write was small enough to have only that one, for `generation::publish_record_with`.
+    /// The blobs in it are not in the index until the record carrying it is published.
+    pub fn finish_embedding(mut self) -> Result<(WriteStats, Option<PackBuilder>)> {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             w.join().map_err(|_| Error::Store {
@@ -197,13 +227,17 @@ impl BlobWriter {
         if let Some(e) = first_err {
             return Err(e);
         }
+        let embedded = self.shared.embedded.lock().expect("embedded").take();
         let sealed = std::mem::take(&mut *self.shared.sealed.lock().expect("sealed"));
         let packs = sealed.len() as u64;
         let entries: usize = sealed.iter().map(|(_, e)| e.len()).sum();
         if !sealed.is_empty() && self.defer && entries <= crate::repo::COMPACT_MAX_ENTRIES {
             self.shared.repo.defer_index(self.started_ms, sealed);
         } else if !sealed.is_empty() {
-            let file = IndexFile { packs: sealed };
+            let file = IndexFile {
+                packs: sealed,
+                homes: Vec::new(),
+            };
             let bytes = file.encode();
             let key = file.key(now_ms(), &bytes);
             let repo = &self.shared.repo;
@@ -212,15 +246,16 @@ impl BlobWriter {
                 repo.add_to_index(*name, entries);
             }
             repo.note_index_file(&key);
-            repo.note_own_index(key, self.started_ms, file.packs);
+            repo.note_own_index(key, self.started_ms, file.packs, Vec::new());
         }
-        Ok(WriteStats {
+        let stats = WriteStats {
             blobs_new: self.blobs_new,
             raw_bytes_new: self.shared.raw_bytes.load(Ordering::Relaxed),
             stored_bytes_new: self.shared.stored_bytes.load(Ordering::Relaxed),
-            packs,
+            packs: packs + embedded.is_some() as u64,
             blobs_reused: self.reused.len() as u64,
-        })
+        };
+        Ok((stats, embedded))
     }
 }
 
@@ -264,6 +299,15 @@ fn flush_open(shared: &Arc<Shared>) {
     } else {
         meta
     };
+    // The write's only pack, small: kept for the record to carry (`embed`).
+    let alone = shared.uploads.lock().expect("uploads").is_empty() && meta.is_empty();
+    if shared.embed && alone && !data.is_empty() && data.len() <= EMBED_MAX_BYTES {
+        shared
+            .stored_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        *shared.embedded.lock().expect("embedded") = Some(data);
+        return;
+    }
     for pack in [data, meta] {
         if !pack.is_empty() {
             upload(shared, pack);

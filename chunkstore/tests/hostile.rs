@@ -264,8 +264,12 @@ fn pack_entry() -> impl Strategy<Value = PackEntry> {
 }
 
 fn index_file() -> impl Strategy<Value = IndexFile> {
-    prop::collection::vec((hash(), prop::collection::vec(pack_entry(), 0..6)), 0..5)
-        .prop_map(|packs| IndexFile { packs })
+    prop::collection::vec((hash(), prop::collection::vec(pack_entry(), 0..6)), 0..5).prop_map(
+        |packs| IndexFile {
+            packs,
+            homes: Vec::new(),
+        },
+    )
 }
 
 /// Blobs for a pack: compressible (zeros, repeated text) and incompressible ones.
@@ -391,6 +395,9 @@ fn gen_record() -> impl Strategy<Value = GenRecord> {
                 sqlite: sqlite.into_iter().collect::<BTreeMap<_, _>>(),
                 nonce: chunkstore::generation::new_nonce(),
                 root_attr,
+                pack: None,
+                pending: Vec::new(),
+                embedded: None,
             },
         )
 }
@@ -663,9 +670,25 @@ proptest! {
     }
 
     #[test]
-    fn record_damaged(r in gen_record(), ms in mutations()) {
+    fn record_damaged(
+        mut r in gen_record(),
+        blobs in prop::option::of(prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 1..4)),
+        ms in mutations(),
+    ) {
         let n = r.number;
-        let enc = serde_json::to_vec_pretty(&r).unwrap();
+        // With a pack inside (a mount's small commit) or without.
+        let pack = blobs.map(|blobs| {
+            let mut p = chunkstore::pack::PackBuilder::default();
+            for b in &blobs {
+                p.push(Hash::of(b), chunkstore::pack::BlobKind::Data, b, b.len(), false);
+            }
+            p
+        });
+        if pack.is_some() {
+            r.name_embedded_pack();
+        }
+        let (enc, entries) = chunkstore::generation::encode_record(&r, pack);
+        r.embedded = entries.map(std::sync::Arc::new);
         prop_assert_eq!(decode_record(&enc, "ws", n).unwrap(), r);
         let damaged = damage(enc, &ms);
         let (_r, largest) = largest_alloc(|| decode_record(&damaged, "ws", n));

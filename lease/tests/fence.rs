@@ -38,7 +38,7 @@ fn latest(repo: &Arc<Repo>) -> GenRecord {
 fn publish_next(repo: &Arc<Repo>, parent: &GenRecord, epoch: u64) -> chunkstore::Result<()> {
     let mut rec = publish::derived(parent, "w", Some(parent), "commit");
     rec.epoch = epoch;
-    publish::publish_checked(repo, &rec, &HashSet::from([parent.root_hash()?]))
+    publish::publish_checked(repo, &mut rec, &HashSet::from([parent.root_hash()?]))
 }
 
 #[test]

@@ -131,7 +131,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
         Command::Ls { spec, path, long } => {
             let repo = open(cli, &rt, false)?;
             let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-            let entries = match read::lookup(&repo, rec.root_hash()?, path, &rec.spec())? {
+            let entries = match read::lookup(&repo, repo.root_of(&rec)?, path, &rec.spec())? {
                 Found::Dir(t) => t.entries,
                 Found::Entry(e) => vec![e],
             };
@@ -187,7 +187,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
         Command::Cat { spec, path } => {
             let repo = open(cli, &rt, false)?;
             let rec = repo.block_on(generation::resolve(&repo.store, spec))?;
-            match read::lookup(&repo, rec.root_hash()?, path, &rec.spec())? {
+            match read::lookup(&repo, repo.root_of(&rec)?, path, &rec.spec())? {
                 Found::Entry(e) if e.kind == Kind::File => {
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                     read::write_file(&repo, &e, path, &mut out)?;
@@ -220,7 +220,7 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
                 let _bar = Bar::start(progress.clone(), "restore:", bars);
                 restore_tree(
                     &repo,
-                    rec.root_hash()?,
+                    repo.root_of(&rec)?,
                     dir,
                     RestoreOptions {
                         keep_going: false,

@@ -151,7 +151,7 @@ pub fn drill(
     scratch: Option<&Path>,
     progress: &Arc<Progress>,
 ) -> chunkstore::Result<Verdict> {
-    let root = rec.root_hash()?;
+    let root = repo.root_of(rec)?;
     let t0 = Instant::now();
     let parent = scratch
         .map(Path::to_path_buf)

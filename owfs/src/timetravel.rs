@@ -93,7 +93,7 @@ fn attr(ino: u64, e: &Entry) -> FileAttr {
 
 impl TimeTravel {
     pub fn new(repo: Arc<Repo>, rec: GenRecord) -> chunkstore::Result<TimeTravel> {
-        let root = rec.root_hash()?;
+        let root = repo.root_of(&rec)?;
         // Fail at mount time, not on first access, if the root is unreadable.
         repo.read_tree(&root, "/")?;
         let mut nodes = HashMap::new();

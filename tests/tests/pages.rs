@@ -56,13 +56,22 @@ impl Watch {
             }
             a.objects += 1;
             a.bytes += l.size;
-            if l.key.starts_with("packs/") {
+            // A pack, or a generation record that carries one (docs/decisions/
+            // one-request-a-commit.md).
+            let entries = if l.key.starts_with("packs/") {
                 let pack = self.rt.block_on(self.store.get(&l.key)).unwrap();
-                for e in read_trailer(&pack, &l.key).unwrap() {
-                    match e.kind {
-                        BlobKind::Data => a.data += e.stored_len as u64,
-                        _ => a.meta += e.stored_len as u64,
-                    }
+                read_trailer(&pack, &l.key).unwrap()
+            } else if let Some((ws, n)) = chunkstore::generation::parse_record_key(&l.key) {
+                let bytes = self.rt.block_on(self.store.get(&l.key)).unwrap();
+                let rec = chunkstore::generation::decode_record(&bytes, &ws, n).unwrap();
+                rec.embedded.map(|e| e.to_vec()).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            for e in entries {
+                match e.kind {
+                    BlobKind::Data => a.data += e.stored_len as u64,
+                    _ => a.meta += e.stored_len as u64,
                 }
             }
         }

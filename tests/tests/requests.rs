@@ -2,7 +2,7 @@
 //! log, on `file://` from the objects that appear or change in the store directory. The
 //! workload is the common one: a SQLite database in WAL mode, one small transaction and one
 //! `owfs sync` per commit. (docs/PERFORMANCE.md has the figures; docs/decisions/
-//! one-pack-a-commit.md why a commit costs what it does.)
+//! one-pack-a-commit.md and one-request-a-commit.md why a commit costs what it does.)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -149,10 +149,10 @@ fn a_small_commit_costs_a_few_requests() {
             counter("lists"),
             counter("gets"),
         );
-        // A commit: one pack (data and trees together) and the generation record; per 16
-        // commits the index object they deferred, the head hint, and at most one merge of
-        // the mount's index objects (decisions/one-pack-a-commit.md).
-        let puts_bound = 2 * commits + 3 * (commits / 16 + 1);
+        // A commit: its generation record, which carries its pack (decisions/
+        // one-request-a-commit.md); per 16 commits the index object they deferred, the head
+        // hint, and at most one merge of the mount's index objects.
+        let puts_bound = commits + 3 * (commits / 16 + 1);
         assert!(
             cost.puts <= puts_bound,
             "[{}] {} PUTs for {commits} commits (at most {puts_bound}): {:?}",
@@ -217,6 +217,11 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
         let out = c.owfs(&["cat", &spec, "b.bin"]);
         assert!(out.status.success(), "[{}] {:?}", c.name, out);
         assert!(out.stdout == body, "[{}] b.bin read back differs", c.name);
+        // first.txt's blob is in the previous commit's pack, inside the previous record:
+        // found through the newest record's list of pending packs.
+        let out = c.owfs(&["cat", &spec, "first.txt"]);
+        assert!(out.status.success(), "[{}] {:?}", c.name, out);
+        assert_eq!(out.stdout, b"first", "[{}]", c.name);
 
         // The next mount reads them the same way, and names them in its index object: after
         // its unmount every pack in the store is in the index.
@@ -234,7 +239,7 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
         let indexed: std::collections::HashSet<_> =
             repo.with_index(|i| i.pack_names().iter().copied().collect());
         let packs = rt.block_on(repo.store.list("packs")).unwrap();
-        let unindexed: Vec<_> = packs
+        let mut unindexed: Vec<_> = packs
             .iter()
             .filter(|p| {
                 let name = p
@@ -246,6 +251,27 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
             })
             .map(|p| p.key.clone())
             .collect();
+        // And the packs inside records.
+        for n in rt
+            .block_on(chunkstore::generation::list_generations(
+                &repo.store,
+                "crash",
+            ))
+            .unwrap()
+        {
+            let rec = rt
+                .block_on(chunkstore::generation::get_generation(
+                    &repo.store,
+                    "crash",
+                    n,
+                ))
+                .unwrap();
+            if let Some(name) = rec.pack_name().unwrap() {
+                if !indexed.contains(&name) {
+                    unindexed.push(rec.key());
+                }
+            }
+        }
         assert!(
             unindexed.is_empty(),
             "[{}] packs no index object names after the second mount: {unindexed:?}",
@@ -265,5 +291,139 @@ fn packs_a_crash_left_without_an_index_object_are_found_by_their_trailers() {
             c.name
         );
         assert_eq!(std::fs::read(dir.join("first.txt")).unwrap(), b"first");
+    }
+}
+
+/// A small commit's pack lives inside its generation record (docs/decisions/
+/// one-request-a-commit.md). Retention deletes records; gc first copies such a pack to its
+/// own key, so the blobs later generations still use stay readable, from every reader; a
+/// pack nothing uses any more then goes the way of any other (condemned, then deleted).
+#[test]
+fn packs_inside_records_outlive_their_records() {
+    let rt = runtime();
+    for c in Case::all() {
+        let m = c.mount_rw("inrec", "m", &[]);
+        let kept = noise(200_000, 11);
+        std::fs::write(m.path("kept.bin"), &kept).unwrap();
+        let first = m.sync();
+        std::fs::write(m.path("gone.txt"), b"overwritten later").unwrap();
+        m.sync();
+        std::fs::write(m.path("gone.txt"), b"the last version").unwrap();
+        let last = m.sync();
+        m.umount();
+        let store = c.store();
+        let rec = rt
+            .block_on(chunkstore::generation::get_generation(
+                &store, "inrec", first,
+            ))
+            .unwrap();
+        let pack = rec
+            .pack_name()
+            .unwrap()
+            .expect("a small commit's pack is inside its record");
+        let pack_key = chunkstore::pack::pack_key(&pack);
+        assert!(rt.block_on(store.get_opt(&pack_key)).unwrap().is_none());
+
+        // Only the last generation stays: kept.bin's pack moves out of its record.
+        let out = c.json(&["gc", "--keep-last", "1", "--grace", "0s"]);
+        assert!(
+            out["packs_moved_out_of_records"].as_u64().unwrap() >= 1,
+            "[{}] {out}",
+            c.name
+        );
+        let listed = rt.block_on(chunkstore::generation::list_generations(&store, "inrec"));
+        assert_eq!(listed.unwrap(), vec![last], "[{}]", c.name);
+        assert!(rt.block_on(store.get_opt(&pack_key)).unwrap().is_some());
+        assert_eq!(
+            c.cat("inrec", last, "kept.bin").unwrap(),
+            kept,
+            "[{}]",
+            c.name
+        );
+        let m = c.mount_rw("inrec", "m2", &[]);
+        assert!(
+            std::fs::read(m.path("kept.bin")).unwrap() == kept,
+            "[{}]",
+            c.name
+        );
+        // kept.bin goes too: after two more runs of gc nothing needs that pack.
+        std::fs::remove_file(m.path("kept.bin")).unwrap();
+        m.sync();
+        m.umount();
+        for _ in 0..2 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            c.ok(&["gc", "--keep-last", "1", "--grace", "0s"]);
+        }
+        assert!(
+            rt.block_on(store.get_opt(&pack_key)).unwrap().is_none(),
+            "[{}] a pack nothing needs stayed",
+            c.name
+        );
+        assert_eq!(
+            c.owfs(&["drill", "inrec"]).status.code(),
+            Some(0),
+            "[{}]",
+            c.name
+        );
+    }
+}
+
+/// A byte flipped in the pack a record carries: the file whose blob it hits reads as corrupt
+/// (exit 7, naming the file), never as wrong bytes; the record itself still reads.
+#[test]
+fn a_damaged_pack_inside_a_record_is_reported_not_read() {
+    let rt = runtime();
+    for c in Case::all() {
+        let m = c.mount_rw("dmgrec", "m", &[]);
+        let body = noise(100_000, 5);
+        std::fs::write(m.path("data.bin"), &body).unwrap();
+        let g = m.sync();
+        m.umount();
+        let store = c.store();
+        let rec = rt
+            .block_on(chunkstore::generation::get_generation(&store, "dmgrec", g))
+            .unwrap();
+        let entries = rec.embedded.clone().expect("the record carries its pack");
+        let blob = entries.iter().max_by_key(|e| e.stored_len).expect("a blob");
+        let mut bytes = rt.block_on(store.get(&rec.key())).unwrap().to_vec();
+        bytes[blob.offset as usize + blob.stored_len as usize / 2] ^= 0x04;
+        rt.block_on(store.put(&rec.key(), bytes.into())).unwrap();
+        let out = c.owfs(&["cat", &format!("dmgrec@{g}"), "data.bin"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "[{}] {err}", c.name);
+        assert!(err.contains("data.bin"), "[{}] {err}", c.name);
+        c.ok(&["log", "dmgrec"]);
+    }
+}
+
+/// A fork taken while its source is mounted, before the source named its recent packs in an
+/// index object: the fork's record lists the source's packs inside records as pending, so
+/// every reader of the fork finds them.
+#[test]
+fn a_fork_reads_what_its_source_keeps_inside_records() {
+    for c in Case::all() {
+        let m = c.mount_rw("src", "m", &[]);
+        let a = noise(50_000, 1);
+        std::fs::write(m.path("a.bin"), &a).unwrap();
+        m.sync();
+        std::fs::write(m.path("b.txt"), b"second commit").unwrap();
+        let g = m.sync();
+        assert_eq!(
+            m.status()["deferred_index_writes"].as_u64(),
+            Some(0),
+            "[{}] the source's packs are in no index object yet",
+            c.name
+        );
+        c.ok(&["fork", &format!("src@{g}"), "dst"]);
+        assert_eq!(c.cat("dst", 1, "a.bin").unwrap(), a, "[{}]", c.name);
+        assert_eq!(c.cat("dst", 1, "b.txt").unwrap(), b"second commit");
+        let dir = c.dir("dst-restored");
+        c.ok(&["restore", "dst", dir.to_str().unwrap()]);
+        assert!(
+            std::fs::read(dir.join("a.bin")).unwrap() == a,
+            "[{}]",
+            c.name
+        );
+        m.umount();
     }
 }

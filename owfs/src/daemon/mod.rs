@@ -500,7 +500,7 @@ pub fn latest_or_create(repo: &Arc<Repo>, ws: &str, epoch: u64) -> Result<GenRec
         gid: rustix::process::getgid().as_raw(),
         mtime_ns: now_ns(),
     });
-    match chunkstore::publish::publish_checked(repo, &rec, &reused) {
+    match chunkstore::publish::publish_checked(repo, &mut rec, &reused) {
         Ok(()) => Ok(rec),
         // Someone created it at the same time: use theirs.
         Err(Error::Conflict(_)) => repo
@@ -830,6 +830,10 @@ impl Daemon {
         // Packs a crashed mount left without an index object: found by their trailers at
         // the first read, then named in this mount's next index object.
         repo.index_what_it_adopts();
+        // The head's own pack may be inside its record (docs/decisions/
+        // one-request-a-commit.md); the index tells whether an index object names it yet.
+        repo.ensure_index()?;
+        repo.root_of(&rec)?;
         // A pre-pull left blobs here: read them before asking the store.
         if blobs_dir(&cache_dir).is_dir() {
             repo.set_blob_cache(Some(Arc::new(chunkstore::blobcache::BlobCache::open(

@@ -385,8 +385,10 @@ impl Shared {
         contents: &mut HashMap<u64, (Content, Arc<Vec<Part>>)>,
     ) -> crate::error::Result<GenRecord> {
         let repo = &self.repo;
-        let mut writer = BlobWriter::new(repo.clone())?;
-        // A small commit's index object waits for later ones (`write_index_if_due`).
+        // A small commit's pack travels inside its record, one PUT for both (docs/decisions/
+        // one-request-a-commit.md), and its index entry waits for later ones
+        // (`write_index_if_due`).
+        let mut writer = BlobWriter::embedding(repo.clone())?;
         writer.defer_index();
         let params = repo.chunk_params();
         // Each changed database's state, read from the frozen bytes before any is uploaded.
@@ -442,7 +444,7 @@ impl Shared {
         re.subtree = Some(root);
         results.push((ROOT, re));
         let reused = std::mem::take(&mut writer.reused);
-        let write = writer.finish()?;
+        let (write, pack) = writer.finish_embedding()?;
         let stats = TreeStats {
             files: cut.totals.0.max(0) as u64,
             dirs: cut.totals.1.max(0) as u64,
@@ -481,7 +483,14 @@ impl Shared {
         // the mount (docs/decisions/publication.md).
         let hint = rec.number.is_multiple_of(HEAD_HINT_EVERY)
             || self.life.phase() != super::super::lifecycle::Phase::Serving;
-        publish_checked_mount(repo, &rec, &reused, hint, CONDEMNED_LISTING_MAX_AGE)?;
+        publish_checked_mount(
+            repo,
+            &mut rec,
+            &reused,
+            pack,
+            hint,
+            CONDEMNED_LISTING_MAX_AGE,
+        )?;
         Ok(rec)
     }
 }
