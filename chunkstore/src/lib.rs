@@ -17,6 +17,7 @@ pub mod layout;
 pub mod pack;
 pub mod parts;
 pub mod prepull;
+pub mod private;
 pub mod progress;
 pub mod publish;
 pub mod read;

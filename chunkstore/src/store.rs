@@ -110,7 +110,7 @@ impl Store {
                     bad("file:// needs an absolute path, e.g. file:///var/lib/owfs/store")
                 })?;
                 if create {
-                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                    crate::private::private_dir(&dir)?;
                 } else if !dir.is_dir() {
                     return Err(Error::Unreachable {
                         store: url.to_string(),

@@ -35,6 +35,12 @@ fn main() {
     } else {
         cli::Cli::parse()
     };
+    // What owfs creates (store objects, the cache, logs) is the owner's alone, whatever the
+    // caller's umask (docs/decisions/local-files-private.md); a restore writes each file with
+    // the mode the generation recorded, under the caller's umask for what it does not.
+    if !matches!(cli.command, cli::Command::Restore { .. }) {
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -110,3 +110,70 @@ print(out)
     assert!(got[0].contains("'0o100444', 'hello'"), "{}", got[0]);
     m.umount();
 }
+
+/// Every file under `dir` with its mode.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), m.mode() & 0o7777));
+        }
+    }
+    out
+}
+
+/// A file only its owner may read on the mount is not readable next door either: the cache
+/// directory (the working copy in the clear) and a `file://` store are the owner's alone,
+/// whatever the umask, and a cache directory found looser is tightened
+/// (docs/decisions/local-files-private.md).
+#[test]
+fn the_cache_and_a_file_store_are_the_owners_alone() {
+    let c = Case::file();
+    // A cache directory someone made world-readable beforehand.
+    let cache = c.dir("priv.cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = c.mount_rw("priv", "priv", &[]);
+    let secret = "secret-8c1f";
+    let f = m.path("mine.txt");
+    std::fs::write(&f, secret).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    m.sync();
+    let store = std::path::PathBuf::from(c.url.strip_prefix("file://").unwrap());
+    // The bytes are there in the clear for the owner (the check below could fail)...
+    let out = std::process::Command::new("grep")
+        .args(["-r", "-l", secret])
+        .arg(&store)
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(
+        !out.stdout.is_empty(),
+        "the secret is in the store and the cache"
+    );
+    // ... and for nobody else.
+    let cmd = format!(
+        "grep -r -l {secret} {} {}",
+        store.display(),
+        cache.display()
+    );
+    let out = run_as("nobody", &cmd);
+    assert!(
+        out.stdout.is_empty(),
+        "another user found the secret in: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for dir in [&store, &cache] {
+        let mode = std::fs::metadata(dir).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+        for (p, mode) in modes_under(dir) {
+            assert_eq!(mode & 0o077, 0, "{p:?} is {mode:o}");
+        }
+    }
+    m.umount();
+}

@@ -541,7 +541,8 @@ pub fn prepull(
 /// waits for that instead of failing; any other holder is a conflict at once.
 fn lock_cache(cache_dir: &Path) -> Result<std::fs::File> {
     use rustix::fs::{flock, FlockOperation};
-    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    // The working copy is the workspace in the clear: the owner's alone.
+    chunkstore::private::private_dir(cache_dir)?;
     let lock_path = cache_dir.join("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
