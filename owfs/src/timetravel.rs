@@ -24,6 +24,8 @@ const ROOT: u64 = 1;
 
 struct Node {
     entry: Entry,
+    /// A directory's path in the generation ("" for the root, else "a/b").
+    dir_path: Option<String>,
     /// Children by name → inode, once the directory was listed.
     children: Option<Vec<(Vec<u8>, u64)>>,
     /// The file's chunk map, once the file was opened.
@@ -42,7 +44,15 @@ pub struct TimeTravel {
     reader: Reader,
     rec: GenRecord,
     state: Mutex<State>,
+    /// The WAL-mode databases the generation records, by directory path: their names.
+    wal_databases: HashMap<String, Vec<Vec<u8>>>,
 }
+
+/// The companions a WAL-mode database needs beside it to open from a read-only directory.
+/// SQLite (3.22 on) opens such a database read-only when both exist: with an empty, read-only
+/// `-shm` it builds its WAL index in its own memory, and an empty `-wal` is a log with no
+/// transaction (docs/decisions/read-only-databases.md).
+const WAL_COMPANIONS: [&[u8]; 2] = [b"-shm", b"-wal"];
 
 fn root_entry(rec: &GenRecord, root: Hash) -> Entry {
     Entry {
@@ -101,13 +111,25 @@ impl TimeTravel {
             ROOT,
             Node {
                 entry: root_entry(&rec, root),
+                dir_path: Some(String::new()),
                 children: None,
                 chunks: None,
             },
         );
+        let mut wal_databases: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        for (path, db) in &rec.sqlite {
+            if db.journal_mode == "wal" {
+                let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+                wal_databases
+                    .entry(dir.to_string())
+                    .or_default()
+                    .push(name.as_bytes().to_vec());
+            }
+        }
         Ok(TimeTravel {
             reader: Reader::new(repo, CHUNK_CACHE_BYTES),
             rec,
+            wal_databases,
             state: Mutex::new(State {
                 nodes,
                 next_ino: ROOT + 1,
@@ -123,13 +145,16 @@ impl TimeTravel {
 
     /// Lists a directory node once, giving each child an inode. Later calls cost one lock.
     fn ensure_listed(&self, ino: u64) -> Result<(), Errno> {
-        let subtree = {
+        let (subtree, dir_path) = {
             let st = self.state.lock().expect("state");
             let node = st.nodes.get(&ino).ok_or(Errno::ENOENT)?;
             if node.children.is_some() {
                 return Ok(());
             }
-            node.entry.subtree.ok_or(Errno::ENOTDIR)?
+            (
+                node.entry.subtree.ok_or(Errno::ENOTDIR)?,
+                node.dir_path.clone().unwrap_or_default(),
+            )
         };
         let tree = self
             .reader
@@ -144,6 +169,10 @@ impl TimeTravel {
         let mut list = Vec::with_capacity(tree.entries.len());
         for mut e in tree.entries {
             let name = std::mem::take(&mut e.name);
+            let child_dir = (e.kind == Kind::Dir).then(|| match dir_path.as_str() {
+                "" => String::from_utf8_lossy(&name).into_owned(),
+                d => format!("{d}/{}", String::from_utf8_lossy(&name)),
+            });
             let existing = (e.link != 0)
                 .then(|| st.links.get(&e.link).copied())
                 .flatten();
@@ -159,6 +188,7 @@ impl TimeTravel {
                         i,
                         Node {
                             entry: e,
+                            dir_path: child_dir,
                             children: None,
                             chunks: None,
                         },
@@ -167,6 +197,43 @@ impl TimeTravel {
                 }
             };
             list.push((name, child));
+        }
+        // Empty read-only companions for the WAL-mode databases here that lack them.
+        for db in self.wal_databases.get(&dir_path).into_iter().flatten() {
+            let Ok(k) = list.binary_search_by(|(n, _)| n.as_slice().cmp(db)) else {
+                continue;
+            };
+            let Some(base) = st.nodes.get(&list[k].1).map(|n| n.entry.clone()) else {
+                continue;
+            };
+            for suffix in WAL_COMPANIONS {
+                let name = [db.as_slice(), suffix].concat();
+                let Err(at) = list.binary_search_by(|(n, _)| n.as_slice().cmp(&name)) else {
+                    continue;
+                };
+                let i = st.next_ino;
+                st.next_ino += 1;
+                let entry = Entry {
+                    name: Vec::new(),
+                    mode: 0o444,
+                    size: 0,
+                    link: 0,
+                    ino: 0,
+                    xattrs: Vec::new(),
+                    content: Default::default(),
+                    ..base.clone()
+                };
+                st.nodes.insert(
+                    i,
+                    Node {
+                        entry,
+                        dir_path: None,
+                        children: None,
+                        chunks: None,
+                    },
+                );
+                list.insert(at, (name, i));
+            }
         }
         if let Some(n) = st.nodes.get_mut(&ino) {
             n.children = Some(list);

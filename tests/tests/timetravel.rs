@@ -165,3 +165,104 @@ fn holes_of_a_sparse_file_read_as_zeros() {
     f.read_exact_at(&mut buf, 2 << 20).unwrap();
     assert!(buf.iter().all(|b| *b == 0));
 }
+
+/// `count(*)` of table t in the database at `db`, read by the real `sqlite3` CLI (default
+/// mode and -readonly) and by python3's sqlite3 (default and `mode=ro`); all four must agree.
+fn counts_by_other_programs(db: &Path) -> Result<i64, String> {
+    let mut seen = Vec::new();
+    for args in [vec![], vec!["-readonly"]] {
+        let out = std::process::Command::new("sqlite3")
+            .args(&args)
+            .arg(db)
+            .arg("SELECT count(*) FROM t")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "sqlite3 {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let py = r#"
+import sqlite3, sys
+p = sys.argv[1]
+a = sqlite3.connect(p).execute("SELECT count(*) FROM t").fetchone()[0]
+b = sqlite3.connect("file:" + p + "?mode=ro", uri=True).execute("SELECT count(*) FROM t").fetchone()[0]
+try:
+    sqlite3.connect(p).execute("INSERT INTO t VALUES (0)")
+    w = "written"
+except sqlite3.OperationalError as e:
+    w = str(e)
+print(a, b, w)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", py])
+        .arg(db)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(format!("python3: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (counts, refused) = line.split_at(line.find(' ').unwrap());
+    let rest: Vec<&str> = refused.trim().splitn(2, ' ').collect();
+    seen.push(counts.to_string());
+    seen.push(rest[0].to_string());
+    assert_eq!(
+        rest.get(1).copied(),
+        Some("attempt to write a readonly database"),
+        "a write through python3: {line}"
+    );
+    let first = seen[0].clone();
+    assert!(
+        seen.iter().all(|s| *s == first),
+        "programs disagree: {seen:?}"
+    );
+    first.parse().map_err(|e| format!("{first:?}: {e}"))
+}
+
+/// Every SQLite database of a mounted generation opens from unmodified programs in every
+/// mode, WAL included (a WAL-mode database needs a `-shm` beside it, which generations never
+/// hold: the read-only view shows empty read-only companions), and holds what SQLite would
+/// recover from that generation (docs/decisions/read-only-databases.md).
+#[test]
+fn databases_of_a_mounted_generation_open_in_every_mode() {
+    let c = Case::file();
+    let m = c.mount_rw("ttdb", "rw", &[]);
+    std::fs::create_dir_all(m.path("sub")).unwrap();
+    let wal = rusqlite::Connection::open(m.path("app.db")).unwrap();
+    wal.pragma_update(None, "journal_mode", "wal").unwrap();
+    let journal = rusqlite::Connection::open(m.path("sub/r.db")).unwrap();
+    for db in [&wal, &journal] {
+        db.execute_batch("CREATE TABLE t(x)").unwrap();
+    }
+    let mut gens = Vec::new();
+    for round in 1..=3i64 {
+        for db in [&wal, &journal] {
+            for i in 0..10 {
+                db.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            }
+        }
+        // The first rounds leave the transactions in the WAL (the connection is open); the
+        // last one closes it, which checkpoints and removes the WAL.
+        if round == 3 {
+            drop(wal);
+            drop(journal);
+            gens.push((m.sync(), 30));
+            break;
+        }
+        gens.push((m.sync(), round * 10));
+    }
+    m.umount();
+    for (g, rows) in gens {
+        let ro = c.mount_ro(&format!("ttdb@{g}"), &format!("ro{g}"));
+        for db in ["app.db", "sub/r.db"] {
+            let got = counts_by_other_programs(&ro.at.join(db))
+                .unwrap_or_else(|e| panic!("ttdb@{g} {db}: {e}"));
+            assert_eq!(got, rows, "ttdb@{g} {db}");
+        }
+        drop(ro);
+    }
+}
