@@ -206,7 +206,7 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     for rec in kept.iter().chain(&doomed) {
         repo.root_of(rec)?;
     }
-    let mut packs = repo.block_on(store.list("packs"))?;
+    let packs = repo.block_on(store.list("packs"))?;
     let listed: HashSet<Hash> = packs
         .iter()
         .filter_map(|p| p.key.rsplit('/').next().and_then(Hash::from_hex))
@@ -223,15 +223,25 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
         repo.forget_home(&name);
         report.packs_moved_out_of_records += 1;
         changed = true;
-        packs.push(crate::store::Listed {
-            key: pack_key(&name),
-            size: 0,
-            modified_ms: now,
-        });
     }
     let mut live = HashSet::new();
     for rec in &kept {
         mark(repo, rec.root_hash()?, &mut live)?;
+    }
+    // Listed again after the mark: a pack uploaded meanwhile, named by an index object the
+    // mark merged (and this run deletes), is swept and kept in the new index like the others.
+    let mut packs = repo.block_on(store.list("packs"))?;
+    for rec in doomed.iter().filter(|_| !opts.dry_run) {
+        if let Some(name) = rec.pack_name()? {
+            if !packs.iter().any(|p| p.key == pack_key(&name)) {
+                // Copied above (a store may list a new key late): judged as written now.
+                packs.push(crate::store::Listed {
+                    key: pack_key(&name),
+                    size: 0,
+                    modified_ms: now,
+                });
+            }
+        }
     }
     report.live_blobs = live.len() as u64;
     // Generation records go only once the mark is complete.

@@ -118,6 +118,11 @@ impl Index {
         }
     }
 
+    /// Whether any blob of `pack` is known (from an index object or from memory).
+    pub fn has_pack(&self, pack: &Hash) -> bool {
+        self.pack_ids.contains_key(pack)
+    }
+
     /// Records that an index object names `pack`.
     pub fn note_named(&mut self, pack: &Hash) {
         if let Some(&id) = self.pack_ids.get(pack) {

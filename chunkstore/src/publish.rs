@@ -75,6 +75,8 @@ pub fn publish_checked(
     rec: &mut GenRecord,
     reused: &HashSet<Hash>,
 ) -> Result<()> {
+    // The check looks the reused blobs up in the index: it must be loaded.
+    repo.ensure_index()?;
     gc::check_reused_not_condemned(repo, reused)?;
     rec.pending = repo.pending_for(&rec.pending)?;
     repo.block_on(generation::publish_record(&repo.store, rec, true))
@@ -172,7 +174,7 @@ pub fn fork(repo: &Arc<Repo>, source: &GenRecord, new_ws: &str) -> Result<GenRec
         )));
     }
     let mut rec = derived(source, new_ws, None, "fork");
-    publish_checked(repo, &mut rec, &HashSet::from([source.root_hash()?]))?;
+    publish_checked(repo, &mut rec, &HashSet::from([repo.root_of(source)?]))?;
     Ok(rec)
 }
 
@@ -187,7 +189,7 @@ pub fn rollback(repo: &Arc<Repo>, ws: &str, n: u64, epoch: Option<u64>) -> Resul
     if let Some(e) = epoch {
         rec.epoch = e;
     }
-    publish_checked(repo, &mut rec, &HashSet::from([target.root_hash()?]))?;
+    publish_checked(repo, &mut rec, &HashSet::from([repo.root_of(&target)?]))?;
     Ok(rec)
 }
 

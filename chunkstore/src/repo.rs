@@ -102,7 +102,12 @@ pub struct Repo {
     registered: Mutex<HashMap<Hash, Registered>>,
     /// Packs inside earlier records that generations read here may need
     /// (`GenRecord::pending`), not read yet: `locate` reads them when it misses a blob.
-    lazy: Mutex<Vec<PackAt>>,
+    lazy: Mutex<HashSet<PackAt>>,
+    /// Packs of pending lists whose record was gone when read: gc copied them out and an
+    /// index object names them, or nothing needs them any more; not carried on.
+    gone_pending: Mutex<HashSet<String>>,
+    /// When `refresh_index` last listed the index objects.
+    index_listed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// A pack read from a generation record: the record's key and the pack's entries.
@@ -177,6 +182,8 @@ impl Repo {
             pays_adopted: Default::default(),
             registered: Mutex::default(),
             lazy: Mutex::default(),
+            gone_pending: Mutex::default(),
+            index_listed_at: Mutex::default(),
         }))
     }
 
@@ -215,17 +222,20 @@ impl Repo {
             .iter()
             .cloned()
             .collect();
+        let at = std::time::Instant::now();
         let listed: Vec<String> = self
             .block_on(self.store.list("index"))?
             .into_iter()
             .map(|l| l.key)
             .collect();
+        *self.index_listed_at.lock().expect("listed at") = Some(at);
         let listed_set: std::collections::HashSet<&String> = listed.iter().collect();
         if known.iter().any(|k| !listed_set.contains(k)) {
             // gc replaced index objects: packs may have been dropped, so forget everything
             // rather than keep locations of blobs that may be gone.
             *self.index.write().expect("index lock") = Index::default();
             self.adopted.lock().expect("adopted").0.clear();
+            self.unregister_all();
             known.clear();
         }
         let new: Vec<String> = listed.into_iter().filter(|k| !known.contains(k)).collect();
@@ -308,8 +318,10 @@ impl Repo {
             all.extend(d.homes.iter().filter_map(|(n, h)| PackAt::from_key(n, h)));
         }
         let mut seen = HashSet::new();
+        let gone = self.gone_pending.lock().expect("gone").clone();
         Ok(self.with_index(|i| {
             all.into_iter()
+                .filter(|p| !gone.contains(&p.pack))
                 .filter(|p| p.name().is_some_and(|n| !i.is_named(&n)))
                 .filter(|p| seen.insert(p.pack.clone()))
                 .collect()
@@ -328,7 +340,7 @@ impl Repo {
         let mut lazy = self.lazy.lock().expect("lazy");
         for p in &rec.pending {
             if !lazy.contains(p) {
-                lazy.push(p.clone());
+                lazy.insert(p.clone());
             }
         }
         Ok(root)
@@ -337,32 +349,43 @@ impl Repo {
     /// A pack read from a record: into the index (and, for a mount that pays for what it
     /// adopts, into its next index object, unless one names it already).
     fn register(&self, name: Hash, home: String, entries: Arc<Vec<PackEntry>>) {
-        let fresh = self
-            .registered
+        // A pack the index knows already stays where the index says (a record naming
+        // another pack's name would otherwise move it).
+        let known = self.with_index(|i| i.has_pack(&name) && i.home(&name) != Some(&home));
+        if known {
+            return;
+        }
+        self.registered
             .lock()
             .expect("registered")
-            .insert(name, (home.clone(), entries.clone()))
-            .is_none();
-        let named = {
-            let mut index = self.index.write().expect("index lock");
-            index.add_pack_at(name, &entries, Some(&home));
-            index.is_named(&name)
-        };
-        let pays = self.pays_adopted.load(std::sync::atomic::Ordering::Relaxed);
-        if fresh && !named && pays {
-            let deferred = self
-                .deferred
-                .lock()
-                .expect("deferred")
-                .as_ref()
-                .is_some_and(|d| d.packs.iter().any(|(n, _)| *n == name));
-            if !deferred {
-                self.defer_index_at(
-                    crate::generation::now_ms(),
-                    vec![(name, entries.to_vec())],
-                    vec![(name, home)],
-                );
-            }
+            .insert(name, (home.clone(), entries.clone()));
+        self.index
+            .write()
+            .expect("index lock")
+            .add_pack_at(name, &entries, Some(&home));
+        self.defer_if_unnamed(name, home, &entries);
+    }
+
+    /// For a mount that pays for what it adopts: a pack read from a record that no index
+    /// object names joins the next one this process writes (unless it waits there already).
+    fn defer_if_unnamed(&self, name: Hash, home: String, entries: &[PackEntry]) {
+        if !self.pays_adopted.load(std::sync::atomic::Ordering::Relaxed)
+            || self.with_index(|i| i.is_named(&name))
+        {
+            return;
+        }
+        let deferred = self
+            .deferred
+            .lock()
+            .expect("deferred")
+            .as_ref()
+            .is_some_and(|d| d.packs.iter().any(|(n, _)| *n == name));
+        if !deferred {
+            self.defer_index_at(
+                crate::generation::now_ms(),
+                vec![(name, entries.to_vec())],
+                vec![(name, home)],
+            );
         }
     }
 
@@ -390,13 +413,31 @@ impl Repo {
         let mut found = 0;
         for (p, r) in got {
             let r = r?;
-            // Read once: found, or gone (its pack copied out by gc, named in an index object).
-            self.lazy.lock().expect("lazy").retain(|q| q != &p);
-            let Some(bytes) = r else { continue };
-            let rec = crate::generation::decode_record(&bytes, &p.ws, p.n)?;
-            if let (Some(name), Some(entries)) = (rec.pack_name()?, rec.embedded.clone()) {
-                self.register(name, rec.key(), entries);
-                found += 1;
+            // Read once: found, or gone (its pack copied out by gc, named in an index object,
+            // or not needed any more), or unreadable (said, and skipped: one damaged record
+            // must not hide the blobs others hold).
+            self.lazy.lock().expect("lazy").remove(&p);
+            let Some(bytes) = r else {
+                self.gone_pending
+                    .lock()
+                    .expect("gone")
+                    .insert(p.pack.clone());
+                continue;
+            };
+            let pack = crate::generation::decode_record(&bytes, &p.ws, p.n)
+                .and_then(|rec| Ok((rec.pack_name()?, rec.embedded.clone(), rec.key())));
+            match pack {
+                Ok((Some(name), Some(entries), key)) if name.to_hex() == p.pack => {
+                    self.register(name, key, entries);
+                    found += 1;
+                }
+                Ok(_) => eprintln!(
+                    "owfs: generation {}@{} does not carry pack {} that a later one lists",
+                    p.ws,
+                    p.n,
+                    &p.pack[..12.min(p.pack.len())]
+                ),
+                Err(e) => eprintln!("owfs: a record a later generation lists is unreadable: {e}"),
             }
         }
         Ok(found)
@@ -466,6 +507,10 @@ impl Repo {
             d.homes.retain(|(name, _)| !gone.contains(name));
             self.reset_index();
         }
+        // A pack gc copied out of its record (found at its own key) is named there.
+        d.homes.retain(|(name, _)| {
+            self.with_index(|i| i.home(name).is_some()) || !self.with_index(|i| i.has_pack(name))
+        });
         if d.packs.is_empty() {
             return Ok(false);
         }
@@ -597,6 +642,17 @@ impl Repo {
     pub fn index_what_it_adopts(&self) {
         self.pays_adopted
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        // And those read from records before (the fence of a takeover reads the latest).
+        let registered: Vec<(Hash, Registered)> = self
+            .registered
+            .lock()
+            .expect("registered")
+            .iter()
+            .map(|(n, r)| (*n, r.clone()))
+            .collect();
+        for (name, (home, entries)) in registered {
+            self.defer_if_unnamed(name, home, &entries);
+        }
     }
 
     pub fn ensure_index(&self) -> Result<()> {
@@ -742,7 +798,37 @@ impl Repo {
     pub fn reset_index(&self) {
         *self.index.write().expect("index lock") = Index::default();
         self.adopted.lock().expect("adopted").0.clear();
+        self.unregister_all();
         *self.index_loaded.lock().expect("index flag") = false;
+    }
+
+    /// Forgets the packs read from records, keeping them as pending: after gc rewrote the
+    /// index, such a pack may have been copied out of its record, condemned and deleted, so
+    /// it is read again from its record only if a blob is missed and the record still exists.
+    fn unregister_all(&self) {
+        let registered = std::mem::take(&mut *self.registered.lock().expect("registered"));
+        let mut lazy = self.lazy.lock().expect("lazy");
+        for (name, (home, _)) in registered {
+            if let Some(p) = PackAt::from_key(&name, &home) {
+                lazy.insert(p);
+            }
+        }
+    }
+
+    /// `refresh_index` when the last listing of the index objects is `max_age` old or older
+    /// (a mount before a commit: a commit must deduplicate against an index loaded well
+    /// within gc's grace, docs/decisions/gc-safety.md).
+    pub fn refresh_index_within(&self, max_age: std::time::Duration) -> Result<()> {
+        let fresh = self
+            .index_listed_at
+            .lock()
+            .expect("listed at")
+            .is_some_and(|t| t.elapsed() < max_age);
+        if fresh {
+            Ok(())
+        } else {
+            self.refresh_index()
+        }
     }
 
     /// Where a blob lives; reloads the index once before declaring it missing.

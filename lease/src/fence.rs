@@ -345,7 +345,8 @@ impl Lease {
             self.check_epoch(&latest)?;
             let mut rec = publish::derived(&latest, ws, Some(&latest), "fence");
             rec.epoch = self.epoch();
-            match publish::publish_checked(repo, &mut rec, &HashSet::from([latest.root_hash()?])) {
+            match publish::publish_checked(repo, &mut rec, &HashSet::from([repo.root_of(&latest)?]))
+            {
                 Ok(()) => return Ok(Some(rec)),
                 // The old holder published once more before it stopped: fence on top of that.
                 Err(chunkstore::Error::Conflict(_)) => continue,

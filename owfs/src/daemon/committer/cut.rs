@@ -21,6 +21,11 @@ use super::super::inodes::{Body, Prior, Table, ROOT};
 use super::super::Shared;
 use super::checks::Frozen;
 
+/// A commit reloads the index objects it deduplicates against when they were listed this
+/// long ago or longer: far inside gc's grace while a workspace is mounted (15 minutes at
+/// least, docs/decisions/gc-safety.md), for one LIST every few minutes.
+const INDEX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A mount moves its workspace's head hint once in this many generations (and at its last).
 const HEAD_HINT_EVERY: u64 = 16;
 /// A commit checks what it reuses against a listing of gc's condemned packs at most this
@@ -388,6 +393,9 @@ impl Shared {
         // A small commit's pack travels inside its record, one PUT for both (docs/decisions/
         // one-request-a-commit.md), and its index entry waits for later ones
         // (`write_index_if_due`).
+        // Deduplicate against an index loaded well within gc's grace (gc-safety.md): a
+        // long-lived mount otherwise keeps packs gc has since condemned and deleted.
+        repo.refresh_index_within(INDEX_MAX_AGE)?;
         let mut writer = BlobWriter::embedding(repo.clone())?;
         writer.defer_index();
         let params = repo.chunk_params();
