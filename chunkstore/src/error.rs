@@ -23,6 +23,14 @@ pub enum Error {
     #[error("generation {ws}@{number} does not exist")]
     UnknownGeneration { ws: String, number: u64 },
 
+    #[error("workspace {ws} has no generation at or before {when} (its first, {ws}@{first}, is from {first_at})")]
+    NoGenerationAt {
+        ws: String,
+        when: String,
+        first: u64,
+        first_at: String,
+    },
+
     #[error("no such path {path:?} in {at}")]
     UnknownPath { at: String, path: String },
 

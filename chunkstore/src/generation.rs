@@ -447,6 +447,113 @@ pub async fn delete_generation(store: &Store, ws: &str, n: u64) -> Result<()> {
     store.delete(&gen_key(ws, n)).await
 }
 
+/// Which generation of a workspace a spec names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    Latest,
+    Number(u64),
+    /// The newest generation created at or before this instant (Unix ms).
+    AtOrBefore(u64),
+}
+
+/// `ws`, `ws@N`, `ws@latest`, `ws@2026-12-07T10:02:00Z` (UTC; a space for the T and
+/// fractions of a second allowed), `ws@-5m` (that long before now: s, m, h, d, ...).
+pub fn parse_selector(spec: &str) -> Result<(String, Selector)> {
+    let bad = || {
+        Error::BadName {
+        name: spec.to_string(),
+        reason: "expected WS, WS@N (a generation number), WS@TIME (UTC, e.g. WS@2026-12-07T10:02:00Z) or WS@-AGE (e.g. WS@-5m): the newest generation at or before that instant".into(),
+    }
+    };
+    let (ws, sel) = match spec.split_once('@') {
+        None => (spec, Selector::Latest),
+        Some((ws, "latest")) => (ws, Selector::Latest),
+        Some((ws, when)) => {
+            let sel = if let Ok(n) = when.parse::<u64>() {
+                Selector::Number(n)
+            } else if let Some(age) = when.strip_prefix('-') {
+                let d = humantime::parse_duration(age).map_err(|_| bad())?;
+                Selector::AtOrBefore(now_ms().saturating_sub(d.as_millis() as u64))
+            } else {
+                let t =
+                    humantime::parse_rfc3339_weak(when.trim_end_matches('Z')).map_err(|_| bad())?;
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| bad())?
+                    .as_millis() as u64;
+                Selector::AtOrBefore(ms)
+            };
+            (ws, sel)
+        }
+    };
+    check_workspace_name(ws)?;
+    Ok((ws.to_string(), sel))
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// The number of the newest generation of `ws` created at or before `ms`, by a binary
+/// search over the numbers (a generation is created after its parent): about 2·log2(n)
+/// requests (one listing page and one record read per step), never a listing of all of
+/// them. Records gc deleted are stepped over.
+pub async fn number_at_or_before(store: &Store, ws: &str, ms: u64) -> Result<u64> {
+    let latest = latest_number(store, ws)
+        .await?
+        .ok_or_else(|| Error::UnknownWorkspace(ws.to_string()))?;
+    if get_generation(store, ws, latest).await?.created_ms <= ms {
+        return Ok(latest);
+    }
+    let prefix = format!("ws/{ws}/gens");
+    // The first generation that exists at or after `n`, if before `hi`.
+    let first_from = |n: u64| {
+        let prefix = prefix.clone();
+        async move {
+            let after = if n == 0 {
+                format!("{prefix}/")
+            } else {
+                gen_key(ws, n - 1)
+            };
+            Ok::<_, Error>(
+                store
+                    .first_after(&prefix, &after)
+                    .await?
+                    .and_then(|l| parse_gen_key(&l.key)),
+            )
+        }
+    };
+    // Invariant: `lo` is 0 or a generation created at or before `ms`; every generation from
+    // `hi` on was created after it.
+    let (mut lo, mut hi) = (0u64, latest);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match first_from(mid).await? {
+            Some(n) if n < hi => {
+                if get_generation(store, ws, n).await?.created_ms <= ms {
+                    lo = n;
+                } else {
+                    hi = mid;
+                }
+            }
+            // Nothing exists in [mid, hi).
+            _ => hi = mid,
+        }
+    }
+    if lo == 0 {
+        let first = first_from(0).await?.unwrap_or(latest);
+        let rec = get_generation(store, ws, first).await?;
+        return Err(Error::NoGenerationAt {
+            ws: ws.to_string(),
+            when: rfc3339_ms(ms),
+            first,
+            first_at: rfc3339_ms(rec.created_ms),
+        });
+    }
+    Ok(lo)
+}
+
 /// `ws`, `ws@N`, `ws@latest` → (ws, Some(N) or None for the latest).
 pub fn parse_spec(spec: &str) -> Result<(String, Option<u64>)> {
     let (ws, n) = match spec.split_once('@') {
@@ -464,11 +571,16 @@ pub fn parse_spec(spec: &str) -> Result<(String, Option<u64>)> {
     Ok((ws.to_string(), n))
 }
 
+/// The generation a spec names (`parse_selector`).
 pub async fn resolve(store: &Store, spec: &str) -> Result<GenRecord> {
-    let (ws, n) = parse_spec(spec)?;
-    match n {
-        Some(n) => get_generation(store, &ws, n).await,
-        None => latest(store, &ws).await?.ok_or(Error::UnknownWorkspace(ws)),
+    let (ws, sel) = parse_selector(spec)?;
+    match sel {
+        Selector::Number(n) => get_generation(store, &ws, n).await,
+        Selector::Latest => latest(store, &ws).await?.ok_or(Error::UnknownWorkspace(ws)),
+        Selector::AtOrBefore(ms) => {
+            let n = number_at_or_before(store, &ws, ms).await?;
+            get_generation(store, &ws, n).await
+        }
     }
 }
 

@@ -413,6 +413,30 @@ impl Store {
         .map(|metas| self.listed(metas))
     }
 
+    /// The first key under `prefix` after `after`: one listing request (a page), whatever
+    /// follows.
+    pub async fn first_after(&self, prefix: &str, after: &str) -> Result<Option<Listed>> {
+        // A local directory lists in no particular order (and costs no request): the least.
+        if self.local {
+            let mut all = self.list_after(prefix, after).await?;
+            all.sort_by(|a, b| a.key.cmp(&b.key));
+            return Ok(all.into_iter().next());
+        }
+        // S3 lists in key order, a page at a time: the first of the first page.
+        let path = self.path(prefix.trim_end_matches('/'));
+        let offset = self.path(after);
+        let first = self
+            .retry(prefix, || async {
+                self.counters.lists.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .list_with_offset(Some(&path), &offset)
+                    .try_next()
+                    .await
+            })
+            .await?;
+        Ok(first.map(|m| self.listed(vec![m]).remove(0)))
+    }
+
     /// Names of the immediate "directories" under `prefix`.
     pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.path(prefix.trim_end_matches('/'));

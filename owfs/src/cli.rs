@@ -11,7 +11,8 @@ atomic, versioned generation in an object store: content-defined chunks, dedupli
 all workspaces of the store, verified by BLAKE3 on every read.
 
 Names: WS is a workspace (letters, digits, . _ -); WS@N is its generation N; WS alone is its
-latest generation.
+latest generation. Wherever a generation is read, a time names the newest generation at or
+before it: WS@2026-12-07T10:02:00Z (UTC) or WS@-5m (that long ago; s, m, h, d).
 
 Stores: --store file:///abs/path or s3://bucket/prefix (or OWFS_STORE). Without either, the
 embedded default store on local disk: /var/lib/owfs/store for root, else
@@ -69,7 +70,7 @@ pub enum Command {
     },
     /// List a directory of a generation.
     Ls {
-        /// WS or WS@N.
+        /// WS, WS@N, WS@TIME (UTC) or WS@-AGE (e.g. WS@-5m).
         spec: String,
         /// Directory inside the workspace.
         #[arg(default_value = "/")]
@@ -80,14 +81,14 @@ pub enum Command {
     },
     /// Write a file of a generation to stdout.
     Cat {
-        /// WS or WS@N.
+        /// WS, WS@N, WS@TIME (UTC) or WS@-AGE (e.g. WS@-5m).
         spec: String,
         /// File inside the workspace.
         path: String,
     },
     /// Restore a generation into DIR, bit-exact.
     Restore {
-        /// WS or WS@N.
+        /// WS, WS@N, WS@TIME (UTC) or WS@-AGE (e.g. WS@-5m).
         spec: String,
         /// Target directory (created if missing; must be empty unless --force).
         dir: PathBuf,
@@ -97,7 +98,7 @@ pub enum Command {
     },
     /// Start workspace NEW at WS[@N]: O(1), no data copied.
     Fork {
-        /// WS or WS@N.
+        /// WS, WS@N, WS@TIME (UTC) or WS@-AGE (e.g. WS@-5m).
         spec: String,
         /// Name of the new workspace.
         new: String,
@@ -117,7 +118,7 @@ pub enum Command {
     /// generation recorded (page count, checksum) against what SQLite recovers from the
     /// restored files. Exit 12 on any problem.
     Drill {
-        /// WS or WS@N.
+        /// WS, WS@N, WS@TIME (UTC) or WS@-AGE (e.g. WS@-5m).
         spec: String,
         /// Scratch directory parent (default: $TMPDIR).
         #[arg(long)]

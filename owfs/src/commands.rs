@@ -390,12 +390,16 @@ pub fn run(cli: &Cli, rt: tokio::runtime::Handle) -> owfs::error::Result<i32> {
                     opts.ws.flags,
                 )?);
             }
-            let (ws, n) = generation::parse_spec(spec)?;
-            if n.is_some() {
+            let (ws, sel) = generation::parse_selector(spec)?;
+            if sel != generation::Selector::Latest {
                 return Err(Error::BadName {
                     name: spec.clone(),
                     reason: format!(
-                        "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro (read-only), `owfs mount NEW DIR -o fork={spec}` (a new workspace from it), or `owfs mount {ws} DIR -o rollback={}` (back to it)", n.unwrap_or(0)
+                        "a read-write mount serves a workspace's latest generation; mount {spec} with -o ro (read-only), `owfs mount NEW DIR -o fork={spec}` (a new workspace from it), or `owfs mount {ws} DIR -o rollback={}` (back to it)",
+                        match sel {
+                            generation::Selector::Number(n) => n.to_string(),
+                            _ => "N".to_string(),
+                        }
                     ),
                 }
                 .into());

@@ -37,6 +37,7 @@ fn store_code(e: &chunkstore::Error) -> i32 {
         Error::BadStoreUrl { .. } | Error::BadName { .. } | Error::BadOption { .. } => USAGE,
         Error::UnknownWorkspace(_)
         | Error::UnknownGeneration { .. }
+        | Error::NoGenerationAt { .. }
         | Error::UnknownPath { .. } => NOT_FOUND,
         Error::Unreachable { .. } => UNREACHABLE,
         Error::AccessDenied { .. } => ACCESS_DENIED,
@@ -71,6 +72,7 @@ fn store_hint(e: &chunkstore::Error) -> &'static str {
         Error::BadOption { .. } => "see `owfs mount --help` for the options and their values",
         Error::UnknownWorkspace(_) => "`owfs workspaces` lists the workspaces of this store; check --store / OWFS_STORE",
         Error::UnknownGeneration { .. } => "`owfs log WS` lists the generations that exist (gc may have removed old ones)",
+        Error::NoGenerationAt { .. } => "name a later time, or a generation by number (`owfs log WS` lists them)",
         Error::UnknownPath { .. } => "`owfs ls WS[@N] DIR` lists what is there",
         Error::Unreachable { .. } => {
             "check the network, the bucket name and AWS_ENDPOINT_URL; transient errors were already retried"

@@ -266,3 +266,122 @@ fn databases_of_a_mounted_generation_open_in_every_mode() {
         drop(ro);
     }
 }
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// `WS@TIME` and `WS@-AGE` name the newest generation at or before that instant, wherever a
+/// generation is read; generations retention deleted are stepped over; a time before the
+/// first is an error that names the first (docs/decisions/generations-by-time.md).
+#[test]
+fn generations_are_found_by_time() {
+    let c = Case::file();
+    let m = c.mount_rw("clock", "m", &[]);
+    for i in 0..4 {
+        std::fs::write(m.path("v"), format!("{i}")).unwrap();
+        m.sync();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    m.umount();
+    // (number, created_ms), oldest first, of the generations holding v.
+    let log = c.json(&["log", "clock"]);
+    let mut gens: Vec<(u64, u64)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["number"].as_u64().unwrap(),
+                g["created_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    gens.sort();
+    let with_v: Vec<(u64, u64)> = gens[gens.len() - 4..].to_vec();
+    let cat_at = |when: &str| c.owfs(&["cat", &format!("clock@{when}"), "v"]);
+    for (i, (_, t)) in with_v.iter().enumerate() {
+        for at in [*t, t + 10] {
+            let out = cat_at(&rfc3339_ms(at));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                out.stdout,
+                format!("{i}").as_bytes(),
+                "at {}",
+                rfc3339_ms(at)
+            );
+        }
+    }
+    // A moment ago is the latest; an hour ago is before the first generation.
+    assert_eq!(cat_at("-0s").stdout, b"3");
+    let out = cat_at("-1h");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("no generation at or before") && err.contains("clock@1"),
+        "{err}"
+    );
+    // The same names work for ls, restore and a read-only mount.
+    let t1 = rfc3339_ms(with_v[1].1 + 5);
+    c.ok(&["ls", &format!("clock@{t1}")]);
+    let back = c.dir("back");
+    c.ok(&["restore", &format!("clock@{t1}"), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(back.join("v")).unwrap(), b"1");
+    let ro = c.mount_ro(&format!("clock@{t1}"), "ro");
+    assert_eq!(std::fs::read(ro.at.join("v")).unwrap(), b"1");
+    drop(ro);
+    // Retention deleted the generations of v=1 and v=2: a time in between finds v=0's.
+    let rt = runtime();
+    let store = c.store();
+    for (n, _) in &with_v[1..3] {
+        rt.block_on(chunkstore::generation::delete_generation(
+            &store, "clock", *n,
+        ))
+        .unwrap();
+    }
+    assert_eq!(cat_at(&rfc3339_ms(with_v[2].1 + 5)).stdout, b"0");
+    assert_eq!(cat_at(&rfc3339_ms(with_v[3].1)).stdout, b"3");
+}
+
+/// Finding a generation by time costs about 2·log2(n) requests, not a listing of all of
+/// them: 300 generations, every lookup counted by the store.
+#[test]
+fn finding_a_generation_by_time_costs_log_n_requests() {
+    use chunkstore::generation::{self, Selector};
+    let rt = runtime();
+    for c in Case::all() {
+        let store = c.store();
+        let root = chunkstore::Hash::of(b"a root");
+        let t0 = 1_700_000_000_000u64;
+        for i in 1..=300u64 {
+            let rec: chunkstore::generation::GenRecord =
+                serde_json::from_value(serde_json::json!({
+                    "format": 2, "workspace": "many", "number": i,
+                    "parent": if i > 1 { Some(i - 1) } else { None },
+                    "origin": null, "kind": "snapshot", "epoch": 0, "created_ms": t0 + i * 1000,
+                    "root": root.to_hex(), "files": 0, "dirs": 0, "bytes": 0, "bytes_new": 0,
+                    "blobs_new": 0, "nonce": format!("{i}")
+                }))
+                .unwrap();
+            rt.block_on(generation::publish(&store, &rec)).unwrap();
+        }
+        for (want, at) in [(1u64, t0 + 1000), (150, t0 + 150_500), (299, t0 + 299_999)] {
+            let before = store.counters();
+            let n = rt
+                .block_on(generation::number_at_or_before(&store, "many", at))
+                .unwrap();
+            let after = store.counters();
+            let requests = (after.gets - before.gets) + (after.lists - before.lists);
+            assert_eq!(n, want, "[{}]", c.name);
+            // The hint and the latest, then two requests a step (log2 300 < 9).
+            assert!(requests <= 4 + 2 * 9, "[{}] {requests} requests", c.name);
+        }
+        let (_, sel) = generation::parse_selector("many@-5m").unwrap();
+        assert!(matches!(sel, Selector::AtOrBefore(_)));
+    }
+}

@@ -389,7 +389,7 @@ impl WsOptions {
             "lease_skew_ms" => self.lease.max_skew = Duration::from_millis(parse_number(v, key)?),
             "on_lease_loss" => self.on_lease_loss = Some(v.to_string()).filter(|c| !c.is_empty()),
             "fork" => {
-                generation::parse_spec(v)?;
+                generation::parse_selector(v)?;
                 self.fork_from = Some(v.to_string());
             }
             "rollback" => self.rollback_to = Some(parse_number(v, key)?),
@@ -410,6 +410,17 @@ impl WsOptions {
 /// refused, so that no workspace is served as something it is not.
 fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
     generation::check_workspace_name(ws)?;
+    // A time names the generation it finds now (a relative one moves on: run again later,
+    // the same command may name a newer generation, and then refuses the existing fork).
+    let resolved;
+    let from = match generation::parse_selector(from)? {
+        (src, generation::Selector::AtOrBefore(ms)) => {
+            let n = repo.block_on(generation::number_at_or_before(&repo.store, &src, ms))?;
+            resolved = format!("{src}@{n}");
+            resolved.as_str()
+        }
+        _ => from,
+    };
     let (src_ws, src_n) = generation::parse_spec(from)?;
     let rec = match first_generation(repo, ws, from)? {
         Some(rec) => rec,
