@@ -38,8 +38,10 @@
 # header fields); moto's own request log is kept beside it and its count cross-checked.
 # Recovery point at time s (ten samples a second): the newest state whose upload had ended by
 # s (owfs: generation record PUT; Litestream: LTX file PUT), the newest transaction it holds
-# (owfs: the largest seq in the committed frames of that generation's app.db-wal, read with
-# `owfs cat` and validated as SQLite's recovery does; Litestream: the newest one whose commit
+# (owfs: the transaction that ended the WAL at the last commit frame the generation's record
+# names, from one `owfs log --json` and what the workload saw of its WAL after each commit;
+# five generations read back with `owfs cat` and validated as SQLite's recovery does, as a
+# check; Litestream: the newest one whose commit
 # had returned by the LTX header's timestamp, taken just after Litestream read the WAL), and
 # its age at s. The restores and `owfs cat` sign with another access key and are not counted.
 #

@@ -984,9 +984,11 @@ METHOD = """How it is measured (scripts/bench-sqlite.sh --help has the details):
   another access key and are not counted.
 - Recovery point: ten times a second through the steady phase, the newest state whose upload
   had ended by then (owfs: the generation record's conditional PUT; Litestream: an LTX file's
-  PUT), the newest transaction that state holds (owfs: the largest seq in the pages of the
-  committed frames of that generation's app.db-wal, read with `owfs cat` and checked as
-  SQLite's recovery checks them; Litestream: the newest transaction whose commit had returned
+  PUT), the newest transaction that state holds (owfs: the transaction whose commit ended the
+  WAL where the generation's record says its last commit frame is (salts and frame number,
+  from `owfs log --json`), as the workload saw its own WAL after each commit; five
+  generations are read back with `owfs cat`, their WAL checked as SQLite's recovery checks
+  it, to confirm the mapping; Litestream: the newest transaction whose commit had returned
   by the LTX header's timestamp, which Litestream takes just after it read the WAL). Two
   figures: the loss window (how long the first transaction not in that state has been
   committed; 0 when the state is current: what a crash then would lose) and the age of the
