@@ -269,14 +269,21 @@ impl Shared {
 
     pub(in crate::daemon) fn committer(self: &Arc<Self>) {
         let mut nice = Nice::new();
+        // Commits start every commit_interval (start to start, not end to start): the
+        // recovery point is the interval plus one commit's duration, not plus two.
+        let mut due = Instant::now() + self.opts.commit_interval;
         loop {
             let (target, stop, asked) = {
                 let mut s = self.sync.lock();
                 if !s.asked() && !self.life.last_commit() {
-                    self.sync_cv.wait_for(&mut s, self.opts.commit_interval);
+                    let wait = due.saturating_duration_since(Instant::now());
+                    if !wait.is_zero() {
+                        self.sync_cv.wait_for(&mut s, wait);
+                    }
                 }
                 (s.requested, self.life.last_commit(), s.asked())
             };
+            due = Instant::now() + self.opts.commit_interval;
             nice.background(!(asked || stop));
             if self.life.lease_lost() {
                 // Nothing is committed any more: answer every waiter and end, whatever the
