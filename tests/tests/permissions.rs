@@ -176,4 +176,14 @@ fn the_cache_and_a_file_store_are_the_owners_alone() {
         }
     }
     m.umount();
+    // A clean unmount leaves no plaintext behind in the cache (the daemon deletes it just
+    // after answering the unmount).
+    let t0 = std::time::Instant::now();
+    while cache.join("data").exists() && t0.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !cache.join("data").exists(),
+        "the working copy outlived the unmount"
+    );
 }

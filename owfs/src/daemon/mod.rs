@@ -1043,9 +1043,11 @@ impl Daemon {
             );
             return Ok(Stop::FinalCommitFailed { last: last.number });
         }
-        // The working copy is emptied at the next mount; so is what a pre-pull left. After
-        // the answer: deleting a GiB of blobs takes about a second.
+        // Everything is in the store: the working copy (the workspace in the clear) and what
+        // a pre-pull left go now, not at the next mount (decisions/local-files-private.md).
+        // After the answer: deleting a GiB takes about a second.
         let _ = std::fs::remove_dir_all(blobs_dir(&cache_dir));
+        let _ = std::fs::remove_dir_all(cache_dir.join("data"));
         eprintln!(
             "owfs: {ws}: unmounted; generation {} is durable",
             last.number
