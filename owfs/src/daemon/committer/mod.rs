@@ -270,7 +270,10 @@ impl Shared {
     pub(in crate::daemon) fn committer(self: &Arc<Self>) {
         let mut nice = Nice::new();
         // Commits start every commit_interval (start to start, not end to start): the
-        // recovery point is the interval plus one commit's duration, not plus two.
+        // recovery point is the interval plus one commit's duration, not plus two. A commit
+        // that took longer than half the interval is followed by a rest of half of it, so
+        // that long commits (a bulk transaction) do not run back to back, each uploading
+        // again the pages of a transaction still being written.
         let mut due = Instant::now() + self.opts.commit_interval;
         loop {
             let (target, stop, asked) = {
@@ -295,6 +298,7 @@ impl Shared {
                 break;
             }
             let r = self.commit_once(!stop, asked);
+            due = due.max(Instant::now() + self.opts.commit_interval / 2);
             let committed = matches!(r, Ok(Some(_)));
             let mut s = self.sync.lock();
             match r {
