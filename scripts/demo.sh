@@ -85,6 +85,16 @@ say "Another node: mount the same workspace; it starts at once from the handed-o
 run "$owfs" mount "$ws-live" "$live" --cache-dir "$scratch/cache2"
 run sqlite3 "$live/app.db" 'PRAGMA integrity_check; SELECT * FROM notes;'
 run cat "$live/files/hello.txt"
+before=$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)
+sleep 1
+run sqlite3 "$live/app.db" 'INSERT INTO notes(body) VALUES ("a second row, a moment later");'
+run "$owfs" sync "$live"
+say "Time travel: the database as it was at $before, queried in place (nothing restored)"
+mkdir -p "$scratch/past"
+run "$owfs" mount "$ws-live@$before" "$scratch/past" -o ro
+run sqlite3 -readonly "$scratch/past/app.db" 'SELECT * FROM notes;'
+run "$owfs" umount "$scratch/past"
+note "WS@TIME (UTC) or WS@-5m works wherever a generation is read: ls, cat, restore, fork, drill"
 run "$owfs" umount "$live"
 run "$owfs" log "$ws-live"
 
