@@ -141,7 +141,23 @@ fn a_full_cache_directory_is_reported_not_hidden() {
     struct Tmpfs(PathBuf);
     impl Drop for Tmpfs {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            // The daemon may still be deleting its working copy after it answered the
+            // unmount: retry a while, then detach it rather than leave a mount behind.
+            for _ in 0..50 {
+                let ok = std::process::Command::new("umount")
+                    .arg(&self.0)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let c = Case::file();
