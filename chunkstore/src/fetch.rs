@@ -55,7 +55,7 @@ pub fn fetch_blobs(
             let store = repo.store.clone();
             let at = repo.pack_location(&pack);
             running.push(repo.rt.spawn(async move {
-                let r = crate::repo::get_range_at(&store, &at, &pack, s..e)
+                let r = crate::repo::get_pack_at(&store, &at, &pack, Some(s..e))
                     .await
                     .map(|(b, _)| b);
                 (pack, s, idx, r)

@@ -230,19 +230,9 @@ pub fn gc(repo: &Arc<Repo>, opts: &GcOptions) -> Result<GcReport> {
     }
     // Listed again after the mark: a pack uploaded meanwhile, named by an index object the
     // mark merged (and this run deletes), is swept and kept in the new index like the others.
-    let mut packs = repo.block_on(store.list("packs"))?;
-    for rec in doomed.iter().filter(|_| !opts.dry_run) {
-        if let Some(name) = rec.pack_name()? {
-            if !packs.iter().any(|p| p.key == pack_key(&name)) {
-                // Copied above (a store may list a new key late): judged as written now.
-                packs.push(crate::store::Listed {
-                    key: pack_key(&name),
-                    size: 0,
-                    modified_ms: now,
-                });
-            }
-        }
-    }
+    // The copies made above are in it, each judged by its own time: a new object on S3; on a
+    // file:// store a hard link, with its record's time.
+    let packs = repo.block_on(store.list("packs"))?;
     report.live_blobs = live.len() as u64;
     // Generation records go only once the mark is complete.
     if !opts.dry_run {

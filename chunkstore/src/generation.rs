@@ -556,19 +556,14 @@ pub async fn number_at_or_before(store: &Store, ws: &str, ms: u64) -> Result<u64
 
 /// `ws`, `ws@N`, `ws@latest` → (ws, Some(N) or None for the latest).
 pub fn parse_spec(spec: &str) -> Result<(String, Option<u64>)> {
-    let (ws, n) = match spec.split_once('@') {
-        None => (spec, None),
-        Some((ws, "latest")) => (ws, None),
-        Some((ws, n)) => {
-            let n: u64 = n.parse().map_err(|_| Error::BadName {
-                name: spec.to_string(),
-                reason: "expected WS or WS@N with N a generation number".into(),
-            })?;
-            (ws, Some(n))
-        }
-    };
-    check_workspace_name(ws)?;
-    Ok((ws.to_string(), n))
+    match parse_selector(spec)? {
+        (ws, Selector::Latest) => Ok((ws, None)),
+        (ws, Selector::Number(n)) => Ok((ws, Some(n))),
+        (_, Selector::AtOrBefore(_)) => Err(Error::BadName {
+            name: spec.to_string(),
+            reason: "expected WS or WS@N with N a generation number".into(),
+        }),
+    }
 }
 
 /// The generation a spec names (`parse_selector`).

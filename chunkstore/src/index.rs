@@ -110,10 +110,17 @@ impl Index {
         }
     }
 
+    /// Adds `packs`; those `homes` names live inside that object.
+    pub fn add_packs(&mut self, packs: &[(Hash, Vec<PackEntry>)], homes: &[(Hash, String)]) {
+        let home_of: HashMap<&Hash, &str> = homes.iter().map(|(n, h)| (n, h.as_str())).collect();
+        for (name, entries) in packs {
+            self.add_pack_at(*name, entries, home_of.get(name).copied());
+        }
+    }
+
     pub fn merge(&mut self, file: &IndexFile) {
-        let homes: HashMap<&Hash, &str> = file.homes.iter().map(|(n, h)| (n, h.as_str())).collect();
-        for (name, entries) in &file.packs {
-            self.add_pack_at(*name, entries, homes.get(name).copied());
+        self.add_packs(&file.packs, &file.homes);
+        for (name, _) in &file.packs {
             self.note_named(name);
         }
     }

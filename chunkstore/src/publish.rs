@@ -100,8 +100,6 @@ pub fn publish_checked_mount(
     rec.pending = repo.pending_for(&rec.pending)?;
     if pack.is_some() {
         rec.name_embedded_pack();
-    } else {
-        rec.pack = None;
     }
     let entries = repo.block_on(generation::publish_record_with(
         &repo.store,

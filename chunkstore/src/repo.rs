@@ -97,8 +97,8 @@ pub struct Repo {
     condemned: Mutex<Option<(std::time::Instant, Condemned)>>,
     /// `index_what_it_adopts` was called.
     pays_adopted: std::sync::atomic::AtomicBool,
-    /// Packs read from generation records (`open_generation`), by name: their home and
-    /// entries, kept across a reload of the index.
+    /// Packs read from generation records (`root_of`), by name: their home and entries,
+    /// kept across a refresh of the index (forgotten when gc replaced it: `unregister_all`).
     registered: Mutex<HashMap<Hash, Registered>>,
     /// Packs inside earlier records that generations read here may need
     /// (`GenRecord::pending`), not read yet: `locate` reads them when it misses a blob.
@@ -257,11 +257,7 @@ impl Repo {
         }
         // Our packs that no index object names yet stay known, and those read from records.
         if let Some(d) = &*self.deferred.lock().expect("deferred") {
-            let homes: HashMap<&Hash, &str> =
-                d.homes.iter().map(|(n, h)| (n, h.as_str())).collect();
-            for (name, entries) in &d.packs {
-                index.add_pack_at(*name, entries, homes.get(name).copied());
-            }
+            index.add_packs(&d.packs, &d.homes);
         }
         for (name, (home, entries)) in self.registered.lock().expect("registered").iter() {
             if !index.is_named(name) {
@@ -287,14 +283,10 @@ impl Repo {
         packs: Vec<(Hash, Vec<PackEntry>)>,
         homes: Vec<(Hash, String)>,
     ) {
-        {
-            let home_of: HashMap<&Hash, &str> =
-                homes.iter().map(|(n, h)| (n, h.as_str())).collect();
-            let mut index = self.index.write().expect("index lock");
-            for (name, entries) in &packs {
-                index.add_pack_at(*name, entries, home_of.get(name).copied());
-            }
-        }
+        self.index
+            .write()
+            .expect("index lock")
+            .add_packs(&packs, &homes);
         let mut d = self.deferred.lock().expect("deferred");
         let d = d.get_or_insert_with(|| OwnIndex {
             key: String::new(),
@@ -337,12 +329,10 @@ impl Repo {
         if let (Some(name), Some(entries)) = (rec.pack_name()?, rec.embedded.clone()) {
             self.register(name, rec.key(), entries);
         }
-        let mut lazy = self.lazy.lock().expect("lazy");
-        for p in &rec.pending {
-            if !lazy.contains(p) {
-                lazy.insert(p.clone());
-            }
-        }
+        self.lazy
+            .lock()
+            .expect("lazy")
+            .extend(rec.pending.iter().cloned());
         Ok(root)
     }
 
@@ -449,11 +439,11 @@ impl Repo {
             .unwrap_or_else(|| pack_key(pack))
     }
 
-    /// Reads `range` of `pack`; a pack whose home (a record) is gone is read at its own
-    /// key, where gc copied it before deleting the record.
-    async fn get_pack_range(&self, pack: &Hash, range: std::ops::Range<u64>) -> Result<Bytes> {
+    /// Reads `range` of `pack` (None: all of it); a pack whose home (a record) is gone is
+    /// read at its own key, where gc copied it before deleting the record.
+    async fn get_pack(&self, pack: &Hash, range: Option<std::ops::Range<u64>>) -> Result<Bytes> {
         let at = self.pack_location(pack);
-        let (b, moved) = get_range_at(&self.store, &at, pack, range).await?;
+        let (b, moved) = get_pack_at(&self.store, &at, pack, range).await?;
         if moved {
             self.forget_home(pack);
         }
@@ -508,9 +498,8 @@ impl Repo {
             self.reset_index();
         }
         // A pack gc copied out of its record (found at its own key) is named there.
-        d.homes.retain(|(name, _)| {
-            self.with_index(|i| i.home(name).is_some()) || !self.with_index(|i| i.has_pack(name))
-        });
+        d.homes
+            .retain(|(name, _)| self.with_index(|i| i.home(name).is_some() || !i.has_pack(name)));
         if d.packs.is_empty() {
             return Ok(false);
         }
@@ -567,7 +556,7 @@ impl Repo {
         let checked: Vec<(Hash, Result<Bytes>)> = self.block_on_all(
             packs
                 .iter()
-                .map(|(name, _)| async move { (*name, self.get_pack_range(name, 0..1).await) }),
+                .map(|(name, _)| async move { (*name, self.get_pack(name, Some(0..1)).await) }),
         );
         for (name, r) in checked {
             match r {
@@ -872,15 +861,7 @@ impl Repo {
         // Not checked against its name as a whole: every blob taken from it is checked
         // against its own hash (`open_blob`), and a byte damaged in one blob must not make
         // the others unreadable (a small commit's data and trees share one pack).
-        let at = self.pack_location(name);
-        let bytes = match self.store.get(&at).await {
-            Err(Error::Missing { .. }) if at != pack_key(name) => {
-                let b = self.store.get(&pack_key(name)).await?;
-                self.forget_home(name);
-                b
-            }
-            other => other?,
-        };
+        let bytes = self.get_pack(name, None).await?;
         self.pack_cache.insert(*name, bytes.clone());
         Ok(bytes)
     }
@@ -920,7 +901,7 @@ impl Repo {
         let stored = self.block_on(async {
             if entry.kind == BlobKind::Data {
                 let start = entry.offset as u64;
-                self.get_pack_range(&pack, start..start + entry.stored_len as u64)
+                self.get_pack(&pack, Some(start..start + entry.stored_len as u64))
                     .await
             } else {
                 let whole = self.fetch_pack(&pack).await?;
@@ -954,18 +935,27 @@ impl Repo {
     }
 }
 
-/// Reads `range` of `pack` at `at` (`Repo::pack_location`); when `at` is a record that is
-/// gone, at the pack's own key, where gc copied it before deleting the record. Returns
-/// whether it read it there.
-pub async fn get_range_at(
+/// Reads `range` of `pack` (None: all of it) at `at` (`Repo::pack_location`); when `at` is
+/// a record that is gone, at the pack's own key, where gc copied it before deleting the
+/// record. Returns whether it read it there.
+pub async fn get_pack_at(
     store: &Store,
     at: &str,
     pack: &Hash,
-    range: std::ops::Range<u64>,
+    range: Option<std::ops::Range<u64>>,
 ) -> Result<(Bytes, bool)> {
-    match store.get_range(at, range.clone()).await {
+    let get = |key: String| {
+        let range = range.clone();
+        async move {
+            match range {
+                Some(r) => store.get_range(&key, r).await,
+                None => store.get(&key).await,
+            }
+        }
+    };
+    match get(at.to_string()).await {
         Err(Error::Missing { .. }) if at != pack_key(pack) => {
-            Ok((store.get_range(&pack_key(pack), range).await?, true))
+            Ok((get(pack_key(pack)).await?, true))
         }
         other => other.map(|b| (b, false)),
     }

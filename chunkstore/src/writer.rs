@@ -54,8 +54,8 @@ struct Shared {
     level: i32,
     /// The open data pack and the open tree/segment pack.
     open: Mutex<(PackBuilder, PackBuilder)>,
-    /// `embed_small` was called: a write whose only pack is small keeps it here for its
-    /// generation record to carry, instead of uploading it.
+    /// Made by `BlobWriter::embedding`: a write whose only pack is small keeps it here for
+    /// its generation record to carry, instead of uploading it.
     embed: bool,
     embedded: Mutex<Option<PackBuilder>>,
 }

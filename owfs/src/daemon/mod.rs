@@ -412,16 +412,18 @@ fn fork_unless_forked(repo: &Arc<Repo>, ws: &str, from: &str) -> Result<()> {
     generation::check_workspace_name(ws)?;
     // A time names the generation it finds now (a relative one moves on: run again later,
     // the same command may name a newer generation, and then refuses the existing fork).
-    let resolved;
-    let from = match generation::parse_selector(from)? {
+    let (src_ws, src_n) = match generation::parse_selector(from)? {
+        (src, generation::Selector::Latest) => (src, None),
+        (src, generation::Selector::Number(n)) => (src, Some(n)),
         (src, generation::Selector::AtOrBefore(ms)) => {
             let n = repo.block_on(generation::number_at_or_before(&repo.store, &src, ms))?;
-            resolved = format!("{src}@{n}");
-            resolved.as_str()
+            (src, Some(n))
         }
-        _ => from,
     };
-    let (src_ws, src_n) = generation::parse_spec(from)?;
+    let from = &match src_n {
+        Some(n) => format!("{src_ws}@{n}"),
+        None => src_ws.clone(),
+    };
     let rec = match first_generation(repo, ws, from)? {
         Some(rec) => rec,
         None => {

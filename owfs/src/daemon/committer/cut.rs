@@ -390,12 +390,12 @@ impl Shared {
         contents: &mut HashMap<u64, (Content, Arc<Vec<Part>>)>,
     ) -> crate::error::Result<GenRecord> {
         let repo = &self.repo;
-        // A small commit's pack travels inside its record, one PUT for both (docs/decisions/
-        // one-request-a-commit.md), and its index entry waits for later ones
-        // (`write_index_if_due`).
         // Deduplicate against an index loaded well within gc's grace (gc-safety.md): a
         // long-lived mount otherwise keeps packs gc has since condemned and deleted.
         repo.refresh_index_within(INDEX_MAX_AGE)?;
+        // A small commit's pack travels inside its record, one PUT for both (docs/decisions/
+        // one-request-a-commit.md), and its index entry waits for later ones
+        // (`write_index_if_due`).
         let mut writer = BlobWriter::embedding(repo.clone())?;
         writer.defer_index();
         let params = repo.chunk_params();
